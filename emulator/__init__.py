@@ -1,0 +1,1 @@
+"""The local stack: gateway emulator, consumer scheduler and embedded services."""

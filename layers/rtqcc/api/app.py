@@ -1,0 +1,247 @@
+"""The API function: Chalice routes over the library. Errors become JSON here, and only here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from typing import Callable
+
+from chalice import Chalice, Response
+
+from ..errors import ApiError, BadRequest, JobNotFound, NotFound, NotReady, PayloadTooLarge, UnsupportedMediaType
+from ..events import control_channel
+from ..ids import is_external_id
+from ..orchestrator import public_usage
+from ..jobs import Job, NewJob, OutlineItem
+from ..services import Services
+from ..sse import JobEventStream, parse_last_event_id
+from ..status import JobStatus
+from ..views import job_document, job_links, job_summary
+from .auth import tenant_for
+from .models import parse_create_job
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE = 100
+
+
+def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtqcc-api") -> Chalice:
+    app = Chalice(app_name=app_name)
+    services: list[Services] = []
+
+    def svc() -> Services:
+        if not services:
+            services.append(services_factory())
+        return services[0]
+
+    def edge(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def wrapped(*args, **kwargs):
+            try:
+                return view(*args, **kwargs)
+            except ApiError as exc:
+                return error_response(exc.status, exc.code, exc.message, exc.headers)
+            except Exception:
+                log.exception("unhandled error on %s %s", app.current_request.method, app.current_request.path)
+                return error_response(500, "internal_error", "Something went wrong on our side; it has been logged.")
+
+        return wrapped
+
+    def tenant() -> str:
+        return tenant_for(app.current_request.headers.get("authorization"), svc().settings.api_keys)
+
+    def load_job(external_id: str) -> Job:
+        if not is_external_id(external_id):
+            raise JobNotFound(f"{external_id!r} is not a job id (they look like RTQCC-01J...).")
+        return svc().jobs.get(tenant(), external_id)
+
+    def json_body() -> object:
+        request = app.current_request
+        raw = request.raw_body or b""
+        if len(raw) > svc().settings.max_body_bytes:
+            raise PayloadTooLarge(f"The body is {len(raw)} bytes; the limit is {svc().settings.max_body_bytes}.")
+        content_type = (request.headers.get("content-type") or "application/json").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise UnsupportedMediaType(f"Send the body as application/json, not {content_type}.")
+        if not raw.strip():
+            raise BadRequest("The body is empty; send a JSON object.")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"The body is not valid JSON: {exc}.") from None
+
+    # ---- jobs -----------------------------------------------------------------------------
+
+    @app.route("/jobs", methods=["POST"], content_types=["*/*"])
+    @edge
+    def create_job():
+        owner = tenant()
+        spec = parse_create_job(json_body(), max_sections=svc().settings.max_sections)
+        job = svc().jobs.create(NewJob(
+            tenant=owner,
+            title=spec.title,
+            brief=spec.brief,
+            model=spec.model or svc().settings.default_model,
+            outline=[OutlineItem(title=o.title, brief=o.brief) for o in spec.outline] if spec.outline else None,
+            section_count=spec.section_count,
+            params=spec.params.model_dump(exclude_none=True),
+            budget=spec.budget.model_dump(exclude_none=True),
+            metadata=spec.metadata,
+        ))
+        svc().events.publish(job.external_id, "status", {"status": job.status.value})
+        return Response(
+            body={"externalId": job.external_id, "status": job.status.value, "links": job_links(job.external_id)},
+            status_code=201,
+            headers={"Location": f"/jobs/{job.external_id}"},
+        )
+
+    @app.route("/jobs", methods=["GET"])
+    @edge
+    def list_jobs():
+        owner = tenant()
+        params = app.current_request.query_params or {}
+        limit = _int_param(params, "limit", default=20, lo=1, hi=MAX_PAGE)
+        status = params.get("status")
+        if status is not None and status not in {s.value for s in JobStatus}:
+            raise BadRequest(f"status must be one of {', '.join(s.value for s in JobStatus)}; got {status!r}.")
+        cursor = params.get("cursor")
+        if cursor is not None and not is_external_id(cursor):
+            raise BadRequest("cursor must be the next_cursor of a previous page.")
+        found = svc().jobs.list(owner, status=JobStatus(status) if status else None, before=cursor, limit=limit + 1)
+        page = found[:limit]
+        return {
+            "jobs": [job_summary(job) for job in page],
+            "next_cursor": page[-1].external_id if len(found) > limit else None,
+        }
+
+    @app.route("/jobs/{external_id}", methods=["GET"])
+    @edge
+    def get_job(external_id):
+        return job_document(svc().jobs, load_job(external_id))
+
+    @app.route("/jobs/{external_id}/start", methods=["POST"], content_types=["*/*"])
+    @edge
+    def start_job(external_id):
+        return control(external_id, "start")
+
+    @app.route("/jobs/{external_id}/pause", methods=["POST"], content_types=["*/*"])
+    @edge
+    def pause_job(external_id):
+        return control(external_id, "pause")
+
+    @app.route("/jobs/{external_id}/resume", methods=["POST"], content_types=["*/*"])
+    @edge
+    def resume_job(external_id):
+        return control(external_id, "resume")
+
+    @app.route("/jobs/{external_id}/cancel", methods=["POST"], content_types=["*/*"])
+    @edge
+    def cancel_job(external_id):
+        return control(external_id, "cancel")
+
+    def control(external_id: str, verb: str) -> Response:
+        owner = tenant()
+        if not is_external_id(external_id):
+            raise JobNotFound(f"{external_id!r} is not a job id (they look like RTQCC-01J...).")
+        s = svc()
+        outcome = s.jobs.transition(owner, external_id, verb)
+        job = outcome.job
+        if verb in ("start", "resume") and job.status == JobStatus.QUEUED:
+            # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
+            s.queue.enqueue(external_id)
+        if outcome.changed:
+            events = [("status", {"status": job.status.value})]
+            if job.status.terminal:
+                events.append(("done", {"status": job.status.value}))
+            s.events.publish_many(external_id, events)
+            if outcome.previous == JobStatus.RUNNING and verb in ("pause", "cancel"):
+                # The consumer's watcher aborts the provider stream on this, within milliseconds.
+                s.redis.publish(control_channel(external_id), verb)
+        return Response(body=job_document(s.jobs, job), status_code=202)
+
+    @app.route("/jobs/{external_id}/stream", methods=["GET"])
+    @edge
+    def stream_job(external_id):
+        job = load_job(external_id)
+        request = app.current_request
+        last_event_id = parse_last_event_id(
+            request.headers.get("last-event-id") or (request.query_params or {}).get("lastEventId"))
+        s = svc()
+        answer = JobEventStream(s.events, s.jobs, job, last_event_id).long_poll(
+            wait_s=s.settings.sse_long_poll_s, retry_ms=s.settings.sse_retry_ms)
+        return Response(body=answer.body, status_code=answer.status, headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        })
+
+    @app.route("/jobs/{external_id}/manuscript", methods=["GET"])
+    @edge
+    def get_manuscript(external_id):
+        job = load_job(external_id)
+        if job.status != JobStatus.COMPLETED or not job.manuscript_key:
+            raise NotReady(f"Job {external_id} is {job.status.value}; the manuscript exists once it is completed.")
+        body = svc().blobs.get(job.manuscript_key).decode("utf-8")
+        return Response(body=body, status_code=200, headers={"Content-Type": "text/markdown; charset=utf-8"})
+
+    @app.route("/jobs/{external_id}/sections/{index}", methods=["GET"])
+    @edge
+    def get_section(external_id, index):
+        job = load_job(external_id)
+        if not index.isdigit():
+            raise BadRequest(f"The section index must be a whole number from 0, got {index!r}.")
+        s = svc()
+        sections = {section.idx: section for section in s.jobs.sections(job.id)}
+        section = sections.get(int(index))
+        if section is None:
+            raise NotFound(f"Job {external_id} has no section {index} (it has {len(sections)}).")
+        usage = s.jobs.usage_by_section(job.id).get(section.idx)
+        body = {"index": section.idx, "title": section.title, "brief": section.brief,
+                "status": section.status.value, "usage": public_usage(usage)}
+        if section.content_key:
+            body["content"] = s.blobs.get(section.content_key).decode("utf-8")
+        else:
+            body["partial"] = section.partial_text
+        return body
+
+    # ---- health ---------------------------------------------------------------------------
+
+    @app.route("/healthz", methods=["GET"])
+    @edge
+    def healthz():
+        return {"status": "ok"}
+
+    @app.route("/readyz", methods=["GET"])
+    @edge
+    def readyz():
+        s = svc()
+        checks = {}
+        for name, probe in (("redis", s.redis.ping), ("postgres", s.db.ping), ("s3", s.blobs.ping)):
+            started = time.perf_counter()
+            try:
+                probe()
+                checks[name] = {"ok": True, "ms": round((time.perf_counter() - started) * 1000, 1)}
+            except Exception as exc:
+                checks[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        ready = all(check["ok"] for check in checks.values())
+        return Response(body={"status": "ready" if ready else "unavailable", "checks": checks},
+                        status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
+
+    return app
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(body={"error": {"code": code, "message": message}}, status_code=status,
+                    headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def _int_param(params: dict, name: str, *, default: int, lo: int, hi: int) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise BadRequest(f"{name} must be a whole number from {lo} to {hi}, got {raw!r}.")
+    return int(raw)
+

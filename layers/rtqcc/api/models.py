@@ -1,0 +1,71 @@
+"""Request bodies, validated strictly: unknown and server-owned fields are refused."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ValidationFailed
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, str_strip_whitespace=True)
+
+
+class OutlineEntryIn(_Strict):
+    title: str = Field(min_length=1, max_length=300)
+    brief: str = Field(default="", max_length=4000)
+
+
+class ParamsIn(_Strict):
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens_per_section: int | None = Field(default=None, ge=1, le=32_000)
+
+
+class BudgetIn(_Strict):
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+
+
+class CreateJobIn(_Strict):
+    title: str = Field(min_length=1, max_length=300)
+    brief: str = Field(min_length=1, max_length=20_000)
+    outline: list[OutlineEntryIn] | None = Field(default=None, min_length=1)
+    section_count: int | None = Field(default=None, ge=1)
+    model: str | None = Field(default=None, min_length=1, max_length=100)
+    params: ParamsIn = Field(default_factory=ParamsIn)
+    budget: BudgetIn = Field(default_factory=BudgetIn)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+
+def parse_create_job(payload: object, *, max_sections: int) -> CreateJobIn:
+    if not isinstance(payload, dict):
+        raise ValidationFailed("The body must be a JSON object.")
+    try:
+        spec = CreateJobIn.model_validate(payload)
+    except ValidationError as exc:
+        raise ValidationFailed(describe(exc)) from None
+    count = len(spec.outline) if spec.outline else spec.section_count
+    if count is not None and count > max_sections:
+        raise ValidationFailed(f"A job may have at most {max_sections} sections; this one asks for {count}.")
+    if spec.outline and spec.section_count is not None and spec.section_count != len(spec.outline):
+        raise ValidationFailed(
+            f"section_count is {spec.section_count} but the outline has {len(spec.outline)} sections; "
+            "give one or make them agree."
+        )
+    for key, value in spec.metadata.items():
+        if not 1 <= len(key) <= 64 or len(value) > 512:
+            raise ValidationFailed("metadata keys must be 1 to 64 characters and values at most 512.")
+    return spec
+
+
+def describe(exc: ValidationError) -> str:
+    """Pydantic's errors as one sentence a person can act on, naming each field."""
+    parts = []
+    for error in exc.errors()[:5]:
+        field = ".".join(str(p) for p in error["loc"]) or "body"
+        if error["type"] == "extra_forbidden":
+            parts.append(f"{field}: unknown field (it is not part of the API, or is set by the server)")
+        else:
+            parts.append(f"{field}: {error['msg']}")
+    more = len(exc.errors()) - 5
+    return "Invalid job: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "") + "."

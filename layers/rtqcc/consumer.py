@@ -1,0 +1,194 @@
+"""The consumer function: one invocation drains `jobs:pending` in timed batches until its budget
+is nearly spent, then checkpoints and returns a small result."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from .abort import AbortSignal
+from .errors import LeaseLost, ProviderError
+from .ids import is_external_id
+from .job_watch import JobWatch
+from .jobs import Job, Lease
+from .orchestrator import ManuscriptOrchestrator, RunOutcome, StreamCut
+from .services import Services
+from .status import JobStatus
+from .work_queue import Delivery
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DrainResult:
+    processed: int = 0   # messages taken to an end and acknowledged
+    completed: int = 0   # jobs that finished in this invocation
+    requeued: int = 0    # jobs handed back unfinished (budget spent, stream cut, transient error)
+    stopped: int = 0     # jobs stopped by pause or cancel
+    failed: int = 0
+    skipped: int = 0     # messages that needed nothing (finished job, duplicate, someone else's lease)
+    sections_written: int = 0
+    last_id: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Consumer:
+    def __init__(self, services: Services, *, name: str | None = None, clock: Callable[[], float] = time.monotonic):
+        self.services = services
+        self.settings = services.settings
+        self.name = name or default_consumer_name()
+        self.clock = clock
+        self.orchestrator = ManuscriptOrchestrator(
+            jobs=services.jobs, blobs=services.blobs, events=services.events, provider=services.provider,
+            delta_flush_ms=self.settings.delta_flush_ms,
+        )
+
+    def drain(self, remaining_ms: Callable[[], int]) -> DrainResult:
+        """Work until the budget reported by `remaining_ms` (a Lambda context's
+        get_remaining_time_in_millis) is nearly spent, or the queue stays empty."""
+        settings, queue = self.settings, self.services.queue
+        deadline = self.clock() + (remaining_ms() - settings.consumer_safety_margin_ms) / 1000
+        result = DrainResult()
+        queue.ensure_group()
+
+        stale = queue.claim_stale(self.name, min_idle_ms=int(settings.lease_ttl_s * 1000),
+                                  count=settings.consumer_batch_size)
+        self._handle_batch(stale, deadline, result)
+
+        idle_since = self.clock()
+        while (left_ms := int((deadline - self.clock()) * 1000)) > 0:
+            block_ms = max(1, min(left_ms, settings.consumer_idle_exit_ms or left_ms))
+            batch = queue.read(self.name, count=settings.consumer_batch_size, block_ms=block_ms)
+            if batch:
+                self._handle_batch(batch, deadline, result)
+                idle_since = self.clock()
+            elif settings.consumer_idle_exit_ms and (self.clock() - idle_since) * 1000 >= settings.consumer_idle_exit_ms:
+                break
+        self._checkpoint(result)
+        return result
+
+    def _handle_batch(self, batch: list[Delivery], deadline: float, result: DrainResult) -> None:
+        for delivery in batch:
+            if self.clock() >= deadline:
+                # Untouched: hand it straight back rather than strand it in our pending list.
+                self.services.queue.requeue_then_ack(delivery.external_id, delivery.message_id)
+                result.requeued += 1
+            else:
+                self.handle(delivery, deadline, result)
+            result.last_id = delivery.message_id
+
+    def handle(self, delivery: Delivery, deadline: float, result: DrainResult) -> None:
+        queue, jobs = self.services.queue, self.services.jobs
+        job = jobs.get_by_external_id(delivery.external_id) if is_external_id(delivery.external_id) else None
+        lease = None
+        if job is not None and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            lease = jobs.acquire_lease(job.external_id, self.name, self.settings.lease_ttl_s)
+        if job is None or lease is None:
+            # Nothing to run, or another consumer holds a live lease: that consumer's own message
+            # stays pending until it finishes or hands the job back, so this one can go.
+            queue.ack(delivery.message_id)
+            result.skipped += 1
+            result.processed += 1
+            return
+
+        abort = AbortSignal()
+        watch = JobWatch(
+            redis=self.services.redis, jobs=jobs, queue=queue, lease=lease, message_id=delivery.message_id,
+            consumer=self.name, abort=abort, lease_ttl_s=self.settings.lease_ttl_s,
+            poll_s=self.settings.control_poll_s, deadline=deadline, clock=self.clock,
+        )
+        try:
+            with watch:
+                outcome = self.orchestrator.run(job, lease, abort)
+        except ProviderError as exc:
+            self.orchestrator.fail(job, lease, str(exc))
+            queue.ack(delivery.message_id)
+            result.failed += 1
+            result.processed += 1
+            return
+        except LeaseLost:
+            queue.ack(delivery.message_id)
+            result.skipped += 1
+            result.processed += 1
+            return
+        except Exception as exc:
+            # Transient (a service hiccup, a cut stream): hand the job back; its checkpoints stand.
+            level = logging.INFO if isinstance(exc, StreamCut) else logging.ERROR
+            log.log(level, "job %s interrupted, requeued: %s", job.external_id, exc, exc_info=level == logging.ERROR)
+            self._hand_back(job, lease, delivery, result)
+            return
+        self._settle(job, lease, delivery, outcome, result)
+
+    def _settle(self, job: Job, lease: Lease, delivery: Delivery, outcome: RunOutcome, result: DrainResult) -> None:
+        queue, jobs = self.services.queue, self.services.jobs
+        result.sections_written += outcome.sections_written
+        if outcome.status == JobStatus.COMPLETED:
+            queue.ack(delivery.message_id)
+            result.completed += 1
+            result.processed += 1
+        elif outcome.stopped_by in ("pause", "cancel", "control"):
+            status_after = jobs.release_lease(lease)
+            if status_after == JobStatus.QUEUED:  # resumed while we were stopping: run it again
+                queue.requeue_then_ack(job.external_id, delivery.message_id)
+            else:
+                queue.ack(delivery.message_id)
+            result.stopped += 1
+            result.processed += 1
+        elif outcome.stopped_by == "lease_lost":
+            queue.ack(delivery.message_id)
+            result.skipped += 1
+            result.processed += 1
+        else:  # budget spent or shutting down: continue in a later invocation
+            self._hand_back(job, lease, delivery, result)
+
+    def _hand_back(self, job: Job, lease: Lease, delivery: Delivery, result: DrainResult) -> None:
+        try:
+            self.services.jobs.release_lease(lease, requeue=True)
+        except Exception as exc:  # the lease expires by itself; the message is still pending
+            log.warning("could not release the lease of %s: %s", job.external_id, exc)
+            return
+        self.services.queue.requeue_then_ack(job.external_id, delivery.message_id)
+        result.requeued += 1
+        result.processed += 1
+
+    def _checkpoint(self, result: DrainResult) -> None:
+        self.services.db.run(
+            "INSERT INTO consumer_checkpoints AS c (consumer_name, last_stream_id, invocations, processed,"
+            " requeued, failed) VALUES (:n, :last, 1, :processed, :requeued, :failed)"
+            " ON CONFLICT (consumer_name) DO UPDATE SET"
+            " last_stream_id = COALESCE(EXCLUDED.last_stream_id, c.last_stream_id),"
+            " invocations = c.invocations + 1, processed = c.processed + EXCLUDED.processed,"
+            " requeued = c.requeued + EXCLUDED.requeued, failed = c.failed + EXCLUDED.failed, updated_at = now()",
+            n=self.name,
+            last=result.last_id,
+            processed=result.processed,
+            requeued=result.requeued,
+            failed=result.failed,
+        )
+
+
+def lambda_handler(services_factory: Callable[[], Services]) -> Callable[[dict, object], dict]:
+    """Build a Lambda entry point whose consumer (and clients) live as long as the container."""
+    consumer: Consumer | None = None
+
+    def handler(event: dict, context: object) -> dict:
+        nonlocal consumer
+        if consumer is None:
+            consumer = Consumer(services_factory())
+        started = time.monotonic()
+        result = consumer.drain(context.get_remaining_time_in_millis)
+        summary = {**result.as_dict(), "consumer": consumer.name, "elapsed_ms": int((time.monotonic() - started) * 1000)}
+        log.info("drain finished %s", summary)
+        return summary
+
+    return handler

@@ -1,0 +1,154 @@
+"""Postgres access through pg8000: a small pool of native connections and transactions.
+
+pg8000 connections are not thread-safe, and the emulator serves requests on threads, so each
+caller checks one out for the length of a `with` block. A connection that failed is dropped
+rather than returned, so a Postgres restart costs one failed call, not a poisoned pool.
+"""
+
+from __future__ import annotations
+
+import queue
+from contextlib import contextmanager
+from typing import Any, Iterator
+from urllib.parse import unquote, urlparse
+
+import pg8000.native
+from pg8000.exceptions import DatabaseError, InterfaceError
+
+from .errors import ConfigError, ServiceUnavailable
+
+Row = dict[str, Any]
+
+
+def connect_kwargs(database_url: str) -> dict[str, Any]:
+    parsed = urlparse(database_url)
+    if parsed.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"DATABASE_URL must start with postgresql://, got {database_url!r}")
+    database = parsed.path.lstrip("/")
+    if not database:
+        raise ConfigError(f"DATABASE_URL must name a database, got {database_url!r}")
+    kwargs: dict[str, Any] = {
+        "user": unquote(parsed.username or "postgres"),
+        "host": parsed.hostname or "127.0.0.1",
+        "port": parsed.port or 5432,
+        "database": unquote(database),
+    }
+    if parsed.password:
+        kwargs["password"] = unquote(parsed.password)
+    return kwargs
+
+
+class Connection:
+    """One checked-out connection: `rows()`, `row()` and `run()` with named `:params`."""
+
+    def __init__(self, raw: pg8000.native.Connection):
+        self.raw = raw
+
+    def rows(self, sql: str, **params: Any) -> list[Row]:
+        result = self.raw.run(sql, **params)
+        if not self.raw.columns:
+            return []
+        names = [column["name"] for column in self.raw.columns]
+        return [dict(zip(names, values)) for values in result or ()]
+
+    def row(self, sql: str, **params: Any) -> Row | None:
+        found = self.rows(sql, **params)
+        return found[0] if found else None
+
+    def run(self, sql: str, **params: Any) -> int:
+        self.raw.run(sql, **params)
+        return self.raw.row_count
+
+
+class Database:
+    def __init__(self, database_url: str, *, max_idle: int = 8, connect_timeout_s: float = 5.0):
+        self._kwargs = connect_kwargs(database_url)
+        self._kwargs["timeout"] = connect_timeout_s
+        self._idle: queue.LifoQueue[pg8000.native.Connection] = queue.LifoQueue(maxsize=max_idle)
+        self.url = database_url
+
+    def _open(self) -> pg8000.native.Connection:
+        try:
+            raw = pg8000.native.Connection(**self._kwargs)
+        except (InterfaceError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"Postgres at {self._kwargs['host']}:{self._kwargs['port']} is unreachable: {exc}",
+                headers={"Retry-After": "2"},
+            ) from exc
+        # The connect timeout must not cap long queries; keep it only for connecting.
+        raw._usock.settimeout(None)
+        return raw
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        try:
+            raw = self._idle.get_nowait()
+        except queue.Empty:
+            raw = self._open()
+        try:
+            yield Connection(raw)
+        except (InterfaceError, OSError) as exc:
+            _close_quietly(raw)
+            raise ServiceUnavailable(f"Lost the connection to Postgres: {exc}", headers={"Retry-After": "2"}) from exc
+        except BaseException:
+            self._give_back(raw)
+            raise
+        else:
+            self._give_back(raw)
+
+    def _give_back(self, raw: pg8000.native.Connection) -> None:
+        # A connection left inside a transaction (an error mid-way) is rolled back before reuse.
+        if raw._transaction_status != b"I":
+            try:
+                raw.run("ROLLBACK")
+            except Exception:
+                _close_quietly(raw)
+                return
+        try:
+            self._idle.put_nowait(raw)
+        except queue.Full:
+            _close_quietly(raw)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self.connection() as conn:
+            conn.raw.run("BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                if conn.raw._transaction_status != b"I":
+                    try:
+                        conn.raw.run("ROLLBACK")
+                    except (InterfaceError, OSError, DatabaseError):
+                        pass
+                raise
+            conn.raw.run("COMMIT")
+
+    def rows(self, sql: str, **params: Any) -> list[Row]:
+        with self.connection() as conn:
+            return conn.rows(sql, **params)
+
+    def row(self, sql: str, **params: Any) -> Row | None:
+        with self.connection() as conn:
+            return conn.row(sql, **params)
+
+    def run(self, sql: str, **params: Any) -> int:
+        with self.connection() as conn:
+            return conn.run(sql, **params)
+
+    def ping(self) -> None:
+        self.row("SELECT 1 AS ok")
+
+    def close(self) -> None:
+        while True:
+            try:
+                _close_quietly(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+
+def _close_quietly(raw: pg8000.native.Connection) -> None:
+    try:
+        raw.close()
+    except Exception:
+        pass

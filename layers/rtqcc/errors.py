@@ -1,0 +1,84 @@
+"""The exception tree. Each error knows its HTTP status and code; the API edge turns it into
+`{"error": {"code", "message"}}`. Nothing here formats a response."""
+
+from __future__ import annotations
+
+
+class RtqccError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(RtqccError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class ApiError(RtqccError):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(ApiError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class JobNotFound(ApiError):
+    status = 404
+    code = "job_not_found"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class InvalidTransition(ApiError):
+    status = 409
+    code = "invalid_transition"
+
+
+class NotReady(ApiError):
+    status = 409
+    code = "not_ready"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class ValidationFailed(ApiError):
+    status = 422
+    code = "validation_failed"
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    code = "service_unavailable"
+
+
+class LeaseLost(RtqccError):
+    """A fenced write was refused: another consumer holds a newer lease on the job."""
+
+
+class ProviderError(RtqccError):
+    """The provider failed in a way a retry will not fix."""
+
+
+class OutlineInvalid(ProviderError):
+    """The provider's outline did not match the required structure."""

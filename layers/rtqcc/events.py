@@ -1,0 +1,100 @@
+"""Progress events: appended to the capped stream `job:{externalId}:events` (for replay) and
+published on the pub/sub channel of the same name (for live listeners), in one round trip."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import ResponseError
+
+# XADD then PUBLISH with the id XADD chose, atomically, so the two never disagree.
+_APPEND_AND_PUBLISH = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[2], 'data', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', KEYS[1], '{"id":"' .. id .. '","type":"' .. ARGV[2] .. '","data":' .. ARGV[3] .. '}')
+return id
+"""
+
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+EVENTS_TTL_S = 7 * 24 * 3600
+
+
+def events_key(external_id: str) -> str:
+    return f"job:{external_id}:events"
+
+
+def control_channel(external_id: str) -> str:
+    return f"job:{external_id}:control"
+
+
+def is_stream_id(value: str) -> bool:
+    return bool(_STREAM_ID.match(value))
+
+
+def stream_id_tuple(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq)
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    type: str
+    data: dict[str, Any]
+
+
+class EventLog:
+    def __init__(self, redis: Redis, *, maxlen: int = 10_000):
+        self.redis = redis
+        self.maxlen = maxlen
+        self._script = redis.register_script(_APPEND_AND_PUBLISH)
+
+    def publish(self, external_id: str, type_: str, data: dict[str, Any]) -> str:
+        return self._script(
+            keys=[events_key(external_id)],
+            args=[self.maxlen, type_, json.dumps(data, separators=(",", ":")), EVENTS_TTL_S],
+        )
+
+    def publish_many(self, external_id: str, events: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        pipe = self.redis.pipeline(transaction=False)
+        for type_, data in events:
+            self._script(
+                keys=[events_key(external_id)],
+                args=[self.maxlen, type_, json.dumps(data, separators=(",", ":")), EVENTS_TTL_S],
+                client=pipe,
+            )
+        return list(pipe.execute())
+
+    def read_after(self, external_id: str, after_id: str, *, block_ms: int | None = None,
+                   count: int = 500) -> list[Event]:
+        found = self.redis.xread({events_key(external_id): after_id}, count=count, block=block_ms)
+        if not found:
+            return []
+        _, entries = found[0]
+        return [_to_event(entry_id, fields) for entry_id, fields in entries]
+
+    def last_id(self, external_id: str) -> str | None:
+        last = self.redis.xrevrange(events_key(external_id), count=1)
+        return last[0][0] if last else None
+
+    def covers(self, external_id: str, after_id: str) -> bool:
+        """True if every event after `after_id` is still in the stream (none trimmed, none lost)."""
+        try:
+            info = self.redis.xinfo_stream(events_key(external_id))
+        except ResponseError:
+            return False  # no stream: Redis lost it, or nothing was ever published
+        first = info.get("first-entry")
+        if first is None:
+            return False
+        if info.get("entries-added") == info.get("length"):
+            return True  # nothing was ever trimmed (Redis 7 reports entries-added)
+        # Trimmed: only an id at or after the oldest kept entry is provably complete.
+        return stream_id_tuple(after_id) >= stream_id_tuple(first[0])
+
+
+def _to_event(entry_id: str, fields: dict[str, str]) -> Event:
+    return Event(id=entry_id, type=fields["type"], data=json.loads(fields["data"]))

@@ -1,0 +1,99 @@
+"""Prompts for the outline step and for each section."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from .errors import OutlineInvalid
+from .jobs import Job, OutlineItem, Section
+from .providers.base import GenerationRequest
+
+SYSTEM = (
+    "You write long, well-structured documents one section at a time. Write in clear prose, "
+    "stay consistent with the outline and with what came before, and never repeat earlier sections."
+)
+PREVIOUS_TAIL_CHARS = 1200
+DEFAULT_SECTION_COUNT = 5
+
+
+class _OutlineEntry(BaseModel):
+    title: str = Field(min_length=1, max_length=300)
+    brief: str = Field(default="", max_length=2000)
+
+
+class _Outline(BaseModel):
+    sections: list[_OutlineEntry]
+
+
+def outline_schema(section_count: int) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["sections"],
+        "properties": {
+            "sections": {
+                "type": "array",
+                "minItems": section_count,
+                "maxItems": section_count,
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["title", "brief"],
+                    "properties": {"title": {"type": "string"}, "brief": {"type": "string"}},
+                },
+            }
+        },
+    }
+
+
+def outline_request(job: Job) -> GenerationRequest:
+    count = job.section_count or DEFAULT_SECTION_COUNT
+    prompt = (
+        f"Plan a document titled {json.dumps(job.title)}.\n\nBrief:\n{job.brief}\n\n"
+        f"Return JSON with exactly {count} sections, each with a short title and a one-paragraph "
+        "brief of what it must cover, in reading order."
+    )
+    return GenerationRequest(
+        model=job.model,
+        system=SYSTEM,
+        prompt=prompt,
+        temperature=job.params.get("temperature"),
+        json_schema=outline_schema(count),
+    )
+
+
+def parse_outline(text: str, expected_count: int) -> list[OutlineItem]:
+    """Validate the provider's outline whether or not the server enforced the schema."""
+    try:
+        outline = _Outline.model_validate_json(text)
+    except ValidationError as exc:
+        raise OutlineInvalid(f"The provider's outline is not valid JSON of the required shape: {exc.errors()[:3]}") from exc
+    if len(outline.sections) != expected_count:
+        raise OutlineInvalid(
+            f"The provider's outline has {len(outline.sections)} sections; {expected_count} were asked for."
+        )
+    return [OutlineItem(title=entry.title.strip(), brief=entry.brief.strip()) for entry in outline.sections]
+
+
+def section_request(job: Job, sections: list[Section], section: Section, previous_text: str) -> GenerationRequest:
+    outline = "\n".join(f"{s.idx + 1}. {s.title}" + (f": {s.brief}" if s.brief else "") for s in sections)
+    parts = [
+        f"Document: {job.title}",
+        f"Brief:\n{job.brief}",
+        f"Outline:\n{outline}",
+        f"Write section {section.idx + 1}, \"{section.title}\"." + (f" It must cover: {section.brief}" if section.brief else ""),
+    ]
+    if previous_text:
+        parts.append(f"The previous section ended with:\n…{previous_text[-PREVIOUS_TAIL_CHARS:]}")
+    parts.append("Write only the body of this section, without its heading.")
+    return GenerationRequest(
+        model=job.model,
+        system=SYSTEM,
+        prompt="\n\n".join(parts),
+        prefix=section.partial_text,
+        max_tokens=job.params.get("max_tokens_per_section"),
+        temperature=job.params.get("temperature"),
+    )

@@ -1,0 +1,73 @@
+"""The clients a function needs, built once per warm container and injectable for tests."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from redis import Redis
+
+from .blobs import BlobStore, S3BlobStore
+from .db import Database
+from .errors import ConfigError
+from .events import EventLog
+from .jobs import JobStore
+from .providers.base import Provider
+from .settings import Settings
+from .work_queue import WorkQueue
+
+
+def make_provider(settings: Settings) -> Provider:
+    if settings.provider == "fake":
+        from .providers.fake import FakeProvider
+
+        return FakeProvider(tokens_per_s=settings.fake_tokens_per_s, first_token_ms=settings.fake_first_token_ms)
+    raise ConfigError(f"RTQCC_PROVIDER={settings.provider!r} is not available in this build; use 'fake'")
+
+
+class Services:
+    def __init__(self, settings: Settings, *, redis: Redis | None = None, db: Database | None = None,
+                 blobs: BlobStore | None = None, provider: Provider | None = None):
+        self.settings = settings
+        if redis is not None:
+            self.redis = redis
+        if db is not None:
+            self.db = db
+        if blobs is not None:
+            self.blobs = blobs
+        if provider is not None:
+            self.provider = provider
+
+    @cached_property
+    def redis(self) -> Redis:
+        return Redis.from_url(self.settings.redis_url, decode_responses=True, socket_connect_timeout=3,
+                              health_check_interval=30)
+
+    @cached_property
+    def db(self) -> Database:
+        return Database(self.settings.database_url)
+
+    @cached_property
+    def blobs(self) -> BlobStore:
+        return S3BlobStore.from_settings(self.settings)
+
+    @cached_property
+    def provider(self) -> Provider:
+        return make_provider(self.settings)
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        return JobStore(self.db)
+
+    @cached_property
+    def events(self) -> EventLog:
+        return EventLog(self.redis, maxlen=self.settings.events_maxlen)
+
+    @cached_property
+    def queue(self) -> WorkQueue:
+        return WorkQueue(self.redis)
+
+    def close(self) -> None:
+        if "db" in self.__dict__:
+            self.db.close()
+        if "redis" in self.__dict__:
+            self.redis.close()

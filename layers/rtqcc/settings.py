@@ -1,0 +1,149 @@
+"""Typed settings, read from the environment once and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+from .errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/rtqcc"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[str, ...]) -> str | None:
+    raw = env.get(name) or default
+    if raw is None:
+        return None
+    scheme = raw.split("://", 1)[0] if "://" in raw else ""
+    if scheme not in schemes:
+        raise ConfigError(f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}, got {raw!r}")
+    return raw
+
+
+def _api_keys(env: Mapping[str, str]) -> dict[str, str]:
+    """`RTQCC_API_KEYS` is `key:tenant,key:tenant`; `RTQCC_DEV_API_KEY` adds one key for tenant `dev`."""
+    keys: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in env.get("RTQCC_API_KEYS", "").split(","))):
+        key, sep, tenant = item.partition(":")
+        if not sep or not key or not tenant:
+            raise ConfigError(f"RTQCC_API_KEYS entries must look like key:tenant, got {item!r}")
+        keys[key] = tenant
+    dev_key = env.get("RTQCC_DEV_API_KEY")
+    if dev_key:
+        keys[dev_key] = "dev"
+    return keys
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    database_url: str = DEFAULT_DATABASE_URL
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "rtqcc"
+    s3_region: str = "us-east-1"
+    s3_create_bucket: bool = False
+
+    provider: str = "fake"
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    default_model: str = "gpt-4o-mini"
+    fake_tokens_per_s: float = 200.0
+    fake_first_token_ms: int = 0
+
+    api_keys: dict[str, str] = field(default_factory=dict)
+    max_sections: int = 100
+    max_body_bytes: int = 256 * 1024
+
+    lease_ttl_s: float = 30.0
+    control_poll_s: float = 1.0
+    delta_flush_ms: int = 50
+    events_maxlen: int = 10_000
+    sse_heartbeat_s: float = 15.0
+    sse_long_poll_s: float = 25.0
+    sse_retry_ms: int = 1000
+
+    consumer_batch_size: int = 4
+    consumer_idle_exit_ms: int = 1000
+    consumer_safety_margin_ms: int = 2000
+    consumer_max_deliveries: int = 5
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        openai_key = env.get("OPENAI_API_KEY") or None
+        provider = env.get("RTQCC_PROVIDER") or ("openai" if openai_key else "fake")
+        if provider not in ("fake", "openai"):
+            raise ConfigError(f"RTQCC_PROVIDER must be 'fake' or 'openai', got {provider!r}")
+        if provider == "openai" and not openai_key:
+            raise ConfigError("RTQCC_PROVIDER is 'openai' but OPENAI_API_KEY is not set")
+        return cls(
+            redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix")),
+            database_url=_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres")),
+            s3_endpoint_url=_url(env, "S3_ENDPOINT_URL", None, ("http", "https")),
+            s3_bucket=env.get("S3_BUCKET") or "rtqcc",
+            s3_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            s3_create_bucket=_bool(env, "S3_CREATE_BUCKET", bool(env.get("S3_ENDPOINT_URL"))),
+            provider=provider,
+            openai_api_key=openai_key,
+            openai_base_url=_url(env, "OPENAI_BASE_URL", None, ("http", "https")),
+            default_model=env.get("RTQCC_DEFAULT_MODEL") or "gpt-4o-mini",
+            fake_tokens_per_s=_float(env, "RTQCC_FAKE_TOKENS_PER_S", 200.0),
+            fake_first_token_ms=_int(env, "RTQCC_FAKE_FIRST_TOKEN_MS", 0),
+            api_keys=_api_keys(env),
+            max_sections=_int(env, "RTQCC_MAX_SECTIONS", 100, minimum=1),
+            max_body_bytes=_int(env, "RTQCC_MAX_BODY_BYTES", 256 * 1024, minimum=1024),
+            lease_ttl_s=_float(env, "RTQCC_LEASE_TTL_S", 30.0, minimum=1.0),
+            control_poll_s=_float(env, "RTQCC_CONTROL_POLL_S", 1.0, minimum=0.05),
+            delta_flush_ms=_int(env, "RTQCC_DELTA_FLUSH_MS", 50),
+            events_maxlen=_int(env, "RTQCC_EVENTS_MAXLEN", 10_000, minimum=100),
+            sse_heartbeat_s=_float(env, "RTQCC_SSE_HEARTBEAT_S", 15.0, minimum=0.1),
+            sse_long_poll_s=_float(env, "RTQCC_SSE_LONG_POLL_S", 25.0, minimum=0.1),
+            sse_retry_ms=_int(env, "RTQCC_SSE_RETRY_MS", 1000),
+            consumer_batch_size=_int(env, "RTQCC_CONSUMER_BATCH_SIZE", 4, minimum=1),
+            consumer_idle_exit_ms=_int(env, "RTQCC_CONSUMER_IDLE_EXIT_MS", 1000),
+            consumer_safety_margin_ms=_int(env, "RTQCC_CONSUMER_SAFETY_MARGIN_MS", 2000),
+            consumer_max_deliveries=_int(env, "RTQCC_CONSUMER_MAX_DELIVERIES", 5, minimum=1),
+        )
+
+    def with_overrides(self, **changes: object) -> "Settings":
+        return replace(self, **changes)

@@ -1,0 +1,124 @@
+"""Server-Sent Events for one job: a snapshot from Postgres, then the live tail of
+`job:{externalId}:events`, resumable from any `Last-Event-ID` the stream still covers.
+
+Two ways to serve it. `frames()` is a generator for a streaming gateway: events flow as they
+happen, with heartbeats while idle, until `done`. `long_poll()` is for a buffering gateway
+(API Gateway REST): it answers once at least one event is ready or the poll time passes, with a
+`retry:` hint, and the client's reconnect continues exactly where this answer stopped."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+from .errors import BadRequest
+from .events import Event, EventLog, is_stream_id
+from .jobs import Job, JobStore
+from .status import JobStatus
+from .views import job_document
+
+HEARTBEAT = ": keep-alive\n\n"
+
+
+def format_event(event_id: str, event_type: str, data: dict) -> str:
+    return f"id: {event_id}\nevent: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def parse_last_event_id(value: str | None) -> str | None:
+    if value is None or value.strip() == "":
+        return None
+    value = value.strip()
+    if not is_stream_id(value):
+        raise BadRequest(f"Last-Event-ID {value!r} is not an event id from this stream (expected like 1700000000000-0).")
+    return value
+
+
+@dataclass
+class LongPollAnswer:
+    status: int  # 200, or 204 when the client has already seen the end
+    body: str
+
+
+class JobEventStream:
+    def __init__(self, events: EventLog, jobs: JobStore, job: Job, last_event_id: str | None):
+        self.events = events
+        self.jobs = jobs
+        self.job = job
+        self.ext = job.external_id
+        self.last_event_id = last_event_id
+
+    def seen_the_end(self) -> bool:
+        """The client's Last-Event-ID is at the end of a finished job: nothing more will come."""
+        if self.last_event_id is None or not self.job.status.terminal:
+            return False
+        return self.events.covers(self.ext, self.last_event_id) and not self.events.read_after(
+            self.ext, self.last_event_id, count=1)
+
+    def frames(self, *, heartbeat_s: float) -> Iterator[str]:
+        cursor, opening, finished = self._opening()
+        yield from opening
+        if finished:
+            return
+        block_ms: int | None = None  # first look without waiting: a finished job ends at once
+        while True:
+            batch = self.events.read_after(self.ext, cursor, block_ms=block_ms)
+            block_ms = int(heartbeat_s * 1000)
+            if batch:
+                for event in batch:
+                    yield _frame(event)
+                    cursor = event.id
+                    if event.type == "done":
+                        return
+                continue
+            ending = self._synthetic_done(cursor)
+            if ending:
+                yield ending
+                return
+            yield HEARTBEAT
+
+    def long_poll(self, *, wait_s: float, retry_ms: int) -> LongPollAnswer:
+        if self.seen_the_end():
+            return LongPollAnswer(status=204, body="")
+        parts = [f"retry: {retry_ms}\n\n"]
+        cursor, opening, finished = self._opening()
+        parts.extend(opening)
+        if not finished:
+            batch = self.events.read_after(self.ext, cursor, block_ms=None if opening else int(wait_s * 1000))
+            for event in batch:
+                parts.append(_frame(event))
+                if event.type == "done":
+                    break
+            if not batch:
+                parts.append(self._synthetic_done(cursor) or HEARTBEAT)
+        return LongPollAnswer(status=200, body="".join(parts))
+
+    def _opening(self) -> tuple[str, list[str], bool]:
+        """Where to read from, what to send first, and whether that already ends the stream."""
+        if self.last_event_id is not None and self.events.covers(self.ext, self.last_event_id):
+            return self.last_event_id, [], False
+        # A new client, or one whose position was trimmed or lost with Redis: start from the truth.
+        cursor = self.events.last_id(self.ext) or "0-0"
+        job = self.jobs.get_by_external_id(self.ext) or self.job
+        opening = [format_event(cursor, "snapshot", job_document(self.jobs, job))]
+        if job.status.terminal:
+            opening.append(format_event(cursor, "done", _done_data(job)))
+            return cursor, opening, True
+        return cursor, opening, False
+
+    def _synthetic_done(self, cursor: str) -> str | None:
+        job = self.jobs.get_by_external_id(self.ext)
+        if job is not None and job.status.terminal:
+            return format_event(cursor, "done", _done_data(job))
+        return None
+
+
+def _frame(event: Event) -> str:
+    return format_event(event.id, event.type, event.data)
+
+
+def _done_data(job: Job) -> dict:
+    data: dict = {"status": job.status.value}
+    if job.status == JobStatus.FAILED and job.error:
+        data["error"] = job.error
+    return data

@@ -1,0 +1,39 @@
+"""Job and section states, and which transitions each control verb may make."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobStatus(str, Enum):
+    CREATED = "created"      # stored, not yet asked to run
+    QUEUED = "queued"        # waiting in `jobs:pending` for a consumer
+    RUNNING = "running"      # a consumer holds its lease and is generating
+    PAUSED = "paused"        # stopped on request; partial text kept; resumable
+    COMPLETED = "completed"  # every section stored and the manuscript assembled
+    FAILED = "failed"        # stopped by an error a retry of the same input will not fix
+    CANCELLED = "cancelled"  # stopped on request; never resumes
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# verb -> (states it may leave, state it enters)
+TRANSITIONS: dict[str, tuple[frozenset[JobStatus], JobStatus]] = {
+    "start": (frozenset({JobStatus.CREATED}), JobStatus.QUEUED),
+    "pause": (frozenset({JobStatus.QUEUED, JobStatus.RUNNING}), JobStatus.PAUSED),
+    "resume": (frozenset({JobStatus.PAUSED}), JobStatus.QUEUED),
+    "cancel": (
+        frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED}),
+        JobStatus.CANCELLED,
+    ),
+}
+
+
+class SectionStatus(str, Enum):
+    PENDING = "pending"  # not started, or started and interrupted (partial text may be kept)
+    RUNNING = "running"  # a consumer is streaming it now
+    DONE = "done"        # content stored in S3, then this row marked: never generated again

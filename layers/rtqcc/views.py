@@ -1,0 +1,60 @@
+"""The public JSON shape of a job, shared by `GET /jobs/{id}` and the SSE snapshot."""
+
+from __future__ import annotations
+
+from .jobs import Job, JobStore
+from .orchestrator import public_job_usage, public_usage
+from .prompts import DEFAULT_SECTION_COUNT
+from .status import SectionStatus
+
+
+def job_links(external_id: str) -> dict[str, str]:
+    base = f"/jobs/{external_id}"
+    return {
+        "self": base,
+        "start": f"{base}/start",
+        "pause": f"{base}/pause",
+        "resume": f"{base}/resume",
+        "cancel": f"{base}/cancel",
+        "stream": f"{base}/stream",
+        "manuscript": f"{base}/manuscript",
+    }
+
+
+def job_summary(job: Job) -> dict:
+    return {
+        "externalId": job.external_id,
+        "title": job.title,
+        "status": job.status.value,
+        "model": job.model,
+        "links": job_links(job.external_id),
+    }
+
+
+def job_document(jobs: JobStore, job: Job) -> dict:
+    sections = jobs.sections(job.id)
+    usage = jobs.usage_by_section(job.id)
+    document = {
+        **job_summary(job),
+        "brief": job.brief,
+        "metadata": job.metadata,
+        "progress": {
+            "sections_total": len(sections) or job.section_count or DEFAULT_SECTION_COUNT,
+            "sections_done": sum(1 for s in sections if s.status == SectionStatus.DONE),
+        },
+        "sections": [
+            {
+                "index": s.idx,
+                "title": s.title,
+                "status": s.status.value,
+                "usage": public_usage(usage.get(s.idx)),
+            }
+            for s in sections
+        ],
+        "usage": public_job_usage(usage),
+    }
+    if job.status_reason:
+        document["status_reason"] = job.status_reason
+    if job.error:
+        document["error"] = job.error
+    return document

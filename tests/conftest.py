@@ -1,0 +1,249 @@
+"""Fixtures: real Redis, Postgres and S3, started or reached once per session, cleaned per test."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+from redis import Redis
+
+from rtqcc.blobs import S3BlobStore
+from rtqcc.consumer import Consumer, DrainResult
+from rtqcc.db import Database
+from rtqcc.migrate import ensure_database, migrate
+from rtqcc.providers.fake import FakeProvider
+from rtqcc.services import Services
+from rtqcc.settings import Settings
+from rtqcc_emulator.embedded import SeaweedS3
+
+API_KEY = "test-key-tenant-a"
+OTHER_KEY = "test-key-tenant-b"
+EVENTS_DIR = Path(__file__).parent / "events"
+
+
+class FakeLambdaContext:
+    """The part of a Lambda context the consumer uses: a budget that runs down in real time."""
+
+    def __init__(self, budget_s: float):
+        self._deadline = time.monotonic() + budget_s
+        self.aws_request_id = "test-invocation"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+    configured = os.environ.get("S3_ENDPOINT_URL")
+    if configured:
+        yield configured
+        return
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server.endpoint_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def base_settings(s3_endpoint) -> Settings:
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "rtqcc-test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rtqcc-test")
+    return Settings.from_env({
+        "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
+        "DATABASE_URL": os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/rtqcc_test"),
+        "S3_ENDPOINT_URL": s3_endpoint,
+        "S3_BUCKET": "rtqcc-test",
+        "RTQCC_API_KEYS": f"{API_KEY}:tenant-a,{OTHER_KEY}:tenant-b",
+        "RTQCC_FAKE_TOKENS_PER_S": "0",
+        "RTQCC_LEASE_TTL_S": "5",
+        "RTQCC_CONTROL_POLL_S": "0.2",
+        "RTQCC_SSE_HEARTBEAT_S": "0.5",
+        "RTQCC_SSE_LONG_POLL_S": "1",
+        "RTQCC_CONSUMER_IDLE_EXIT_MS": "300",
+        "RTQCC_CONSUMER_SAFETY_MARGIN_MS": "0",
+        "RTQCC_DELTA_FLUSH_MS": "0",
+    })
+
+
+@pytest.fixture(scope="session")
+def database(base_settings) -> Iterator[Database]:
+    ensure_database(base_settings.database_url)
+    db = Database(base_settings.database_url)
+    migrate(db)
+    yield db
+    db.close()
+
+
+@pytest.fixture(scope="session")
+def redis_client(base_settings) -> Iterator[Redis]:
+    client = Redis.from_url(base_settings.redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def blob_store(base_settings) -> S3BlobStore:
+    store = S3BlobStore.from_settings(base_settings)
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture
+def clean_state(database, redis_client) -> None:
+    database.run("TRUNCATE jobs, consumer_checkpoints RESTART IDENTITY CASCADE")
+    redis_client.flushdb()
+
+
+@pytest.fixture
+def settings(base_settings, clean_state) -> Settings:
+    return base_settings
+
+
+@pytest.fixture
+def make_services(settings, database, redis_client, blob_store) -> Callable[..., Services]:
+    """Services over the shared real clients; `provider=` or setting overrides per call."""
+
+    def make(*, provider=None, **overrides) -> Services:
+        configured = settings.with_overrides(**overrides) if overrides else settings
+        return Services(configured, redis=redis_client, db=database, blobs=blob_store,
+                        provider=provider or FakeProvider(tokens_per_s=configured.fake_tokens_per_s))
+
+    return make
+
+
+@pytest.fixture
+def services(make_services) -> Services:
+    return make_services()
+
+
+@pytest.fixture
+def api(services):
+    """Chalice's test client over the real app, authenticated as tenant A."""
+    from chalice.test import Client
+
+    from rtqcc.api import create_app
+
+    app = create_app(lambda: services)
+    with Client(app) as client:
+        yield ApiClient(client, API_KEY)
+
+
+class ApiClient:
+    """Calls the API the way a user's code would, with the bearer key and JSON bodies."""
+
+    def __init__(self, client, key: str):
+        self.client = client
+        self.key = key
+
+    def headers(self, extra: dict | None = None) -> dict:
+        return {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json", **(extra or {})}
+
+    def post(self, path: str, body: object = None, *, raw: str | None = None, headers: dict | None = None):
+        import json
+
+        payload = raw if raw is not None else (json.dumps(body) if body is not None else "")
+        return self.client.http.post(path, body=payload, headers=self.headers(headers))
+
+    def get(self, path: str, headers: dict | None = None):
+        return self.client.http.get(path, headers=self.headers(headers))
+
+    def as_key(self, key: str) -> "ApiClient":
+        return ApiClient(self.client, key)
+
+    def create(self, **fields) -> str:
+        body = {"title": "A field guide", "brief": "Explain durable job systems.", **fields}
+        response = self.post("/jobs", body)
+        assert response.status_code == 201, response.body
+        return response.json_body["externalId"]
+
+
+@pytest.fixture
+def run_consumer(make_services) -> Callable[..., DrainResult]:
+    """Invoke a consumer to drain the queue, like one scheduled Lambda invocation."""
+
+    def run(*, budget_s: float = 20.0, name: str = "consumer-1", services: Services | None = None) -> DrainResult:
+        consumer = Consumer(services or make_services(), name=name)
+        return consumer.drain(FakeLambdaContext(budget_s).get_remaining_time_in_millis)
+
+    return run
+
+
+class BackgroundConsumer:
+    def __init__(self, consumer: Consumer, budget_s: float):
+        self.consumer = consumer
+        self.result: DrainResult | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(budget_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, budget_s: float) -> None:
+        try:
+            self.result = self.consumer.drain(FakeLambdaContext(budget_s).get_remaining_time_in_millis)
+        except BaseException as exc:  # surfaced by join()
+            self.error = exc
+
+    def join(self, timeout_s: float = 30.0) -> DrainResult:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "consumer did not finish in time"
+        if self.error:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+@pytest.fixture
+def start_consumer(make_services) -> Callable[..., BackgroundConsumer]:
+    started: list[BackgroundConsumer] = []
+
+    def start(*, budget_s: float = 20.0, name: str = "consumer-1", services: Services | None = None,
+              **overrides) -> BackgroundConsumer:
+        background = BackgroundConsumer(Consumer(services or make_services(**overrides), name=name), budget_s)
+        started.append(background)
+        return background
+
+    yield start
+    for background in started:
+        background._thread.join(30)
+
+
+def wait_for(predicate: Callable[[], object], *, timeout_s: float = 10.0, interval_s: float = 0.01, what: str = "condition"):
+    """Poll until `predicate` returns something truthy; fail (not hang) after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def parse_sse(body: str) -> list[dict]:
+    """SSE text to a list of {"id", "event", "data"} (comments and retry hints dropped)."""
+    import json
+
+    events = []
+    for block in body.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        if "event" in fields:
+            events.append({"id": fields.get("id"), "event": fields["event"], "data": json.loads(fields["data"])})
+    return events
+
+
+def job_events(redis_client, external_id: str) -> list[dict]:
+    """Everything published for a job, from its event stream."""
+    import json
+
+    return [
+        {"id": entry_id, "event": fields["type"], "data": json.loads(fields["data"])}
+        for entry_id, fields in redis_client.xrange(f"job:{external_id}:events")
+    ]

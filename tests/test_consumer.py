@@ -1,0 +1,153 @@
+"""The consumer function: timed batches, leases, fencing and concurrent consumers."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import FakeLambdaContext, job_events
+
+from rtqcc.consumer import Consumer
+from rtqcc.errors import LeaseLost
+from rtqcc.work_queue import GROUP, STREAM
+
+
+def _sections(database, external_id):
+    return database.rows(
+        "SELECT s.idx, s.status, s.written_version, s.partial_text FROM sections s JOIN jobs j ON j.id = s.job_id"
+        " WHERE j.external_id = :e ORDER BY s.idx", e=external_id)
+
+
+def _completed_attempts(database, external_id):
+    return database.rows(
+        "SELECT a.section_idx, COUNT(*)::int AS n FROM generation_attempts a JOIN jobs j ON j.id = a.job_id"
+        " WHERE j.external_id = :e AND a.finish_reason IS NOT NULL AND a.section_idx IS NOT NULL"
+        " GROUP BY a.section_idx ORDER BY a.section_idx", e=external_id)
+
+
+def test_the_group_is_created_on_start_up_and_an_existing_one_is_fine(services, run_consumer, redis_client):
+    run_consumer(budget_s=0.5)
+    run_consumer(budget_s=0.5)  # BUSYGROUP the second time: not an error
+    groups = redis_client.xinfo_groups(STREAM)
+    assert [g["name"] for g in groups] == [GROUP]
+
+
+def test_a_budget_that_runs_out_mid_job_is_finished_by_the_next_invocation(api, run_consumer, make_services, database):
+    fields = {"section_count": 3, "params": {"max_tokens_per_section": 100}}
+    reference = api.create(**fields)
+    api.post(f"/jobs/{reference}/start")
+    run_consumer()
+
+    external_id = api.create(**fields)
+    api.post(f"/jobs/{external_id}/start")
+    slow = make_services(fake_tokens_per_s=200.0)  # ~0.5 s a section
+    first = run_consumer(budget_s=1.2, services=slow)
+    assert first.requeued == 1 and first.completed == 0
+    job = api.get(f"/jobs/{external_id}").json_body
+    assert job["status"] == "queued"
+    assert 0 < job["progress"]["sections_done"] < 3
+
+    invocations = 1
+    while api.get(f"/jobs/{external_id}").json_body["status"] != "completed":
+        run_consumer(budget_s=1.2, services=slow)
+        invocations += 1
+        assert invocations < 12, "the job made no progress across invocations"
+    reference_text = api.get(f"/jobs/{reference}/manuscript").body
+    assert api.get(f"/jobs/{external_id}/manuscript").body == reference_text
+    assert [row["n"] for row in _completed_attempts(database, external_id)] == [1, 1, 1]
+
+
+def test_the_consumer_checkpoints_its_position_and_counters(api, run_consumer, database):
+    for _ in range(2):
+        external_id = api.create(section_count=1)
+        api.post(f"/jobs/{external_id}/start")
+    result = run_consumer(name="consumer-7")
+    checkpoint = database.row("SELECT * FROM consumer_checkpoints WHERE consumer_name = 'consumer-7'")
+    assert checkpoint["processed"] == result.processed == 2
+    assert checkpoint["last_stream_id"] == result.last_id
+    assert checkpoint["invocations"] == 1
+
+
+def test_two_consumers_at_once_never_write_a_section_twice(api, start_consumer, database, redis_client):
+    ids = []
+    for n in range(4):
+        ids.append(api.create(title=f"Book {n}", section_count=3, params={"max_tokens_per_section": 60}))
+        api.post(f"/jobs/{ids[-1]}/start")
+        api.post(f"/jobs/{ids[-1]}/start")  # duplicate messages make the race likelier
+    first = start_consumer(name="consumer-a", fake_tokens_per_s=600.0)
+    second = start_consumer(name="consumer-b", fake_tokens_per_s=600.0)
+    results = [first.join(), second.join()]
+    assert sum(r.completed for r in results) == 4
+    for external_id in ids:
+        assert [row["status"] for row in _sections(database, external_id)] == ["done"] * 3
+        assert [row["n"] for row in _completed_attempts(database, external_id)] == [1, 1, 1]
+        completed_events = [e for e in job_events(redis_client, external_id) if e["event"] == "section.completed"]
+        assert sorted(e["data"]["index"] for e in completed_events) == [0, 1, 2]
+
+
+def test_a_consumer_that_lost_its_lease_cannot_write(api, services, database):
+    external_id = api.create(outline=[{"title": "Only"}])
+    api.post(f"/jobs/{external_id}/start")
+    jobs = services.jobs
+    stale = jobs.acquire_lease(external_id, "consumer-old", ttl_s=5)
+    database.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE external_id = :e", e=external_id)
+    fresh = jobs.acquire_lease(external_id, "consumer-new", ttl_s=5)
+    assert fresh is not None and fresh.version == stale.version + 1
+
+    with pytest.raises(LeaseLost):
+        jobs.mark_section_done(stale, 0, key="k", sha256="x", chars=1)
+    with pytest.raises(LeaseLost):
+        jobs.save_partial(stale, 0, "stale text")
+    assert jobs.release_lease(stale) is None
+    assert jobs.mark_section_done(fresh, 0, key="k", sha256="x", chars=1) is True
+    assert [row["written_version"] for row in _sections(database, external_id)] == [fresh.version]
+
+
+def test_a_live_lease_cannot_be_taken(api, services):
+    external_id = api.create(section_count=1)
+    api.post(f"/jobs/{external_id}/start")
+    assert services.jobs.acquire_lease(external_id, "consumer-a", ttl_s=30) is not None
+    assert services.jobs.acquire_lease(external_id, "consumer-b", ttl_s=30) is None
+
+
+def test_a_crashed_consumers_message_is_reclaimed_after_its_lease_expires(api, make_services, database, redis_client):
+    external_id = api.create(section_count=2)
+    api.post(f"/jobs/{external_id}/start")
+    services = make_services()
+    # The crashed consumer read the message and took the lease, then died.
+    services.queue.ensure_group()
+    [delivery] = services.queue.read("consumer-dead", count=1, block_ms=100)
+    assert services.jobs.acquire_lease(external_id, "consumer-dead", ttl_s=5) is not None
+    database.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE external_id = :e", e=external_id)
+
+    survivor = Consumer(make_services(lease_ttl_s=1.0), name="consumer-alive")
+    redis_client.xclaim(STREAM, GROUP, "consumer-dead", 0, [delivery.message_id], idle=2000, justid=True)
+    result = survivor.drain(FakeLambdaContext(10).get_remaining_time_in_millis)
+    assert result.completed == 1
+    assert api.get(f"/jobs/{external_id}").json_body["status"] == "completed"
+    assert redis_client.xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_the_lambda_entry_point_drains_with_its_context_budget(api, base_settings, monkeypatch, s3_endpoint):
+    import importlib.util
+    from pathlib import Path
+
+    for name, value in {
+        "REDIS_URL": base_settings.redis_url,
+        "DATABASE_URL": base_settings.database_url,
+        "S3_ENDPOINT_URL": s3_endpoint,
+        "S3_BUCKET": base_settings.s3_bucket,
+        "RTQCC_FAKE_TOKENS_PER_S": "0",
+        "RTQCC_CONSUMER_IDLE_EXIT_MS": "200",
+        "RTQCC_CONSUMER_SAFETY_MARGIN_MS": "100",
+    }.items():
+        monkeypatch.setenv(name, value)
+    path = Path(__file__).parents[1] / "functions" / "consumer" / "consumer_function.py"
+    spec = importlib.util.spec_from_file_location("consumer_function", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    external_id = api.create(section_count=2)
+    api.post(f"/jobs/{external_id}/start")
+    summary = module.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, FakeLambdaContext(10))
+    assert summary["completed"] == 1
+    assert summary["elapsed_ms"] < 10_000
+    assert api.get(f"/jobs/{external_id}").json_body["status"] == "completed"

@@ -1,0 +1,141 @@
+"""Pause, resume and cancel reach a running section mid-stream."""
+
+from __future__ import annotations
+
+from conftest import job_events, wait_for
+
+from rtqcc.tokens import count_tokens
+
+OUTLINE = [{"title": "Beginnings", "brief": "how it started"}, {"title": "Endings", "brief": "how it ends"}]
+SLOW = {"fake_tokens_per_s": 150.0}
+
+
+def _section_texts(api, external_id):
+    job = api.get(f"/jobs/{external_id}").json_body
+    return [api.get(f"/jobs/{external_id}/sections/{s['index']}").json_body["content"] for s in job["sections"]]
+
+
+def _reference_texts(api, run_consumer, **fields):
+    """The same job run without interruption: what every interrupted run must end up with."""
+    reference = api.create(**fields)
+    api.post(f"/jobs/{reference}/start")
+    assert run_consumer().completed == 1
+    return _section_texts(api, reference)
+
+
+def _first_delta(redis_client, external_id):
+    return wait_for(lambda: [e for e in job_events(redis_client, external_id) if e["event"] == "section.delta"],
+                    what="the first token event")
+
+
+def test_pause_mid_section_then_resume_writes_each_section_once(api, run_consumer, start_consumer, redis_client, database):
+    fields = {"outline": OUTLINE, "params": {"max_tokens_per_section": 150}}
+    expected = _reference_texts(api, run_consumer, **fields)
+
+    external_id = api.create(**fields)
+    api.post(f"/jobs/{external_id}/start")
+    consumer = start_consumer(**SLOW)
+    _first_delta(redis_client, external_id)
+
+    paused = api.post(f"/jobs/{external_id}/pause")
+    assert paused.status_code == 202
+    assert paused.json_body["status"] == "paused"
+    result = consumer.join()
+    assert result.stopped == 1
+
+    partial = database.row(
+        "SELECT s.status, s.partial_text FROM sections s JOIN jobs j ON j.id = s.job_id"
+        " WHERE j.external_id = :e AND s.idx = 0", e=external_id)
+    assert partial["status"] == "pending"
+    assert 0 < len(partial["partial_text"]) < len(expected[0])
+    assert expected[0].startswith(partial["partial_text"])
+    assert api.get(f"/jobs/{external_id}").json_body["status"] == "paused"
+
+    assert api.post(f"/jobs/{external_id}/resume").json_body["status"] == "queued"
+    assert run_consumer().completed == 1
+
+    assert _section_texts(api, external_id) == expected
+    manuscript = api.get(f"/jobs/{external_id}/manuscript").body.decode()
+    for title, text in zip(("Beginnings", "Endings"), expected):
+        assert manuscript.count(f"## {title}") == 1
+        assert manuscript.count(text.strip()) == 1
+    # No token generated twice: the aborted attempt and its continuation add up to the text.
+    attempts = database.rows(
+        "SELECT a.counted_completion_tokens, a.aborted, a.finish_reason FROM generation_attempts a"
+        " JOIN jobs j ON j.id = a.job_id WHERE j.external_id = :e AND a.section_idx = 0 ORDER BY a.id",
+        e=external_id)
+    assert [(a["aborted"], a["finish_reason"]) for a in attempts] == [("pause", None), (None, "stop")]
+    assert sum(a["counted_completion_tokens"] for a in attempts) == count_tokens(expected[0])
+
+
+def test_the_paused_section_is_billed_by_local_count_and_flagged_estimated(api, start_consumer, redis_client):
+    external_id = api.create(outline=OUTLINE, params={"max_tokens_per_section": 150})
+    api.post(f"/jobs/{external_id}/start")
+    consumer = start_consumer(**SLOW)
+    _first_delta(redis_client, external_id)
+    api.post(f"/jobs/{external_id}/pause")
+    consumer.join()
+    usage = api.get(f"/jobs/{external_id}").json_body["sections"][0]["usage"]
+    assert usage["estimated"] is True
+    assert usage["reported"]["completion_tokens"] is None
+    assert usage["completion_tokens"] == usage["counted"]["completion_tokens"] > 0
+
+
+def test_cancel_mid_section_stops_the_stream_and_ends_cancelled(api, start_consumer, redis_client, database):
+    external_id = api.create(outline=OUTLINE, params={"max_tokens_per_section": 300})
+    api.post(f"/jobs/{external_id}/start")
+    consumer = start_consumer(**SLOW)
+    _first_delta(redis_client, external_id)
+
+    cancelled = api.post(f"/jobs/{external_id}/cancel")
+    assert cancelled.status_code == 202
+    assert cancelled.json_body["status"] == "cancelled"
+    result = consumer.join()
+    assert result.stopped == 1 and result.completed == 0
+
+    assert api.get(f"/jobs/{external_id}").json_body["status"] == "cancelled"
+    aborted = database.row(
+        "SELECT a.aborted FROM generation_attempts a JOIN jobs j ON j.id = a.job_id"
+        " WHERE j.external_id = :e AND a.section_idx = 0", e=external_id)
+    assert aborted["aborted"] == "cancel"
+    events = [e["event"] for e in job_events(redis_client, external_id)]
+    assert events.count("done") == 1
+    assert "section.completed" not in events
+    assert api.get(f"/jobs/{external_id}/manuscript").status_code == 409
+
+
+def test_cancel_before_a_consumer_runs_it_means_it_never_runs(api, run_consumer):
+    external_id = api.create(section_count=2)
+    api.post(f"/jobs/{external_id}/start")
+    api.post(f"/jobs/{external_id}/cancel")
+    result = run_consumer()
+    assert result.skipped == 1 and result.completed == 0
+    job = api.get(f"/jobs/{external_id}").json_body
+    assert job["status"] == "cancelled"
+    assert job["usage"]["total_tokens"] == 0
+
+
+def test_impossible_transitions_are_409_with_a_reason(api, run_consumer):
+    external_id = api.create(section_count=1)
+    response = api.post(f"/jobs/{external_id}/resume")
+    assert response.status_code == 409
+    assert response.json_body["error"] == {
+        "code": "invalid_transition",
+        "message": f"Cannot resume job {external_id}: it is created; only a paused job can be resumed.",
+    }
+    api.post(f"/jobs/{external_id}/start")
+    run_consumer()
+    for verb in ("start", "pause", "resume", "cancel"):
+        refused = api.post(f"/jobs/{external_id}/{verb}")
+        assert refused.status_code == 409, verb
+        assert "it is completed" in refused.json_body["error"]["message"]
+
+
+def test_a_paused_queued_job_is_not_run_until_resumed(api, run_consumer):
+    external_id = api.create(section_count=1)
+    api.post(f"/jobs/{external_id}/start")
+    api.post(f"/jobs/{external_id}/pause")
+    assert run_consumer().completed == 0
+    assert api.get(f"/jobs/{external_id}").json_body["status"] == "paused"
+    api.post(f"/jobs/{external_id}/resume")
+    assert run_consumer().completed == 1

@@ -1,0 +1,83 @@
+"""The functions' Lambda entry points, invoked with real API Gateway proxy events."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from conftest import EVENTS_DIR, FakeLambdaContext, API_KEY, OTHER_KEY
+
+ROOT = Path(__file__).parents[1]
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def function_env(base_settings, settings, s3_endpoint, monkeypatch):
+    for name, value in {
+        "REDIS_URL": base_settings.redis_url,
+        "DATABASE_URL": base_settings.database_url,
+        "S3_ENDPOINT_URL": s3_endpoint,
+        "S3_BUCKET": base_settings.s3_bucket,
+        "RTQCC_API_KEYS": f"{API_KEY}:tenant-a,{OTHER_KEY}:tenant-b",
+        "RTQCC_FAKE_TOKENS_PER_S": "0",
+        "RTQCC_CONSUMER_IDLE_EXIT_MS": "200",
+        "RTQCC_CONSUMER_SAFETY_MARGIN_MS": "100",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+def _event(name: str) -> dict:
+    return json.loads((EVENTS_DIR / name).read_text())
+
+
+def test_api_gateway_events_drive_a_job_through_both_functions(function_env):
+    api = _load(ROOT / "functions" / "api" / "app.py", "api_function")
+    consumer = _load(ROOT / "functions" / "consumer" / "consumer_function.py", "consumer_function")
+
+    created = api.app(_event("create_job.json"), FakeLambdaContext(30))
+    assert created["statusCode"] == 201
+    external_id = json.loads(created["body"])["externalId"]
+
+    start = _event("create_job.json")
+    start.update(path=f"/jobs/{external_id}/start", resource="/jobs/{external_id}/start", body=None,
+                 isBase64Encoded=False, pathParameters={"external_id": external_id})
+    start["requestContext"]["resourcePath"] = "/jobs/{external_id}/start"
+    assert api.app(start, FakeLambdaContext(30))["statusCode"] == 202
+
+    summary = consumer.handler({"source": "aws.events"}, FakeLambdaContext(10))
+    assert summary["completed"] == 1
+
+    get = json.loads(json.dumps(_event("get_job.json")).replace("RTQCC-PLACEHOLDER", external_id))
+    answer = api.app(get, FakeLambdaContext(30))
+    assert answer["statusCode"] == 200
+    job = json.loads(answer["body"])
+    assert job["title"] == "From an API Gateway event"
+    assert job["status"] == "completed"
+    assert job["progress"]["sections_done"] == 2
+
+
+def test_an_unhandled_error_is_a_generic_500_without_a_traceback(function_env, monkeypatch):
+    api = _load(ROOT / "functions" / "api" / "app.py", "api_function_broken")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/nowhere")
+    event = _event("create_job.json")
+    answer = api.app(event, FakeLambdaContext(30))
+    assert answer["statusCode"] == 503
+    body = json.loads(answer["body"])
+    assert body["error"]["code"] == "service_unavailable"
+    assert "Postgres" in body["error"]["message"]
+    assert answer["headers"]["Retry-After"] == "2"
+
+
+def test_the_sample_create_event_body_is_what_it_claims(function_env):
+    body = json.loads(base64.b64decode(_event("create_job.json")["body"]))
+    assert body == {"title": "From an API Gateway event", "brief": "Prove the Lambda entry point works.",
+                    "section_count": 2}
