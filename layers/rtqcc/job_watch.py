@@ -19,6 +19,7 @@ from .work_queue import WorkQueue
 
 log = logging.getLogger(__name__)
 
+_WAKE = "wake"
 _STOPPING_STATES = {JobStatus.PAUSED: "pause", JobStatus.CANCELLED: "cancel"}
 
 
@@ -48,7 +49,11 @@ class JobWatch:
 
     def __exit__(self, *exc_info) -> None:
         self._stopped.set()
-        self._thread.join(timeout=5)
+        try:  # wake the watcher now rather than at its next poll
+            self._redis.publish(control_channel(self._lease.external_id), _WAKE)
+        except Exception:
+            pass
+        self._thread.join(timeout=self._poll_s + 5)
         try:
             self._pubsub.close()
         except Exception:

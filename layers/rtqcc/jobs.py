@@ -314,43 +314,35 @@ class JobStore:
             _insert_sections(conn, lease.job_id, list(outline))
 
     def mark_section_running(self, lease: Lease, idx: int) -> None:
-        with self.db.transaction() as conn:
-            _check_fence(conn, lease)
-            conn.run(
-                "UPDATE sections SET status = 'running', started_at = COALESCE(started_at, now())"
-                " WHERE job_id = :j AND idx = :i AND status <> 'done'",
-                j=lease.job_id,
-                i=idx,
-            )
+        self._fenced_section_update(
+            lease, idx, "status = 'running', started_at = COALESCE(sections.started_at, now())")
 
     def save_partial(self, lease: Lease, idx: int, text: str) -> None:
         """Keep the text generated so far, so a resume continues it instead of paying again."""
-        with self.db.transaction() as conn:
-            _check_fence(conn, lease)
-            conn.run(
-                "UPDATE sections SET status = 'pending', partial_text = :text"
-                " WHERE job_id = :j AND idx = :i AND status <> 'done'",
-                text=text,
-                j=lease.job_id,
-                i=idx,
-            )
+        self._fenced_section_update(lease, idx, "status = 'pending', partial_text = :text", text=text)
 
     def mark_section_done(self, lease: Lease, idx: int, *, key: str, sha256: str, chars: int) -> bool:
         """Point the section at its stored content. Called only after the S3 write succeeded."""
-        with self.db.transaction() as conn:
-            _check_fence(conn, lease)
-            changed = conn.run(
-                "UPDATE sections SET status = 'done', partial_text = '', content_key = :key,"
-                " content_sha256 = :sha, content_chars = :chars, written_version = :v, completed_at = now()"
-                " WHERE job_id = :j AND idx = :i AND status <> 'done'",
-                key=key,
-                sha=sha256,
-                chars=chars,
-                v=lease.version,
-                j=lease.job_id,
-                i=idx,
-            )
-        return changed == 1
+        return self._fenced_section_update(
+            lease, idx,
+            "status = 'done', partial_text = '', content_key = :key, content_sha256 = :sha,"
+            " content_chars = :chars, written_version = :v, completed_at = now()",
+            key=key, sha=sha256, chars=chars)
+
+    def _fenced_section_update(self, lease: Lease, idx: int, assignments: str, **params: Any) -> bool:
+        """One statement: lock the job row (FOR SHARE, so a takeover waits for us), check the lease
+        is still ours, and update a section that is not done yet. True if a row changed."""
+        row = self.db.row(
+            "WITH fence AS (SELECT id FROM jobs WHERE id = :j AND lease_version = :v AND lease_owner = :owner"
+            " FOR SHARE), changed AS ("
+            f" UPDATE sections SET {assignments} FROM fence"
+            " WHERE sections.job_id = fence.id AND sections.idx = :i AND sections.status <> 'done' RETURNING 1)"
+            " SELECT (SELECT COUNT(*) FROM fence)::int AS held, (SELECT COUNT(*) FROM changed)::int AS changed",
+            j=lease.job_id, v=lease.version, owner=lease.owner, i=idx, **params)
+        assert row is not None
+        if not row["held"]:
+            raise LeaseLost(f"Job {lease.external_id}: lease version {lease.version} is no longer held by {lease.owner}")
+        return row["changed"] == 1
 
     def record_attempt(self, job_id: int, attempt: Attempt) -> None:
         # Not fenced: tokens spent are a fact whoever holds the lease.

@@ -1,0 +1,69 @@
+"""The services a benchmark runs against: the configured ones, or local ones it starts."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from rtqcc.db import Database
+from rtqcc.migrate import ensure_database, migrate
+from rtqcc.services import Services
+from rtqcc.settings import Settings
+from rtqcc_emulator.embedded import SeaweedS3
+
+BENCH_KEY = "bench-key"
+
+
+@contextmanager
+def bench_settings() -> Iterator[Settings]:
+    server = None
+    endpoint = os.environ.get("S3_ENDPOINT_URL")
+    if not endpoint:
+        server = SeaweedS3(Path(tempfile.mkdtemp(prefix="rtqcc-bench-s3-"))).start()
+        endpoint = server.endpoint_url
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "rtqcc-bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rtqcc-bench")
+    try:
+        yield Settings.from_env({
+            "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+            "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/rtqcc_bench"),
+            "S3_ENDPOINT_URL": endpoint,
+            "S3_BUCKET": "rtqcc-bench",
+            "S3_CREATE_BUCKET": "true",
+            "RTQCC_API_KEYS": f"{BENCH_KEY}:bench",
+            "RTQCC_FAKE_TOKENS_PER_S": "0",
+            "RTQCC_CONSUMER_IDLE_EXIT_MS": "200",
+            "RTQCC_CONSUMER_SAFETY_MARGIN_MS": "0",
+        })
+    finally:
+        if server:
+            server.stop()
+
+
+def fresh_services(settings: Settings, **overrides) -> Services:
+    ensure_database(settings.database_url)
+    db = Database(settings.database_url)
+    migrate(db)
+    db.run("TRUNCATE jobs, consumer_checkpoints RESTART IDENTITY CASCADE")
+    services = Services(settings.with_overrides(**overrides), db=db)
+    services.redis.flushdb()
+    services.blobs.ensure_bucket()
+    return services
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary_ms(values_s: list[float]) -> dict:
+    ms = [v * 1000 for v in values_s]
+    return {"n": len(ms), "p50_ms": round(percentile(ms, 50), 2), "p99_ms": round(percentile(ms, 99), 2),
+            "mean_ms": round(statistics.fmean(ms), 2) if ms else None}
