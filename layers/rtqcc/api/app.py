@@ -10,15 +10,15 @@ from typing import Callable
 
 from chalice import Chalice, Response
 
-from ..errors import ApiError, BadRequest, JobNotFound, NotFound, NotReady, PayloadTooLarge, UnsupportedMediaType
+from ..errors import ApiError, BadRequest, NotFound, NotReady, PayloadTooLarge, UnsupportedMediaType
 from ..events import control_channel
 from ..ids import is_external_id
 from ..orchestrator import public_usage
 from ..jobs import Job, NewJob, OutlineItem
 from ..services import Services
-from ..sse import JobEventStream, parse_last_event_id
 from ..status import JobStatus
 from ..views import job_document, job_links, job_summary
+from .access import SSE_HEADERS, check_external_id, find_job, open_job_stream
 from .auth import tenant_for
 from .models import parse_create_job
 
@@ -53,9 +53,7 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         return tenant_for(app.current_request.headers.get("authorization"), svc().settings.api_keys)
 
     def load_job(external_id: str) -> Job:
-        if not is_external_id(external_id):
-            raise JobNotFound(f"{external_id!r} is not a job id (they look like RTQCC-01J...).")
-        return svc().jobs.get(tenant(), external_id)
+        return find_job(svc(), tenant(), external_id)
 
     def json_body() -> object:
         request = app.current_request
@@ -143,8 +141,7 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
 
     def control(external_id: str, verb: str) -> Response:
         owner = tenant()
-        if not is_external_id(external_id):
-            raise JobNotFound(f"{external_id!r} is not a job id (they look like RTQCC-01J...).")
+        check_external_id(external_id)
         s = svc()
         outcome = s.jobs.transition(owner, external_id, verb)
         job = outcome.job
@@ -164,18 +161,10 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
     @app.route("/jobs/{external_id}/stream", methods=["GET"])
     @edge
     def stream_job(external_id):
-        job = load_job(external_id)
         request = app.current_request
-        last_event_id = parse_last_event_id(
-            request.headers.get("last-event-id") or (request.query_params or {}).get("lastEventId"))
-        s = svc()
-        answer = JobEventStream(s.events, s.jobs, job, last_event_id).long_poll(
-            wait_s=s.settings.sse_long_poll_s, retry_ms=s.settings.sse_retry_ms)
-        return Response(body=answer.body, status_code=answer.status, headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        })
+        stream = open_job_stream(svc(), request.headers, request.query_params or {}, external_id)
+        answer = stream.long_poll(wait_s=svc().settings.sse_long_poll_s, retry_ms=svc().settings.sse_retry_ms)
+        return Response(body=answer.body, status_code=answer.status, headers=SSE_HEADERS)
 
     @app.route("/jobs/{external_id}/manuscript", methods=["GET"])
     @edge

@@ -1,0 +1,39 @@
+"""Who is calling and which job they may see: shared by the Chalice routes and the streaming
+SSE function, so both answer the same way."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..errors import JobNotFound
+from ..ids import is_external_id
+from ..jobs import Job
+from ..services import Services
+from ..sse import JobEventStream, parse_last_event_id
+from .auth import tenant_for
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def check_external_id(external_id: str) -> None:
+    if not is_external_id(external_id):
+        raise JobNotFound(f"{external_id!r} is not a job id (they look like RTQCC-01J...).")
+
+
+def find_job(services: Services, tenant: str, external_id: str) -> Job:
+    check_external_id(external_id)
+    return services.jobs.get(tenant, external_id)
+
+
+def open_job_stream(services: Services, headers: Mapping[str, str], query: Mapping[str, str],
+                    external_id: str) -> JobEventStream:
+    """Authorize the caller, find the job, and position its event stream (`headers` must be
+    case-insensitive, as Chalice's and the gateway's are)."""
+    tenant = tenant_for(headers.get("authorization"), services.settings.api_keys)
+    job = find_job(services, tenant, external_id)
+    last_event_id = parse_last_event_id(headers.get("last-event-id") or query.get("lastEventId"))
+    return JobEventStream(services.events, services.jobs, job, last_event_id)

@@ -1,0 +1,61 @@
+"""The streaming SSE function: like `GET /jobs/{id}/stream`, but its answer is a body iterator
+that a streaming gateway (the emulator; a Lambda function URL with response streaming) sends
+frame by frame as events happen, with heartbeats while idle, until `done`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from chalice.app import CaseInsensitiveMapping
+
+from ..errors import ApiError
+from ..services import Services
+from .access import SSE_HEADERS, open_job_stream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamingAnswer:
+    status: int
+    headers: dict[str, str]
+    chunks: Iterator[bytes]
+
+
+def create_stream_handler(services_factory: Callable[[], Services]) -> Callable[[dict, object], StreamingAnswer]:
+    services: list[Services] = []
+
+    def handler(event: dict, context: object) -> StreamingAnswer:
+        if not services:
+            services.append(services_factory())
+        s = services[0]
+        headers = CaseInsensitiveMapping(event.get("headers") or {})
+        external_id = (event.get("pathParameters") or {}).get("external_id", "")
+        try:
+            stream = open_job_stream(s, headers, event.get("queryStringParameters") or {}, external_id)
+            if stream.seen_the_end():
+                return StreamingAnswer(204, {}, iter(()))
+            frames = stream.frames(heartbeat_s=s.settings.sse_heartbeat_s)
+        except ApiError as exc:
+            return _error(exc.status, exc.code, exc.message, exc.headers)
+        except Exception:
+            log.exception("unhandled error opening the stream of %s", external_id)
+            return _error(500, "internal_error", "Something went wrong on our side; it has been logged.")
+        retry = f"retry: {s.settings.sse_retry_ms}\n\n"
+        return StreamingAnswer(200, dict(SSE_HEADERS), _encoded(retry, frames))
+
+    return handler
+
+
+def _encoded(first: str, frames: Iterator[str]) -> Iterator[bytes]:
+    yield first.encode()
+    for frame in frames:
+        yield frame.encode()
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> StreamingAnswer:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return StreamingAnswer(status, {"Content-Type": "application/json", **(headers or {})}, iter([body]))
