@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from rtqcc.migrate import ensure_database, migrate
 from rtqcc.providers.fake import FakeProvider
 from rtqcc.services import Services
 from rtqcc.settings import Settings
-from rtqcc_emulator.embedded import SeaweedS3
+from rtqcc_emulator.embedded import EmbeddedPostgres, EmbeddedRedis, SeaweedS3
 
 API_KEY = "test-key-tenant-a"
 OTHER_KEY = "test-key-tenant-b"
@@ -49,13 +50,46 @@ def s3_endpoint(tmp_path_factory) -> Iterator[str]:
         server.stop()
 
 
+def _reachable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="session")
-def base_settings(s3_endpoint) -> Settings:
+def service_urls(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """TEST_REDIS_URL / TEST_DATABASE_URL when set; else the servers on 127.0.0.1's standard
+    ports; else embedded ones, so the suite runs on a laptop with nothing installed."""
+    started = []
+    redis_url = os.environ.get("TEST_REDIS_URL")
+    if not redis_url:
+        if _reachable(6379):
+            redis_url = "redis://127.0.0.1:6379/15"
+        else:
+            started.append(EmbeddedRedis(tmp_path_factory.mktemp("redis")).start())
+            redis_url = started[-1].url
+    database_url = os.environ.get("TEST_DATABASE_URL")
+    if not database_url:
+        if _reachable(5432):
+            database_url = "postgresql://postgres@127.0.0.1:5432/rtqcc_test"
+        else:
+            started.append(EmbeddedPostgres(tmp_path_factory.mktemp("postgres")).start())
+            database_url = started[-1].url
+    try:
+        yield {"REDIS_URL": redis_url, "DATABASE_URL": database_url}
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def base_settings(s3_endpoint, service_urls) -> Settings:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "rtqcc-test")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rtqcc-test")
     return Settings.from_env({
-        "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
-        "DATABASE_URL": os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/rtqcc_test"),
+        **service_urls,
         "S3_ENDPOINT_URL": s3_endpoint,
         "S3_BUCKET": "rtqcc-test",
         "RTQCC_API_KEYS": f"{API_KEY}:tenant-a,{OTHER_KEY}:tenant-b",
