@@ -1,120 +1,92 @@
-"""`rtqcc demo`: one sample manuscript, from create to file, on the local stack.
-
-It drives the same handlers a client would reach over HTTP (in process, through Chalice's test
-gateway) and one consumer, and prints the job's events as they stream."""
+"""`rtqcc demo`: the local stack, one sample job watched live in the terminal (a progress bar per
+section and the text as it is written), and the finished manuscript written to a file."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
-from rtqcc.api import create_app
-from rtqcc.consumer import Consumer
-from rtqcc.db import Database
-from rtqcc.migrate import ensure_database, migrate
-from rtqcc.services import Services
-from rtqcc.settings import Settings
-from rtqcc.sse import JobEventStream
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import BarColumn, Progress, TextColumn
 
-from .embedded import LocalServices
+from .client import RtqccClient
+from .stack import LocalStack, StackOptions
 
-DEMO_KEY = "rtqcc-demo-key"
 DEMO_JOB = {
     "title": "Keeping Long Jobs Alive",
     "brief": "A short field guide for teams that generate long documents with language models: "
              "why jobs fail, how checkpoints and leases keep them alive, and how to watch them live.",
 }
+TAIL_CHARS = 600
 
 
-class _Budget:
-    def __init__(self, seconds: float):
-        self._deadline = time.monotonic() + seconds
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
-
-
-def run_demo(*, sections: int, output: str | None, data_dir: str) -> int:
-    local = LocalServices(Path(data_dir), os.environ)
-    print("starting services (embedded where none is configured) ...", flush=True)
-    local.start()
+def run_demo(*, sections: int, output: str | None, data_dir: str, port: int = 0) -> int:
+    console = Console()
+    environ = dict(os.environ)
+    environ.setdefault("RTQCC_FAKE_TOKENS_PER_S", "120")
+    console.print("starting the local stack (embedded services where none is configured) ...")
+    stack = LocalStack(StackOptions(port=port, data_dir=Path(data_dir), consumers=2), environ)
+    stack.start()
     try:
-        os.environ.update(local.env())
-        os.environ.setdefault("RTQCC_DEV_API_KEY", DEMO_KEY)
-        os.environ.setdefault("RTQCC_FAKE_TOKENS_PER_S", "150")
-        settings = Settings.from_env()
-        ensure_database(settings.database_url)
-        db = Database(settings.database_url)
-        migrate(db)
-        services = Services(settings, db=db)
-        services.blobs.ensure_bucket()
-        return _run_job(services, sections=sections, output=output)
+        console.print(f"gateway at [bold]{stack.base_url}[/] (open it in a browser to watch), "
+                      f"API key [bold]{stack.api_key}[/]")
+        with RtqccClient(stack.base_url, stack.api_key) as client:
+            return _run_job(console, client, sections=sections, output=output)
     finally:
-        local.stop()
+        stack.stop()
 
 
-def _run_job(services: Services, *, sections: int, output: str | None) -> int:
-    from chalice.test import Client
+def _run_job(console: Console, client: RtqccClient, *, sections: int, output: str | None) -> int:
+    external_id = client.create(**DEMO_JOB, section_count=sections)["externalId"]
+    client.control(external_id, "start")
+    console.print(f"job [bold]{external_id}[/] started\n")
 
-    key = os.environ["RTQCC_DEV_API_KEY"]
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    with Client(create_app(lambda: services)) as client:
-        created = client.http.post("/jobs", headers=headers, body=json.dumps({**DEMO_JOB, "section_count": sections}))
-        if created.status_code != 201:
-            print(f"could not create the job: {created.body.decode()}", file=sys.stderr)
-            return 1
-        external_id = created.json_body["externalId"]
-        print(f"job {external_id} created; starting it")
-        client.http.post(f"/jobs/{external_id}/start", headers=headers)
+    progress = Progress(TextColumn("{task.description}", style="bold"), BarColumn(),
+                        TextColumn("{task.fields[note]}"), console=console)
+    bars: dict[int, int] = {}
+    texts: dict[int, str] = {}
+    current = {"index": None, "title": "outline"}
+    expected_chars = 900  # a section's usual length: the bar's scale until the section completes
 
-        stop = threading.Event()
-        consumer = threading.Thread(target=_consume, args=(services, stop), daemon=True)
-        consumer.start()
-        job = services.jobs.get_by_external_id(external_id)
-        status = _follow(services, job)
-        stop.set()
-        consumer.join(30)
+    def view():
+        text = texts.get(current["index"], "") if current["index"] is not None else "drafting the outline ..."
+        return Group(progress, Panel(text[-TAIL_CHARS:], title=str(current["title"]), height=12))
 
-        if status != "completed":
-            print(f"\njob ended {status}", file=sys.stderr)
-            return 1
-        manuscript = client.http.get(f"/jobs/{external_id}/manuscript", headers=headers).body.decode()
-        usage = client.http.get(f"/jobs/{external_id}", headers=headers).json_body["usage"]
+    status = "unknown"
+    with Live(view(), console=console, refresh_per_second=12) as live:
+        for event in client.events(external_id):
+            data = event.data
+            if event.type == "outline":
+                for entry in data["sections"]:
+                    bars[entry["index"]] = progress.add_task(f"{entry['index'] + 1}. {entry['title'][:40]}",
+                                                             total=expected_chars, note="waiting")
+            elif event.type == "section.started":
+                current.update(index=data["index"], title=data["title"])
+                texts[data["index"]] = texts.get(data["index"], "")[: data["resumed_chars"]]
+                progress.update(bars[data["index"]], note="writing")
+            elif event.type == "section.delta":
+                texts[data["index"]] = texts.get(data["index"], "") + data["text"]
+                progress.update(bars[data["index"]], completed=min(len(texts[data["index"]]), expected_chars - 1))
+            elif event.type == "section.completed":
+                progress.update(bars[data["index"]], completed=expected_chars,
+                                note=f"{data['usage']['total_tokens']} tokens")
+            elif event.type == "done":
+                status = data["status"]
+            live.update(view())
+    if status != "completed":
+        console.print(f"job ended {status}", style="red")
+        return 1
+    manuscript = client.manuscript(external_id)
+    usage = client.get(external_id)["usage"]
     path = Path(output or f"manuscript-{external_id}.md")
     path.write_text(manuscript, encoding="utf-8")
-    print(f"\nmanuscript written to {path} ({len(manuscript)} characters, {usage['total_tokens']} tokens"
-          f"{' (estimated)' if usage['estimated'] else ''})")
+    console.print(f"\nmanuscript written to [bold]{path}[/] ({len(manuscript)} characters, "
+                  f"{usage['total_tokens']} tokens{' (estimated)' if usage['estimated'] else ''})")
     return 0
 
 
-def _consume(services: Services, stop: threading.Event) -> None:
-    consumer = Consumer(services, name="demo-consumer")
-    while not stop.is_set():
-        consumer.drain(_Budget(30).get_remaining_time_in_millis)
-
-
-def _follow(services: Services, job) -> str:
-    """Print the job's events as they arrive; return its final status."""
-    for frame in JobEventStream(services.events, services.jobs, job, None).frames(heartbeat_s=5):
-        for line in frame.splitlines():
-            if line.startswith("event: "):
-                kind = line[len("event: "):]
-            elif line.startswith("data: "):
-                data = json.loads(line[len("data: "):])
-                if kind == "outline":
-                    print("outline:")
-                    for entry in data["sections"]:
-                        print(f"  {entry['index'] + 1}. {entry['title']}")
-                elif kind == "section.started":
-                    print(f"\n## {data['title']}\n", flush=True)
-                elif kind == "section.delta":
-                    print(data["text"], end="", flush=True)
-                elif kind == "section.completed":
-                    print(f"\n[section {data['index'] + 1} done: {data['usage']['total_tokens']} tokens]", flush=True)
-                elif kind == "done":
-                    return data["status"]
-    return "unknown"
+if __name__ == "__main__":
+    sys.exit(run_demo(sections=4, output=None, data_dir=".rtqcc"))

@@ -43,6 +43,9 @@ class S3BlobStore:
             "s3",
             endpoint_url=settings.s3_endpoint_url,
             region_name=settings.s3_region,
+            aws_access_key_id=settings.aws_access_key_id,
+            aws_secret_access_key=settings.aws_secret_access_key,
+            aws_session_token=settings.aws_session_token,
             config=Config(
                 retries={"max_attempts": 3, "mode": "standard"},
                 connect_timeout=3,

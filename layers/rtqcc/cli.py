@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .errors import ConfigError
@@ -17,10 +18,35 @@ def main(argv: list[str] | None = None) -> int:
     migrate_cmd.add_argument("--create-database", action="store_true",
                              help="create the database named in DATABASE_URL if it is missing")
 
+    up_cmd = commands.add_parser("up", help="run the local stack in the foreground")
+    up_cmd.add_argument("--port", type=int, default=int(os.environ.get("RTQCC_PORT", "8080")))
+    up_cmd.add_argument("--data-dir", default=".rtqcc", help="folder for embedded services' data")
+    up_cmd.add_argument("--sse", choices=["streaming", "buffered"], default="streaming",
+                        help="streaming: frames flow as produced; buffered: like API Gateway REST (long-poll)")
+    up_cmd.add_argument("--integration-timeout-s", type=float, default=29.0)
+    up_cmd.add_argument("--consumers", type=int, default=2, help="concurrent consumer invocations")
+    up_cmd.add_argument("--consumer-budget-s", type=float, default=60.0, help="each invocation's time budget")
+
     demo_cmd = commands.add_parser("demo", help="run a sample manuscript job on the local stack")
     demo_cmd.add_argument("--sections", type=int, default=4)
     demo_cmd.add_argument("--output", default=None, help="where to write the manuscript (default: ./manuscript-<id>.md)")
     demo_cmd.add_argument("--data-dir", default=".rtqcc", help="folder for embedded services' data")
+    demo_cmd.add_argument("--port", type=int, default=0, help="gateway port (default: any free one)")
+
+    jobs_cmd = commands.add_parser("jobs", help="manage jobs on a running stack or a deployed API")
+    jobs_cmd.add_argument("--url", default=os.environ.get("RTQCC_URL", "http://127.0.0.1:8080"))
+    jobs_cmd.add_argument("--key", default=os.environ.get("RTQCC_API_KEY") or os.environ.get("RTQCC_DEV_API_KEY"))
+    verbs = jobs_cmd.add_subparsers(dest="verb", required=True)
+    create = verbs.add_parser("create", help="create a job (prints its externalId)")
+    create.add_argument("title")
+    create.add_argument("brief")
+    create.add_argument("--sections", type=int, default=None)
+    create.add_argument("--start", action="store_true", help="start it at once")
+    for verb in ("start", "pause", "resume", "cancel", "get", "watch"):
+        verbs.add_parser(verb).add_argument("external_id")
+    listing = verbs.add_parser("list")
+    listing.add_argument("--status", default=None)
+    listing.add_argument("--limit", type=int, default=20)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -30,11 +56,76 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from rtqcc_emulator.demo import run_demo
 
-            return run_demo(sections=args.sections, output=args.output, data_dir=args.data_dir)
+            return run_demo(sections=args.sections, output=args.output, data_dir=args.data_dir, port=args.port)
+        if args.command == "up":
+            return _up(args)
+        if args.command == "jobs":
+            return _jobs(args)
     except ConfigError as exc:
         print(f"rtqcc: configuration error: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    from rtqcc_emulator.stack import LocalStack, StackOptions
+
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    stack = LocalStack(StackOptions(
+        port=args.port, data_dir=Path(args.data_dir), streaming=args.sse == "streaming",
+        integration_timeout_s=args.integration_timeout_s, consumers=args.consumers,
+        consumer_budget_s=args.consumer_budget_s,
+    ), os.environ)
+    stack.start()
+    try:
+        print(f"RTQCC local stack at {stack.base_url} (SSE {args.sse}, {args.consumers} consumers)")
+        print(f"API key: {stack.api_key}")
+        print("ready", flush=True)
+        stopping.wait()
+        print("stopping ...", flush=True)
+    finally:
+        stack.stop()
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    import json
+
+    from rtqcc_emulator.client import ApiError, RtqccClient
+
+    if not args.key:
+        print("rtqcc: give the API key with --key or RTQCC_API_KEY", file=sys.stderr)
+        return 2
+    with RtqccClient(args.url, args.key) as client:
+        try:
+            if args.verb == "create":
+                created = client.create(title=args.title, brief=args.brief, section_count=args.sections)
+                if args.start:
+                    client.control(created["externalId"], "start")
+                print(created["externalId"])
+            elif args.verb in ("start", "pause", "resume", "cancel"):
+                print(client.control(args.external_id, args.verb)["status"])
+            elif args.verb == "get":
+                print(json.dumps(client.get(args.external_id), indent=2))
+            elif args.verb == "list":
+                for job in client.list(status=args.status, limit=args.limit)["jobs"]:
+                    print(f"{job['externalId']}  {job['status']:<10}  {job['title']}")
+            elif args.verb == "watch":
+                for event in client.events(args.external_id):
+                    if event.type == "section.delta":
+                        print(event.data["text"], end="", flush=True)
+                    else:
+                        print(f"\n[{event.type}] {json.dumps(event.data)[:200]}", flush=True)
+        except ApiError as exc:
+            print(f"rtqcc: {exc.message} ({exc.status} {exc.code})", file=sys.stderr)
+            return 1
+    return 0
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -48,10 +49,20 @@ class Consumer:
         self.settings = services.settings
         self.name = name or default_consumer_name()
         self.clock = clock
+        self._shutting_down = threading.Event()
+        self._running: AbortSignal | None = None
         self.orchestrator = ManuscriptOrchestrator(
             jobs=services.jobs, blobs=services.blobs, events=services.events, provider=services.provider,
             delta_flush_ms=self.settings.delta_flush_ms,
         )
+
+    def shut_down(self) -> None:
+        """Stop soon, from any thread (a signal handler): the running job is checkpointed and
+        handed back, and the drain returns."""
+        self._shutting_down.set()
+        running = self._running
+        if running is not None:
+            running.abort("shutdown")
 
     def drain(self, remaining_ms: Callable[[], int]) -> DrainResult:
         """Work until the budget reported by `remaining_ms` (a Lambda context's
@@ -61,13 +72,18 @@ class Consumer:
         result = DrainResult()
         queue.ensure_group()
 
-        stale = queue.claim_stale(self.name, min_idle_ms=int(settings.lease_ttl_s * 1000),
-                                  count=settings.consumer_batch_size)
-        self._handle_batch(stale, deadline, result)
-
         idle_since = self.clock()
-        while (left_ms := int((deadline - self.clock()) * 1000)) > 0:
-            block_ms = max(1, min(left_ms, settings.consumer_idle_exit_ms or left_ms))
+        next_claim = 0.0
+        while (left_ms := int((deadline - self.clock()) * 1000)) > 0 and not self._shutting_down.is_set():
+            if self.clock() >= next_claim:
+                # Messages of consumers that died are taken over once their lease has expired.
+                stale = queue.claim_stale(self.name, min_idle_ms=int(settings.lease_ttl_s * 1000),
+                                          count=settings.consumer_batch_size)
+                self._handle_batch(stale, deadline, result)
+                next_claim = self.clock() + settings.lease_ttl_s / 2
+                continue
+            wait_ms = min(left_ms, int((next_claim - self.clock()) * 1000) + 1)
+            block_ms = max(1, min(wait_ms, settings.consumer_idle_exit_ms or wait_ms))
             batch = queue.read(self.name, count=settings.consumer_batch_size, block_ms=block_ms)
             if batch:
                 self._handle_batch(batch, deadline, result)
@@ -79,7 +95,7 @@ class Consumer:
 
     def _handle_batch(self, batch: list[Delivery], deadline: float, result: DrainResult) -> None:
         for delivery in batch:
-            if self.clock() >= deadline:
+            if self.clock() >= deadline or self._shutting_down.is_set():
                 # Untouched: hand it straight back rather than strand it in our pending list.
                 self.services.queue.requeue_then_ack(delivery.external_id, delivery.message_id)
                 result.requeued += 1
@@ -107,6 +123,9 @@ class Consumer:
             consumer=self.name, abort=abort, lease_ttl_s=self.settings.lease_ttl_s,
             poll_s=self.settings.control_poll_s, deadline=deadline, clock=self.clock,
         )
+        self._running = abort
+        if self._shutting_down.is_set():
+            abort.abort("shutdown")
         try:
             with watch:
                 outcome = self.orchestrator.run(job, lease, abort)
@@ -127,6 +146,8 @@ class Consumer:
             log.log(level, "job %s interrupted, requeued: %s", job.external_id, exc, exc_info=level == logging.ERROR)
             self._hand_back(job, lease, delivery, result)
             return
+        finally:
+            self._running = None
         self._settle(job, lease, delivery, outcome, result)
 
     def _settle(self, job: Job, lease: Lease, delivery: Delivery, outcome: RunOutcome, result: DrainResult) -> None:

@@ -82,15 +82,20 @@ class Settings:
     s3_bucket: str = "rtqcc"
     s3_region: str = "us-east-1"
     s3_create_bucket: bool = False
+    # Unset: boto3's own credential chain (instance role, profile, ...).
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    aws_session_token: str | None = field(default=None, repr=False)
 
     provider: str = "fake"
-    openai_api_key: str | None = None
+    openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
     default_model: str = "gpt-4o-mini"
     fake_tokens_per_s: float = 200.0
     fake_first_token_ms: int = 0
 
     api_keys: dict[str, str] = field(default_factory=dict)
+    stream_token_secret: str | None = None
     max_sections: int = 100
     max_body_bytes: int = 256 * 1024
 
@@ -123,6 +128,9 @@ class Settings:
             s3_bucket=env.get("S3_BUCKET") or "rtqcc",
             s3_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             s3_create_bucket=_bool(env, "S3_CREATE_BUCKET", bool(env.get("S3_ENDPOINT_URL"))),
+            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
             provider=provider,
             openai_api_key=openai_key,
             openai_base_url=_url(env, "OPENAI_BASE_URL", None, ("http", "https")),
@@ -130,6 +138,7 @@ class Settings:
             fake_tokens_per_s=_float(env, "RTQCC_FAKE_TOKENS_PER_S", 200.0),
             fake_first_token_ms=_int(env, "RTQCC_FAKE_FIRST_TOKEN_MS", 0),
             api_keys=_api_keys(env),
+            stream_token_secret=env.get("RTQCC_STREAM_TOKEN_SECRET") or None,
             max_sections=_int(env, "RTQCC_MAX_SECTIONS", 100, minimum=1),
             max_body_bytes=_int(env, "RTQCC_MAX_BODY_BYTES", 256 * 1024, minimum=1024),
             lease_ttl_s=_float(env, "RTQCC_LEASE_TTL_S", 30.0, minimum=1.0),

@@ -10,6 +10,7 @@ from ..ids import is_external_id
 from ..jobs import Job
 from ..services import Services
 from ..sse import JobEventStream, parse_last_event_id
+from . import stream_tokens
 from .auth import tenant_for
 
 SSE_HEADERS = {
@@ -17,6 +18,10 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+
+def stream_signing_key(services: Services) -> bytes:
+    return stream_tokens.signing_key(services.settings.stream_token_secret, services.settings.api_keys)
 
 
 def check_external_id(external_id: str) -> None:
@@ -33,7 +38,12 @@ def open_job_stream(services: Services, headers: Mapping[str, str], query: Mappi
                     external_id: str) -> JobEventStream:
     """Authorize the caller, find the job, and position its event stream (`headers` must be
     case-insensitive, as Chalice's and the gateway's are)."""
-    tenant = tenant_for(headers.get("authorization"), services.settings.api_keys)
+    token = query.get("access_token")
+    if token and not headers.get("authorization"):
+        check_external_id(external_id)
+        tenant = stream_tokens.verify(stream_signing_key(services), token, external_id)
+    else:
+        tenant = tenant_for(headers.get("authorization"), services.settings.api_keys)
     job = find_job(services, tenant, external_id)
     last_event_id = parse_last_event_id(headers.get("last-event-id") or query.get("lastEventId"))
     return JobEventStream(services.events, services.jobs, job, last_event_id)

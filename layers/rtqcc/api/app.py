@@ -18,7 +18,8 @@ from ..jobs import Job, NewJob, OutlineItem
 from ..services import Services
 from ..status import JobStatus
 from ..views import job_document, job_links, job_summary
-from .access import SSE_HEADERS, check_external_id, find_job, open_job_stream
+from . import stream_tokens
+from .access import SSE_HEADERS, check_external_id, find_job, open_job_stream, stream_signing_key
 from .auth import tenant_for
 from .models import parse_create_job
 
@@ -165,6 +166,14 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         stream = open_job_stream(svc(), request.headers, request.query_params or {}, external_id)
         answer = stream.long_poll(wait_s=svc().settings.sse_long_poll_s, retry_ms=svc().settings.sse_retry_ms)
         return Response(body=answer.body, status_code=answer.status, headers=SSE_HEADERS)
+
+    @app.route("/jobs/{external_id}/stream-token", methods=["POST"], content_types=["*/*"])
+    @edge
+    def stream_token(external_id):
+        job = load_job(external_id)
+        token = stream_tokens.issue(stream_signing_key(svc()), job.tenant, job.external_id)
+        return Response(body={"token": token, "expires_in": stream_tokens.TOKEN_TTL_S,
+                              "stream_url": f"/jobs/{job.external_id}/stream?access_token={token}"}, status_code=201)
 
     @app.route("/jobs/{external_id}/manuscript", methods=["GET"])
     @edge

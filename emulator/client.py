@@ -1,0 +1,109 @@
+"""A small client for the RTQCC HTTP API (the emulator or a deployed stage), used by
+`rtqcc jobs ...` and the demo. `events()` follows a job's SSE stream across reconnects."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import httpx
+from httpx_sse import connect_sse
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: str
+    type: str
+    data: dict[str, Any]
+
+
+class RtqccClient:
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 35.0):
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
+                                 headers={"Authorization": f"Bearer {api_key}"})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "RtqccClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            self._raise(response)
+        return response
+
+    def create(self, *, title: str, brief: str, section_count: int | None = None,
+               outline: list[dict] | None = None, **extra: Any) -> dict:
+        body: dict[str, Any] = {"title": title, "brief": brief, **extra}
+        if section_count is not None:
+            body["section_count"] = section_count
+        if outline is not None:
+            body["outline"] = outline
+        return self._call("POST", "/jobs", json=body).json()
+
+    def control(self, external_id: str, verb: str) -> dict:
+        return self._call("POST", f"/jobs/{external_id}/{verb}").json()
+
+    def get(self, external_id: str) -> dict:
+        return self._call("GET", f"/jobs/{external_id}").json()
+
+    def list(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict:
+        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
+        return self._call("GET", "/jobs", params=params).json()
+
+    def manuscript(self, external_id: str) -> str:
+        return self._call("GET", f"/jobs/{external_id}/manuscript").text
+
+    def events(self, external_id: str, *, last_event_id: str | None = None,
+               max_reconnects: int = 1000) -> Iterator[JobEvent]:
+        """Every event of the job until `done`, reconnecting with Last-Event-ID whenever the
+        server ends an answer early (a buffering gateway) or the connection drops."""
+        reconnects = 0
+        retry_s = 1.0
+        while True:
+            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+            try:
+                with connect_sse(self.http, "GET", f"/jobs/{external_id}/stream", headers=headers,
+                                 timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as source:
+                    if source.response.status_code == 204:
+                        return
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        self._raise(source.response)
+                    for sse in source.iter_sse():
+                        if sse.retry:
+                            retry_s = sse.retry / 1000
+                        if not sse.event or sse.event == "message":
+                            continue
+                        last_event_id = sse.id or last_event_id
+                        event = JobEvent(id=sse.id, type=sse.event, data=json.loads(sse.data))
+                        yield event
+                        if event.type == "done":
+                            return
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                time.sleep(retry_s)  # the connection dropped: wait the server's retry hint, then resume
+            reconnects += 1
+            if reconnects > max_reconnects:
+                raise ApiError(0, "too_many_reconnects", f"gave up following {external_id}")
+
+    def _raise(self, response: httpx.Response) -> None:
+        try:
+            error = response.json()["error"]
+            raise ApiError(response.status_code, error["code"], error["message"])
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(response.status_code, "http_error", response.text[:300]) from None

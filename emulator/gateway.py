@@ -1,0 +1,193 @@
+"""A pure API Gateway emulator: a request in, an answer out, no sockets.
+
+It builds the REST (v1) proxy event Chalice expects, invokes the function with a Lambda context
+whose budget is the integration timeout, and turns the function's answer back into HTTP, with
+API Gateway's own error shapes where API Gateway itself would answer (unknown route, timeout,
+oversize payload). The stream route goes to the streaming SSE function when streaming is on,
+and through the buffering long-poll handler when it is off, as behind API Gateway REST."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+from urllib.parse import quote
+
+from chalice import Chalice
+from chalice.local import LambdaContext, RouteMatcher
+
+STREAM_RESOURCE = "/jobs/{external_id}/stream"
+MISSING_ROUTE = {"message": "Missing Authentication Token"}
+TIMEOUT_BODY = {"message": "Endpoint request timed out"}
+TOO_LARGE_BODY = {"message": "Request Too Long"}
+FUNCTION_ERROR_BODY = {"message": "Internal server error"}
+TEXT_TYPES = ("text/", "application/json", "application/javascript", "application/xml")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    stage: str = "api"
+    integration_timeout_s: float = 29.0      # API Gateway REST's default (and maximum without a quota raise)
+    max_request_bytes: int = 10 * 1024 * 1024  # API Gateway's payload limit
+    max_response_bytes: int = 6 * 1024 * 1024  # Lambda's synchronous response limit
+    streaming: bool = True                    # False: behave like API Gateway REST, which buffers
+    function_timeout_s: float = 900.0         # the streaming function's own limit
+
+
+@dataclass
+class GatewayRequest:
+    method: str
+    path: str
+    query: list[tuple[str, str]] = field(default_factory=list)
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    source_ip: str = "127.0.0.1"
+
+
+@dataclass
+class GatewayResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: Iterator[bytes] | None = None  # set when the answer streams
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Gateway:
+    def __init__(self, app: Chalice, *, stream_handler: Callable[[dict, Any], Any] | None = None,
+                 config: GatewayConfig = GatewayConfig(), workers: int = 64):
+        self.app = app
+        self.stream_handler = stream_handler
+        self.config = config
+        self.routes = RouteMatcher(list(app.routes))
+        # Handlers run on this pool so the gateway can answer 504 without waiting for them.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="invoke")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def handle(self, request: GatewayRequest) -> GatewayResponse:
+        if len(request.body) > self.config.max_request_bytes:
+            return _json(413, TOO_LARGE_BODY)
+        path = request.path.rstrip("/") or "/"
+        try:
+            match = self.routes.match_route(path)
+        except ValueError:
+            return _json(403, MISSING_ROUTE, {"x-amzn-ErrorType": "MissingAuthenticationTokenException"})
+        if request.method not in self.app.routes[match.route]:
+            return _json(403, MISSING_ROUTE, {"x-amzn-ErrorType": "MissingAuthenticationTokenException"})
+        event = self.build_event(request, match.route, match.captured)
+        if match.route == STREAM_RESOURCE and request.method == "GET" and self.config.streaming and self.stream_handler:
+            return self._invoke_streaming(event)
+        return self._invoke(event)
+
+    def build_event(self, request: GatewayRequest, resource: str, path_params: dict[str, str]) -> dict:
+        """The API Gateway REST (v1) proxy event for this request."""
+        headers: dict[str, str] = {}
+        multi_headers: dict[str, list[str]] = {}
+        for name, value in request.headers:
+            canonical = "-".join(part.capitalize() for part in name.split("-"))
+            headers[canonical] = value
+            multi_headers.setdefault(canonical, []).append(value)
+        query: dict[str, str] = {}
+        multi_query: dict[str, list[str]] = {}
+        for name, value in request.query:
+            query[name] = value
+            multi_query.setdefault(name, []).append(value)
+        content_type = headers.get("Content-Type", "")
+        is_text = not request.body or content_type.startswith(TEXT_TYPES)
+        body: str | None
+        if not request.body:
+            body = None
+        elif is_text:
+            try:
+                body = request.body.decode("utf-8")
+            except UnicodeDecodeError:
+                body, is_text = base64.b64encode(request.body).decode(), False
+        else:
+            body = base64.b64encode(request.body).decode()
+        now = time.time()
+        return {
+            "resource": resource,
+            "path": request.path,
+            "httpMethod": request.method,
+            "headers": headers or None,
+            "multiValueHeaders": multi_headers or None,
+            "queryStringParameters": query or None,
+            "multiValueQueryStringParameters": multi_query or None,
+            "pathParameters": path_params or None,
+            "stageVariables": None,
+            "requestContext": {
+                "resourceId": quote(resource, safe=""),
+                "resourcePath": resource,
+                "httpMethod": request.method,
+                "extendedRequestId": uuid.uuid4().hex[:16],
+                "requestTime": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)),
+                "requestTimeEpoch": int(now * 1000),
+                "path": f"/{self.config.stage}{request.path}",
+                "accountId": "000000000000",
+                "protocol": "HTTP/1.1",
+                "stage": self.config.stage,
+                "domainPrefix": "localhost",
+                "requestId": str(uuid.uuid4()),
+                "identity": {"sourceIp": request.source_ip, "userAgent": headers.get("User-Agent", "")},
+                "domainName": "localhost",
+                "apiId": "local",
+            },
+            "body": body,
+            "isBase64Encoded": not is_text,
+        }
+
+    def _invoke(self, event: dict) -> GatewayResponse:
+        context = LambdaContext("rtqcc-api", 512, max_runtime_ms=int(self.config.integration_timeout_s * 1000))
+        future = self._pool.submit(self.app, event, context)
+        try:
+            answer = future.result(timeout=self.config.integration_timeout_s)
+        except concurrent.futures.TimeoutError:
+            return _json(504, TIMEOUT_BODY, {"x-amzn-ErrorType": "InternalServerErrorException"})
+        except Exception:
+            return _json(502, FUNCTION_ERROR_BODY)
+        body = answer.get("body") or ""
+        raw = base64.b64decode(body) if answer.get("isBase64Encoded") else body.encode("utf-8")
+        if len(raw) > self.config.max_response_bytes:
+            return _json(502, FUNCTION_ERROR_BODY)
+        headers = {name: values[-1] for name, values in (answer.get("multiValueHeaders") or {}).items()}
+        headers.update(answer.get("headers") or {})
+        return GatewayResponse(status=answer["statusCode"], headers=headers, body=raw)
+
+    def _invoke_streaming(self, event: dict) -> GatewayResponse:
+        context = LambdaContext("rtqcc-stream", 512, max_runtime_ms=int(self.config.function_timeout_s * 1000))
+        future = self._pool.submit(self.stream_handler, event, context)
+        try:
+            answer = future.result(timeout=self.config.integration_timeout_s)
+        except concurrent.futures.TimeoutError:
+            return _json(504, TIMEOUT_BODY, {"x-amzn-ErrorType": "InternalServerErrorException"})
+        except Exception:
+            return _json(502, FUNCTION_ERROR_BODY)
+        return GatewayResponse(status=answer.status, headers=answer.headers,
+                               stream=_bounded(answer.chunks, self.config.function_timeout_s))
+
+
+def _bounded(chunks: Iterator[bytes], limit_s: float) -> Iterator[bytes]:
+    """End the stream when the function's time is up, as Lambda would."""
+    deadline = time.monotonic() + limit_s
+    try:
+        for chunk in chunks:
+            yield chunk
+            if time.monotonic() >= deadline:
+                return
+    finally:
+        close = getattr(chunks, "close", None)
+        if close:
+            close()
+
+
+def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> GatewayResponse:
+    return GatewayResponse(status=status, headers={"Content-Type": "application/json", **(headers or {})},
+                           body=json.dumps(body).encode())
