@@ -281,3 +281,60 @@ def job_events(redis_client, external_id: str) -> list[dict]:
         {"id": entry_id, "event": fields["type"], "data": json.loads(fields["data"])}
         for entry_id, fields in redis_client.xrange(f"job:{external_id}:events")
     ]
+
+
+class RunningGateway:
+    def __init__(self, server, gateway, key: str):
+        self.server = server
+        self.gateway = gateway
+        self.base_url = server.base_url
+        self.key = key
+
+    def client(self):
+        from rtqcc_emulator.client import RtqccClient
+
+        return RtqccClient(self.base_url, self.key, timeout_s=10)
+
+
+@pytest.fixture
+def start_gateway(services):
+    """The emulator's gateway over real HTTP on a free port, serving the real handlers."""
+    from rtqcc.api import create_app
+    from rtqcc.api.streaming import create_stream_handler
+    from rtqcc_emulator.embedded import free_port
+    from rtqcc_emulator.gateway import Gateway, GatewayConfig
+    from rtqcc_emulator.server import ServerThread, create_http_app
+
+    running: list[RunningGateway] = []
+
+    def start(*, services_override: Services | None = None, **config) -> RunningGateway:
+        s = services_override or services
+        gateway = Gateway(create_app(lambda: s), stream_handler=create_stream_handler(lambda: s),
+                          config=GatewayConfig(**config))
+        server = ServerThread(create_http_app(gateway, page_config={"apiKey": API_KEY}), port=free_port()).start()
+        running.append(RunningGateway(server, gateway, API_KEY))
+        return running[-1]
+
+    yield start
+    for item in running:
+        item.server.stop()
+        item.gateway.close()
+
+
+def consumer_env(settings: Settings, s3_endpoint: str, **extra: str) -> dict[str, str]:
+    """The environment of a consumer process pointed at the test services."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RTQCC_", "REDIS_", "DATABASE_", "S3_"))}
+    env.update({
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "S3_ENDPOINT_URL": s3_endpoint,
+        "S3_BUCKET": settings.s3_bucket,
+        "RTQCC_FAKE_TOKENS_PER_S": str(settings.fake_tokens_per_s),
+        "RTQCC_LEASE_TTL_S": str(settings.lease_ttl_s),
+        "RTQCC_CONTROL_POLL_S": str(settings.control_poll_s),
+        "RTQCC_DELTA_FLUSH_MS": str(settings.delta_flush_ms),
+        "RTQCC_CONSUMER_IDLE_EXIT_MS": "0",
+        "RTQCC_CONSUMER_SAFETY_MARGIN_MS": "0",
+        **extra,
+    })
+    return env

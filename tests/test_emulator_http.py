@@ -1,0 +1,123 @@
+"""The emulator over real HTTP, driven by an SSE client library, as a user's code would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+from conftest import consumer_env, job_events, wait_for
+
+from rtqcc_emulator.scheduler import ConsumerScheduler
+
+
+def _follow(client, external_id):
+    """Every event with the time it arrived."""
+    return [(time.monotonic(), event) for event in client.events(external_id)]
+
+
+def test_a_job_lives_its_whole_life_over_http(start_gateway, start_consumer):
+    running = start_gateway()
+    with running.client() as client:
+        external_id = client.create(title="Over the wire", brief="b", section_count=2)["externalId"]
+        assert client.control(external_id, "start")["status"] == "queued"
+        start_consumer()
+        events = [event for _, event in _follow(client, external_id)]
+        assert events[0].type == "snapshot" and events[-1].type == "done"
+        assert events[-1].data == {"status": "completed"}
+        assert client.get(external_id)["progress"] == {"sections_total": 2, "sections_done": 2}
+        assert client.manuscript(external_id).startswith("# Over the wire\n")
+        assert [job["externalId"] for job in client.list()["jobs"]] == [external_id]
+
+
+def test_streaming_mode_delivers_tokens_while_the_section_is_written(start_gateway, start_consumer):
+    running = start_gateway(streaming=True)
+    with running.client() as client:
+        external_id = client.create(title="Live", brief="b", outline=[{"title": "One"}],
+                                    params={"max_tokens_per_section": 150})["externalId"]
+        client.control(external_id, "start")
+        start_consumer(fake_tokens_per_s=150.0)  # about a second for the section
+        arrivals = _follow(client, external_id)
+    first_delta = next(at for at, event in arrivals if event.type == "section.delta")
+    completed = next(at for at, event in arrivals if event.type == "section.completed")
+    assert completed - first_delta > 0.5, "tokens arrived in one lump: the stream was buffered"
+
+
+def test_buffered_mode_delivers_everything_through_reconnects_and_nothing_twice(start_gateway, start_consumer, redis_client):
+    running = start_gateway(streaming=False)
+    with running.client() as client:
+        external_id = client.create(title="Polled", brief="b", section_count=2,
+                                    params={"max_tokens_per_section": 80})["externalId"]
+        client.control(external_id, "start")
+        start_consumer(fake_tokens_per_s=300.0)
+        received = [event for _, event in _follow(client, external_id)]
+    snapshot = received[0]
+    assert snapshot.type == "snapshot"
+    published = [e for e in job_events(redis_client, external_id) if e["id"] > snapshot.id]
+    assert [(e.id, e.type, e.data) for e in received[1:]] == [(e["id"], e["event"], e["data"]) for e in published]
+    assert len({e.id for e in received[1:]}) == len(received) - 1
+
+
+def test_a_slow_handler_gets_api_gateways_504_over_http(start_gateway, api):
+    external_id = api.create()
+    running = start_gateway(streaming=False, integration_timeout_s=0.3)
+    with httpx.Client(base_url=running.base_url, headers={"Authorization": f"Bearer {running.key}"}) as http:
+        first = http.get(f"/jobs/{external_id}/stream")
+        last_id = first.text.split("id: ", 1)[1].split("\n", 1)[0]
+        answer = http.get(f"/jobs/{external_id}/stream", headers={"Last-Event-ID": last_id})
+    assert answer.status_code == 504
+    assert answer.json() == {"message": "Endpoint request timed out"}
+
+
+def test_an_oversize_body_gets_a_413_over_http(start_gateway):
+    running = start_gateway(max_request_bytes=2048)
+    with httpx.Client(base_url=running.base_url, headers={"Authorization": f"Bearer {running.key}"}) as http:
+        answer = http.post("/jobs", content=b"{" + b" " * 4096 + b"}", headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413
+    assert answer.json() == {"message": "Request Too Long"}
+
+
+def test_the_web_page_is_served_at_the_root(start_gateway):
+    running = start_gateway()
+    page = httpx.get(running.base_url + "/")
+    assert page.status_code == 200
+    assert "text/html" in page.headers["content-type"]
+    assert "EventSource" in page.text
+
+
+def test_a_consumer_killed_mid_section_is_replaced_and_the_job_completes_once(
+        start_gateway, settings, s3_endpoint, database, tmp_path):
+    running = start_gateway()
+    env = consumer_env(settings, s3_endpoint, RTQCC_FAKE_TOKENS_PER_S="60", RTQCC_LEASE_TTL_S="2",
+                       RTQCC_CONTROL_POLL_S="0.2")
+    scheduler = ConsumerScheduler(concurrency=2, budget_s=30, env=env, log_dir=tmp_path).start()
+    try:
+        with running.client() as client:
+            external_id = client.create(title="Crash", brief="b", section_count=3,
+                                        params={"max_tokens_per_section": 60})["externalId"]
+            client.control(external_id, "start")
+
+            def holder_pid():
+                row = database.row("SELECT j.lease_owner FROM jobs j JOIN sections s ON s.job_id = j.id"
+                                   " WHERE j.external_id = :e AND s.status = 'running'", e=external_id)
+                return row and row["lease_owner"] and int(row["lease_owner"].rsplit("-", 1)[1])
+
+            victim = wait_for(holder_pid, timeout_s=20, what="a consumer writing a section")
+            assert victim in scheduler.pids()
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: victim not in scheduler.pids() and len(scheduler.pids()) == 2, timeout_s=10,
+                     what="the killed consumer to be replaced")
+
+            events = [event for event in client.events(external_id)]
+            assert events[-1].data["status"] == "completed"
+        rows = database.rows(
+            "SELECT a.section_idx, COUNT(*) FILTER (WHERE a.finish_reason IS NOT NULL)::int AS finished"
+            " FROM generation_attempts a JOIN jobs j ON j.id = a.job_id WHERE j.external_id = :e"
+            " AND a.section_idx IS NOT NULL GROUP BY a.section_idx ORDER BY a.section_idx", e=external_id)
+        assert [row["finished"] for row in rows] == [1, 1, 1]
+        owners = database.row("SELECT lease_version FROM jobs WHERE external_id = :e", e=external_id)
+        assert owners["lease_version"] >= 2  # the job really changed hands
+    finally:
+        scheduler.stop()
+    assert scheduler.pids() == []
