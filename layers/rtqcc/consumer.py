@@ -16,6 +16,8 @@ from .errors import LeaseLost, ProviderError
 from .ids import is_external_id
 from .job_watch import JobWatch
 from .jobs import Job, Lease
+from .logs import configure_logging, log_context
+from .metrics import MeasuredProvider, MetricsRecorder
 from .orchestrator import ManuscriptOrchestrator, RunOutcome, StreamCut
 from .services import Services
 from .status import JobStatus
@@ -52,7 +54,8 @@ class Consumer:
         self._shutting_down = threading.Event()
         self._running: AbortSignal | None = None
         self.orchestrator = ManuscriptOrchestrator(
-            jobs=services.jobs, blobs=services.blobs, events=services.events, provider=services.provider,
+            jobs=services.jobs, blobs=services.blobs, events=services.events,
+            provider=MeasuredProvider(services.provider, MetricsRecorder(services.redis)),
             delta_flush_ms=self.settings.delta_flush_ms,
         )
 
@@ -104,6 +107,10 @@ class Consumer:
             result.last_id = delivery.message_id
 
     def handle(self, delivery: Delivery, deadline: float, result: DrainResult) -> None:
+        with log_context(externalId=delivery.external_id, consumer=self.name):
+            self._handle(delivery, deadline, result)
+
+    def _handle(self, delivery: Delivery, deadline: float, result: DrainResult) -> None:
         queue, jobs = self.services.queue, self.services.jobs
         job = jobs.get_by_external_id(delivery.external_id) if is_external_id(delivery.external_id) else None
         lease = None
@@ -154,6 +161,7 @@ class Consumer:
         queue, jobs = self.services.queue, self.services.jobs
         result.sections_written += outcome.sections_written
         if outcome.status == JobStatus.COMPLETED:
+            log.info("job completed", extra={"sections_written": outcome.sections_written})
             queue.ack(delivery.message_id)
             result.completed += 1
             result.processed += 1
@@ -205,9 +213,11 @@ def lambda_handler(services_factory: Callable[[], Services]) -> Callable[[dict, 
     def handler(event: dict, context: object) -> dict:
         nonlocal consumer
         if consumer is None:
+            configure_logging()
             consumer = Consumer(services_factory())
         started = time.monotonic()
-        result = consumer.drain(context.get_remaining_time_in_millis)
+        with log_context(requestId=getattr(context, "aws_request_id", None)):
+            result = consumer.drain(context.get_remaining_time_in_millis)
         summary = {**result.as_dict(), "consumer": consumer.name, "elapsed_ms": int((time.monotonic() - started) * 1000)}
         log.info("drain finished %s", summary)
         return summary

@@ -15,6 +15,7 @@ from ..events import control_channel
 from ..ids import is_external_id
 from ..orchestrator import public_usage
 from ..jobs import Job, NewJob, OutlineItem
+from ..logs import log_context
 from ..services import Services
 from ..status import JobStatus
 from ..views import job_document, job_links, job_summary
@@ -40,8 +41,10 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
     def edge(view: Callable) -> Callable:
         @functools.wraps(view)
         def wrapped(*args, **kwargs):
+            request_id = (app.current_request.context or {}).get("requestId")
             try:
-                return view(*args, **kwargs)
+                with log_context(requestId=request_id, externalId=kwargs.get("external_id")):
+                    return view(*args, **kwargs)
             except ApiError as exc:
                 return error_response(exc.status, exc.code, exc.message, exc.headers)
             except Exception:
@@ -203,6 +206,24 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         else:
             body["partial"] = section.partial_text
         return body
+
+    # ---- operations -----------------------------------------------------------------------
+
+    @app.route("/metrics", methods=["GET"])
+    @edge
+    def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from ..metrics import render
+
+        return Response(body=render(svc()).decode(), status_code=200, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @app.route("/openapi.json", methods=["GET"])
+    @edge
+    def openapi():
+        from .openapi import openapi_document
+
+        return openapi_document()
 
     # ---- health ---------------------------------------------------------------------------
 

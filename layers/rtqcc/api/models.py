@@ -69,3 +69,109 @@ def describe(exc: ValidationError) -> str:
             parts.append(f"{field}: {error['msg']}")
     more = len(exc.errors()) - 5
     return "Invalid job: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "") + "."
+
+
+# ---- response models: the shapes the API answers with (documented in /openapi.json) ----------
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field the docs lack fails the contract tests
+
+
+class TokenFigures(_Out):
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated: bool = Field(description="Part of it is the local count: the provider reported nothing (aborted or cut streams)")
+    attempts: int | None = None
+    reported: TokenFigures | None = None
+    counted: TokenFigures | None = None
+
+
+class Links(_Out):
+    self: str
+    start: str
+    pause: str
+    resume: str
+    cancel: str
+    stream: str
+    manuscript: str
+
+
+class JobCreated(_Out):
+    externalId: str
+    status: str
+    links: Links
+
+
+class JobSummary(_Out):
+    externalId: str
+    title: str
+    status: str
+    model: str
+    links: Links
+
+
+class JobPage(_Out):
+    jobs: list[JobSummary]
+    next_cursor: str | None
+
+
+class Progress(_Out):
+    sections_total: int
+    sections_done: int
+
+
+class SectionSummary(_Out):
+    index: int
+    title: str
+    status: str
+    usage: Usage
+
+
+class JobDocument(JobSummary):
+    brief: str
+    metadata: dict[str, str]
+    progress: Progress
+    sections: list[SectionSummary]
+    usage: Usage
+    status_reason: str | None = None
+    error: str | None = None
+
+
+class SectionDocument(_Out):
+    index: int
+    title: str
+    brief: str
+    status: str
+    usage: Usage
+    content: str | None = Field(default=None, description="The stored text, once the section is done")
+    partial: str | None = Field(default=None, description="Text kept by a pause, before the section is done")
+
+
+class StreamToken(_Out):
+    token: str
+    expires_in: int
+    stream_url: str
+
+
+class ErrorDetail(_Out):
+    code: str
+    message: str
+
+
+class ErrorBody(_Out):
+    error: ErrorDetail
+
+
+class Health(_Out):
+    status: str
+
+
+class Readiness(_Out):
+    status: str
+    checks: dict[str, dict]

@@ -1,0 +1,98 @@
+"""The OpenAPI document, generated from the request and response models. Every Chalice route
+has an entry here and every entry a route (tests check both ways)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from .. import __version__
+from . import models
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    responses: dict[int, type[BaseModel] | str]
+    body: type[BaseModel] | None = None
+    auth: bool = True
+    query: tuple[str, ...] = field(default=())
+
+
+_ERRORS = {400: models.ErrorBody, 401: models.ErrorBody, 404: models.ErrorBody}
+_JOB = "/jobs/{external_id}"
+
+OPERATIONS = (
+    Operation("POST", "/jobs", "Create a job", {201: models.JobCreated, 413: models.ErrorBody, 415: models.ErrorBody,
+                                               422: models.ErrorBody, **_ERRORS}, body=models.CreateJobIn),
+    Operation("GET", "/jobs", "List jobs, newest first", {200: models.JobPage, **_ERRORS},
+              query=("status", "limit", "cursor")),
+    Operation("GET", _JOB, "Get a job", {200: models.JobDocument, **_ERRORS}),
+    *(Operation("POST", f"{_JOB}/{verb}", f"{verb.capitalize()} a job",
+                {202: models.JobDocument, 409: models.ErrorBody, **_ERRORS})
+      for verb in ("start", "pause", "resume", "cancel")),
+    Operation("GET", f"{_JOB}/stream", "Follow a job's events (Server-Sent Events)",
+              {200: "text/event-stream", 204: "text/plain", **_ERRORS}, query=("lastEventId", "access_token")),
+    Operation("POST", f"{_JOB}/stream-token", "Get a short-lived token for EventSource", {201: models.StreamToken, **_ERRORS}),
+    Operation("GET", f"{_JOB}/manuscript", "Get the finished manuscript",
+              {200: "text/markdown", 409: models.ErrorBody, **_ERRORS}),
+    Operation("GET", f"{_JOB}/sections/{{index}}", "Get one section", {200: models.SectionDocument, **_ERRORS}),
+    Operation("GET", "/metrics", "Prometheus metrics", {200: "text/plain"}, auth=False),
+    Operation("GET", "/openapi.json", "This document", {200: "application/json"}, auth=False),
+    Operation("GET", "/healthz", "Liveness", {200: models.Health}, auth=False),
+    Operation("GET", "/readyz", "Readiness: Redis, Postgres and S3", {200: models.Readiness, 503: models.Readiness},
+              auth=False),
+)
+
+
+@lru_cache(maxsize=1)
+def openapi_document() -> dict:
+    used = {op.body for op in OPERATIONS if op.body} | {
+        r for op in OPERATIONS for r in op.responses.values() if isinstance(r, type)}
+    _, definitions = models_json_schema([(m, "validation" if m is models.CreateJobIn else "serialization")
+                                         for m in sorted(used, key=lambda m: m.__name__)],
+                                        ref_template="#/components/schemas/{model}")
+    paths: dict[str, dict] = {}
+    for op in OPERATIONS:
+        entry: dict = {"summary": op.summary, "operationId": _operation_id(op), "responses": {}}
+        params = [{"name": name[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in op.path.split("/") if name.startswith("{")]
+        params += [{"name": name, "in": "query", "required": False, "schema": {"type": "string"}} for name in op.query]
+        if params:
+            entry["parameters"] = params
+        if op.body:
+            entry["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{op.body.__name__}"}}}}
+        for status, answer in op.responses.items():
+            if isinstance(answer, str):
+                content = {answer: {"schema": {"type": "string"}}}
+            else:
+                content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{answer.__name__}"}}}
+            entry["responses"][str(status)] = {"description": _describe(status), "content": content}
+        if op.auth:
+            entry["security"] = [{"bearer": []}]
+        paths.setdefault(op.path, {})[op.method.lower()] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "RTQCC", "version": __version__,
+                 "description": "Durable long-document generation jobs: create, watch live, pause, resume, cancel."},
+        "paths": paths,
+        "components": {"schemas": definitions.get("$defs", {}),
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+def _operation_id(op: Operation) -> str:
+    words = [p.strip("{}") for p in op.path.split("/") if p]
+    return op.method.lower() + "_" + "_".join(words).replace("-", "_").replace(".", "_")
+
+
+def _describe(status: int) -> str:
+    return {200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 400: "Bad request",
+            401: "Missing or invalid API key", 404: "Not found", 409: "Conflict with the job's state",
+            413: "Body too large", 415: "Not JSON", 422: "Invalid body", 503: "A dependency is unavailable"}[status]

@@ -1,0 +1,142 @@
+"""Prometheus metrics for stateless functions: gauges and counters derived from Postgres and
+Redis at scrape time, and latency histograms that consumers accumulate in Redis hashes."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import time
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from redis import Redis
+
+from .abort import AbortSignal
+from .providers.base import GenerationRequest, GenerationResult, Provider
+
+log = logging.getLogger(__name__)
+
+BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+HISTOGRAMS = {
+    "provider_first_token_seconds": ("Time from request to the provider's first token", ("provider", "model")),
+    "provider_stream_seconds": ("Duration of one provider stream", ("provider", "model")),
+    "abort_latency_seconds": ("Time from an abort signal to the provider stream stopping", ("reason",)),
+}
+_KEY = "metrics:hist:{}"
+
+
+class MetricsRecorder:
+    def __init__(self, redis: Redis):
+        self.redis = redis
+
+    def observe(self, name: str, value_s: float, **labels: str) -> None:
+        """Add one observation; never raises (metrics must not break generation)."""
+        series = json.dumps(labels, sort_keys=True)
+        bucket = bisect.bisect_left(BUCKETS_S, value_s)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(_KEY.format(name), f"{series}|b{bucket}", 1)
+            pipe.hincrbyfloat(_KEY.format(name), f"{series}|sum", value_s)
+            pipe.execute()
+        except Exception as exc:
+            log.warning("could not record metric %s: %s", name, exc)
+
+    def histograms(self) -> Iterable[HistogramMetricFamily]:
+        pipe = self.redis.pipeline(transaction=False)
+        for name in HISTOGRAMS:
+            pipe.hgetall(_KEY.format(name))
+        for (name, (doc, label_names)), fields in zip(HISTOGRAMS.items(), pipe.execute()):
+            family = HistogramMetricFamily(f"rtqcc_{name}", doc, labels=label_names)
+            per_series: dict[str, dict[str, float]] = {}
+            for field, value in fields.items():
+                series, _, part = field.rpartition("|")
+                per_series.setdefault(series, {})[part] = float(value)
+            for series, parts in per_series.items():
+                labels = json.loads(series)
+                cumulative, buckets = 0.0, []
+                for index, bound in enumerate(BUCKETS_S):
+                    cumulative += parts.get(f"b{index}", 0.0)
+                    buckets.append((repr(bound), cumulative))
+                cumulative += parts.get(f"b{len(BUCKETS_S)}", 0.0)
+                buckets.append(("+Inf", cumulative))
+                family.add_metric([labels.get(label, "") for label in label_names], buckets,
+                                  sum_value=parts.get("sum", 0.0))
+            yield family
+
+
+class MeasuredProvider:
+    """Wraps a provider to time its first token, its whole stream, and how fast it stops on abort."""
+
+    def __init__(self, inner: Provider, recorder: MetricsRecorder, clock: Callable[[], float] = time.monotonic):
+        self.inner = inner
+        self.name = inner.name
+        self.recorder = recorder
+        self.clock = clock
+
+    def stream(self, request: GenerationRequest, abort: AbortSignal,
+               on_delta: Callable[[str], None]) -> GenerationResult:
+        started = self.clock()
+        first: list[float] = []
+
+        def tap(text: str) -> None:
+            if not first:
+                first.append(self.clock())
+            on_delta(text)
+
+        result = self.inner.stream(request, abort, tap)
+        ended = self.clock()
+        labels = {"provider": self.name, "model": request.model}
+        if first:
+            self.recorder.observe("provider_first_token_seconds", first[0] - started, **labels)
+        self.recorder.observe("provider_stream_seconds", ended - started, **labels)
+        if result.aborted and abort.aborted_at is not None:
+            self.recorder.observe("abort_latency_seconds", max(0.0, ended - abort.aborted_at), reason=result.aborted)
+        return result
+
+
+class _Collector:
+    def __init__(self, services):
+        self.services = services
+
+    def collect(self):
+        s = self.services
+        jobs = GaugeMetricFamily("rtqcc_jobs", "Jobs by status", labels=["status"])
+        for row in s.db.rows("SELECT status, COUNT(*)::int AS n FROM jobs GROUP BY status"):
+            jobs.add_metric([row["status"]], row["n"])
+        yield jobs
+
+        sections = CounterMetricFamily("rtqcc_sections_completed", "Sections stored, by model", labels=["model"])
+        for row in s.db.rows("SELECT j.model, COUNT(*)::int AS n FROM sections x JOIN jobs j ON j.id = x.job_id"
+                             " WHERE x.status = 'done' GROUP BY j.model"):
+            sections.add_metric([row["model"]], row["n"])
+        yield sections
+
+        tokens = CounterMetricFamily("rtqcc_tokens", "Billed tokens, by model and kind", labels=["model", "kind"])
+        for row in s.db.rows(
+                "SELECT model, SUM(COALESCE(reported_prompt_tokens, counted_prompt_tokens))::bigint AS prompt,"
+                " SUM(COALESCE(reported_completion_tokens, counted_completion_tokens))::bigint AS completion"
+                " FROM generation_attempts GROUP BY model"):
+            tokens.add_metric([row["model"], "prompt"], row["prompt"])
+            tokens.add_metric([row["model"], "completion"], row["completion"])
+        yield tokens
+
+        queue = s.queue
+        yield GaugeMetricFamily("rtqcc_queue_length", "Entries in jobs:pending", value=s.redis.xlen(queue.stream))
+        pending = GaugeMetricFamily("rtqcc_queue_pending", "Delivered but unacknowledged entries", labels=["group"])
+        lag = GaugeMetricFamily("rtqcc_queue_lag", "Entries not yet delivered to the group", labels=["group"])
+        if s.redis.exists(queue.stream):
+            for group in s.redis.xinfo_groups(queue.stream):
+                pending.add_metric([group["name"]], group["pending"])
+                if group.get("lag") is not None:
+                    lag.add_metric([group["name"]], group["lag"])
+        yield pending
+        yield lag
+        yield from MetricsRecorder(s.redis).histograms()
+
+
+def render(services) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(services))
+    return generate_latest(registry)

@@ -1,0 +1,106 @@
+"""Operations: the OpenAPI document matches the routes and the answers, /metrics parses and
+follows a job, and logs are JSON lines carrying the job's externalId."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+from conftest import wait_for
+from openapi_spec_validator import validate
+from prometheus_client.parser import text_string_to_metric_families
+
+from rtqcc.api import create_app
+from rtqcc.api import models
+from rtqcc.logs import configure_logging
+
+
+def test_the_openapi_document_is_valid_and_covers_exactly_the_routes(api, services):
+    document = api.get("/openapi.json").json_body
+    validate(document)
+    app = create_app(lambda: services)
+    routed = {(path, method.lower()) for path, methods in app.routes.items() for method in methods}
+    documented = {(path, method) for path, methods in document["paths"].items() for method in methods}
+    assert documented == routed
+
+
+def test_answers_match_the_documented_models(api, run_consumer):
+    created = api.post("/jobs", {"title": "T", "brief": "B", "section_count": 2})
+    models.JobCreated.model_validate(created.json_body)
+    external_id = created.json_body["externalId"]
+    models.JobDocument.model_validate(api.post(f"/jobs/{external_id}/start").json_body)
+    run_consumer()
+    models.JobDocument.model_validate(api.get(f"/jobs/{external_id}").json_body)
+    models.JobPage.model_validate(api.get("/jobs").json_body)
+    models.SectionDocument.model_validate(api.get(f"/jobs/{external_id}/sections/0").json_body)
+    models.StreamToken.model_validate(api.post(f"/jobs/{external_id}/stream-token").json_body)
+    models.ErrorBody.model_validate(api.post(f"/jobs/{external_id}/resume").json_body)
+    models.Readiness.model_validate(api.get("/readyz").json_body)
+
+
+def _scrape(api) -> dict:
+    response = api.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_follow_a_job_while_it_runs(api, start_consumer):
+    external_id = api.create(section_count=2, params={"max_tokens_per_section": 80}, model="gpt-test")
+    api.post(f"/jobs/{external_id}/start")
+    before = _scrape(api)
+    assert before[("rtqcc_jobs", (("status", "queued"),))] == 1
+    assert before[("rtqcc_queue_length", ())] == 1
+    consumer = start_consumer(fake_tokens_per_s=200.0)
+    running = wait_for(lambda: (s := _scrape(api)).get(("rtqcc_jobs", (("status", "running"),))) == 1 and s,
+                       what="the job to show as running in /metrics")
+    assert running[("rtqcc_queue_pending", (("group", "orchestrators"),))] == 1
+    consumer.join()
+
+    after = _scrape(api)
+    assert after[("rtqcc_jobs", (("status", "completed"),))] == 1
+    assert after[("rtqcc_sections_completed_total", (("model", "gpt-test"),))] == 2
+    assert after[("rtqcc_tokens_total", (("kind", "completion"), ("model", "gpt-test")))] > 0
+    streams = after[("rtqcc_provider_stream_seconds_count", (("model", "gpt-test"), ("provider", "fake")))]
+    assert streams == 3  # the outline and two sections
+    assert after[("rtqcc_provider_first_token_seconds_count", (("model", "gpt-test"), ("provider", "fake")))] == 3
+
+
+def test_abort_latency_is_measured_when_a_job_is_cancelled(api, start_consumer, redis_client):
+    external_id = api.create(outline=[{"title": "Long"}], params={"max_tokens_per_section": 2000})
+    api.post(f"/jobs/{external_id}/start")
+    consumer = start_consumer(fake_tokens_per_s=100.0)
+    wait_for(lambda: any(e[1]["type"] == "section.delta" for e in redis_client.xrange(f"job:{external_id}:events")),
+             what="the section to stream")
+    api.post(f"/jobs/{external_id}/cancel")
+    consumer.join()
+    samples = _scrape(api)
+    assert samples[("rtqcc_abort_latency_seconds_count", (("reason", "cancel"),))] == 1
+    assert samples[("rtqcc_abort_latency_seconds_sum", (("reason", "cancel"),))] < 0.5
+
+
+@pytest.fixture
+def json_logs():
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    configure_logging(stream=stream)
+    yield stream
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+def test_logs_are_json_lines_with_the_external_id(api, run_consumer, json_logs):
+    external_id = api.create(section_count=1)
+    api.post(f"/jobs/{external_id}/start")
+    run_consumer()
+    records = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    completed = [r for r in records if r["message"] == "job completed"]
+    assert completed and completed[0]["externalId"] == external_id
+    assert completed[0]["consumer"] == "consumer-1" and completed[0]["level"] == "INFO"
