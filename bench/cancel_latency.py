@@ -10,11 +10,10 @@ import time
 from chalice.test import Client
 
 from rtqcc.api import create_app
-from rtqcc.consumer import Consumer
+from rtqcc.consumer import Consumer, TimeBudget
 from rtqcc.providers.fake import FakeProvider
 
 from .stack import BENCH_KEY, fresh_services, summary_ms
-from .throughput import _Budget
 
 
 class _ObservedProvider:
@@ -49,7 +48,7 @@ def ours(settings, samples: int) -> list[float]:
 
     def consume():
         while not stop.is_set():
-            consumer.drain(_Budget(5).get_remaining_time_in_millis)
+            consumer.drain(TimeBudget(5).get_remaining_time_in_millis)
 
     worker = threading.Thread(target=consume, daemon=True)
     worker.start()

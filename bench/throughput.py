@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from rtqcc.consumer import Consumer
+from rtqcc.consumer import Consumer, TimeBudget
 from rtqcc.jobs import NewJob, OutlineItem
 from rtqcc.providers.base import GenerationRequest
 from rtqcc.providers.fake import FakeProvider
@@ -15,14 +15,6 @@ from .stack import fresh_services
 
 SECTIONS_PER_JOB = 5
 TOKENS_PER_SECTION = 120
-
-
-class _Budget:
-    def __init__(self, seconds: float):
-        self._deadline = time.monotonic() + seconds
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
 def _enqueue_jobs(services: Services, jobs: int) -> None:
@@ -40,7 +32,7 @@ def ours(settings, jobs: int) -> float:
     _enqueue_jobs(services, jobs)
     consumer = Consumer(services, name="bench-consumer")
     started = time.perf_counter()
-    result = consumer.drain(_Budget(600).get_remaining_time_in_millis)
+    result = consumer.drain(TimeBudget(600).get_remaining_time_in_millis)
     elapsed = time.perf_counter() - started - settings.consumer_idle_exit_ms / 1000  # the idle wait at the end
     assert result.completed == jobs, result
     return jobs * SECTIONS_PER_JOB / elapsed

@@ -13,7 +13,7 @@ import pytest
 from redis import Redis
 
 from rtqcc.blobs import S3BlobStore
-from rtqcc.consumer import Consumer, DrainResult
+from rtqcc.consumer import Consumer, DrainResult, TimeBudget
 from rtqcc.db import Database
 from rtqcc.migrate import ensure_database, migrate
 from rtqcc.providers.fake import FakeProvider
@@ -24,17 +24,6 @@ from rtqcc_emulator.embedded import EmbeddedPostgres, EmbeddedRedis, SeaweedS3
 API_KEY = "test-key-tenant-a"
 OTHER_KEY = "test-key-tenant-b"
 EVENTS_DIR = Path(__file__).parent / "events"
-
-
-class FakeLambdaContext:
-    """The part of a Lambda context the consumer uses: a budget that runs down in real time."""
-
-    def __init__(self, budget_s: float):
-        self._deadline = time.monotonic() + budget_s
-        self.aws_request_id = "test-invocation"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
 @pytest.fixture(scope="session")
@@ -202,7 +191,7 @@ def run_consumer(make_services) -> Callable[..., DrainResult]:
 
     def run(*, budget_s: float = 20.0, name: str = "consumer-1", services: Services | None = None) -> DrainResult:
         consumer = Consumer(services or make_services(), name=name)
-        return consumer.drain(FakeLambdaContext(budget_s).get_remaining_time_in_millis)
+        return consumer.drain(TimeBudget(budget_s).get_remaining_time_in_millis)
 
     return run
 
@@ -217,7 +206,7 @@ class BackgroundConsumer:
 
     def _run(self, budget_s: float) -> None:
         try:
-            self.result = self.consumer.drain(FakeLambdaContext(budget_s).get_remaining_time_in_millis)
+            self.result = self.consumer.drain(TimeBudget(budget_s).get_remaining_time_in_millis)
         except BaseException as exc:  # surfaced by join()
             self.error = exc
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FakeLambdaContext, job_events
+from conftest import job_events
 
-from rtqcc.consumer import Consumer
+from rtqcc.consumer import Consumer, TimeBudget
 from rtqcc.errors import LeaseLost
 from rtqcc.work_queue import GROUP, STREAM
 
@@ -120,7 +120,7 @@ def test_a_crashed_consumers_message_is_reclaimed_after_its_lease_expires(api, m
 
     survivor = Consumer(make_services(lease_ttl_s=1.0), name="consumer-alive")
     redis_client.xclaim(STREAM, GROUP, "consumer-dead", 0, [delivery.message_id], idle=2000, justid=True)
-    result = survivor.drain(FakeLambdaContext(10).get_remaining_time_in_millis)
+    result = survivor.drain(TimeBudget(10).get_remaining_time_in_millis)
     assert result.completed == 1
     assert api.get(f"/jobs/{external_id}").json_body["status"] == "completed"
     assert redis_client.xpending(STREAM, GROUP)["pending"] == 0
@@ -147,7 +147,7 @@ def test_the_lambda_entry_point_drains_with_its_context_budget(api, base_setting
 
     external_id = api.create(section_count=2)
     api.post(f"/jobs/{external_id}/start")
-    summary = module.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, FakeLambdaContext(10))
+    summary = module.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, TimeBudget(10))
     assert summary["completed"] == 1
     assert summary["elapsed_ms"] < 10_000
     assert api.get(f"/jobs/{external_id}").json_body["status"] == "completed"

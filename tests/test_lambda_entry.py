@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import EVENTS_DIR, FakeLambdaContext, API_KEY, OTHER_KEY
+from conftest import API_KEY, EVENTS_DIR, OTHER_KEY
+
+from rtqcc.consumer import TimeBudget
 
 ROOT = Path(__file__).parents[1]
 
@@ -43,7 +45,7 @@ def test_api_gateway_events_drive_a_job_through_both_functions(function_env):
     api = _load(ROOT / "functions" / "api" / "app.py", "api_function")
     consumer = _load(ROOT / "functions" / "consumer" / "consumer_function.py", "consumer_function")
 
-    created = api.app(_event("create_job.json"), FakeLambdaContext(30))
+    created = api.app(_event("create_job.json"), TimeBudget(30))
     assert created["statusCode"] == 201
     external_id = json.loads(created["body"])["externalId"]
 
@@ -51,13 +53,13 @@ def test_api_gateway_events_drive_a_job_through_both_functions(function_env):
     start.update(path=f"/jobs/{external_id}/start", resource="/jobs/{external_id}/start", body=None,
                  isBase64Encoded=False, pathParameters={"external_id": external_id})
     start["requestContext"]["resourcePath"] = "/jobs/{external_id}/start"
-    assert api.app(start, FakeLambdaContext(30))["statusCode"] == 202
+    assert api.app(start, TimeBudget(30))["statusCode"] == 202
 
-    summary = consumer.handler({"source": "aws.events"}, FakeLambdaContext(10))
+    summary = consumer.handler({"source": "aws.events"}, TimeBudget(10))
     assert summary["completed"] == 1
 
     get = json.loads(json.dumps(_event("get_job.json")).replace("RTQCC-PLACEHOLDER", external_id))
-    answer = api.app(get, FakeLambdaContext(30))
+    answer = api.app(get, TimeBudget(30))
     assert answer["statusCode"] == 200
     job = json.loads(answer["body"])
     assert job["title"] == "From an API Gateway event"
@@ -69,7 +71,7 @@ def test_an_unhandled_error_is_a_generic_500_without_a_traceback(function_env, m
     api = _load(ROOT / "functions" / "api" / "app.py", "api_function_broken")
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/nowhere")
     event = _event("create_job.json")
-    answer = api.app(event, FakeLambdaContext(30))
+    answer = api.app(event, TimeBudget(30))
     assert answer["statusCode"] == 503
     body = json.loads(answer["body"])
     assert body["error"]["code"] == "service_unavailable"

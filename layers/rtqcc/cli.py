@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.add_argument("--data-dir", default=".rtqcc", help="folder for embedded services' data")
     demo_cmd.add_argument("--port", type=int, default=0, help="gateway port (default: any free one)")
 
+    consume_cmd = commands.add_parser("consume", help="run consumer invocations (a warm container)")
+    consume_cmd.add_argument("--budget-s", type=float, default=60.0, help="each invocation's time budget")
+    consume_cmd.add_argument("--loop", action="store_true", help="invoke again when one ends, until SIGTERM")
+
+    sweep_cmd = commands.add_parser("sweep", help="re-enqueue jobs Postgres says should run (after Redis lost data)")
+    sweep_cmd.add_argument("--queued-stale-after-s", type=float, default=600.0)
+
     jobs_cmd = commands.add_parser("jobs", help="manage jobs on a running stack or a deployed API")
     jobs_cmd.add_argument("--url", default=os.environ.get("RTQCC_URL", "http://127.0.0.1:8080"))
     jobs_cmd.add_argument("--key", default=os.environ.get("RTQCC_API_KEY") or os.environ.get("RTQCC_DEV_API_KEY"))
@@ -61,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args)
         if args.command == "jobs":
             return _jobs(args)
+        if args.command == "consume":
+            return _consume(args)
+        if args.command == "sweep":
+            return _sweep(args)
     except ConfigError as exc:
         print(f"rtqcc: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -91,6 +102,40 @@ def _up(args: argparse.Namespace) -> int:
         print("stopping ...", flush=True)
     finally:
         stack.stop()
+    return 0
+
+
+def _consume(args: argparse.Namespace) -> int:
+    import json
+    import signal
+
+    from .consumer import Consumer, TimeBudget
+    from .logs import configure_logging
+    from .services import Services
+    from .settings import Settings
+
+    configure_logging()
+    consumer = Consumer(Services(Settings.from_env()))
+    signal.signal(signal.SIGTERM, lambda *_: consumer.shut_down())
+    signal.signal(signal.SIGINT, lambda *_: consumer.shut_down())
+    while True:
+        result = consumer.drain(TimeBudget(args.budget_s).get_remaining_time_in_millis)
+        print(json.dumps({"consumer": consumer.name, **result.as_dict()}), flush=True)
+        if not args.loop or consumer.shutting_down:
+            return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .services import Services
+    from .settings import Settings
+    from .sweeper import sweep
+
+    services = Services(Settings.from_env())
+    try:
+        result = sweep(services, queued_stale_after_s=args.queued_stale_after_s)
+    finally:
+        services.close()
+    print(f"re-enqueued {len(result.requeued)} job(s)" + (" (the queue had been lost)" if result.queue_was_lost else ""))
     return 0
 
 

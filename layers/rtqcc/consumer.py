@@ -41,6 +41,19 @@ class DrainResult:
         return asdict(self)
 
 
+class TimeBudget:
+    """A Lambda-like context for invocations outside Lambda: its remaining time runs down from
+    `budget_s` (scheduled invocations in the emulator, container loops, tests, benchmarks)."""
+
+    def __init__(self, budget_s: float, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._deadline = clock() + budget_s
+        self.aws_request_id = f"local-{int(time.time() * 1000)}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - self._clock()) * 1000))
+
+
 def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -58,6 +71,10 @@ class Consumer:
             provider=MeasuredProvider(services.provider, MetricsRecorder(services.redis)),
             delta_flush_ms=self.settings.delta_flush_ms,
         )
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down.is_set()
 
     def shut_down(self) -> None:
         """Stop soon, from any thread (a signal handler): the running job is checkpointed and

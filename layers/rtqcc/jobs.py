@@ -361,15 +361,6 @@ class JobStore:
             aborted=attempt.aborted,
         )
 
-    def runnable_external_ids(self) -> list[str]:
-        """Jobs Postgres says should be running: what a sweeper re-enqueues after Redis lost them."""
-        rows = self.db.rows(
-            "SELECT external_id FROM jobs WHERE status = 'queued'"
-            " OR (status = 'running' AND (lease_owner IS NULL OR lease_expires_at < now()))"
-            " ORDER BY external_id"
-        )
-        return [row["external_id"] for row in rows]
-
 
 def _insert_sections(conn: Connection, job_id: int, outline: list[OutlineItem]) -> None:
     for idx, item in enumerate(outline):

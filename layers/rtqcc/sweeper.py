@@ -1,0 +1,37 @@
+"""The sweeper: Postgres is the truth about which jobs should run; Redis is a fast path that can
+lose data (a restart without persistence). This puts back on the queue every job that should be
+running and that no consumer can be working on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .services import Services
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    requeued: list[str]
+    queue_was_lost: bool
+
+
+def sweep(services: Services, *, queued_stale_after_s: float = 600.0) -> SweepResult:
+    """Re-enqueue runnable jobs: all of them if the queue itself is gone; otherwise running jobs
+    whose lease expired and queued jobs nobody has picked up for `queued_stale_after_s`.
+    A job enqueued twice is harmless: the second delivery finds it leased or done."""
+    queue = services.queue
+    lost = not services.redis.exists(queue.stream)
+    queue.ensure_group()
+    rows = services.db.rows(
+        "SELECT external_id FROM jobs WHERE (status = 'running' AND (lease_owner IS NULL OR lease_expires_at < now()))"
+        " OR (status = 'queued' AND (:lost OR updated_at < now() - make_interval(secs => :stale)))"
+        " ORDER BY external_id",
+        lost=lost,
+        stale=float(queued_stale_after_s),
+    )
+    requeued = [row["external_id"] for row in rows]
+    pipe = services.redis.pipeline(transaction=False)
+    for external_id in requeued:
+        queue.enqueue(external_id, pipeline=pipe)
+    pipe.execute()
+    return SweepResult(requeued=requeued, queue_was_lost=lost)
