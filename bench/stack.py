@@ -48,7 +48,7 @@ def fresh_services(settings: Settings, **overrides) -> Services:
     ensure_database(settings.database_url)
     db = Database(settings.database_url)
     migrate(db)
-    db.run("TRUNCATE jobs, consumer_checkpoints RESTART IDENTITY CASCADE")
+    db.run("TRUNCATE jobs, consumer_checkpoints, idempotency_keys, api_keys RESTART IDENTITY CASCADE")
     services = Services(settings.with_overrides(**overrides), db=db)
     services.redis.flushdb()
     services.blobs.ensure_bucket()

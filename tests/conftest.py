@@ -118,7 +118,7 @@ def blob_store(base_settings) -> S3BlobStore:
 
 @pytest.fixture
 def clean_state(database, redis_client) -> None:
-    database.run("TRUNCATE jobs, consumer_checkpoints RESTART IDENTITY CASCADE")
+    database.run("TRUNCATE jobs, consumer_checkpoints, idempotency_keys, api_keys RESTART IDENTITY CASCADE")
     redis_client.flushdb()
 
 

@@ -40,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     sweep_cmd = commands.add_parser("sweep", help="re-enqueue jobs Postgres says should run (after Redis lost data)")
     sweep_cmd.add_argument("--queued-stale-after-s", type=float, default=600.0)
 
+    keys_cmd = commands.add_parser("keys", help="manage tenants' API keys (stored hashed in Postgres)")
+    key_verbs = keys_cmd.add_subparsers(dest="verb", required=True)
+    key_create = key_verbs.add_parser("create", help="create a key for a tenant; it is shown once")
+    key_create.add_argument("--tenant", required=True)
+    key_create.add_argument("--label", default="")
+    key_verbs.add_parser("list", help="list keys (hashes only)")
+    key_revoke = key_verbs.add_parser("revoke", help="revoke the key whose hash starts with this")
+    key_revoke.add_argument("hash_prefix")
+
     jobs_cmd = commands.add_parser("jobs", help="manage jobs on a running stack or a deployed API")
     jobs_cmd.add_argument("--url", default=os.environ.get("RTQCC_URL", "http://127.0.0.1:8080"))
     jobs_cmd.add_argument("--key", default=os.environ.get("RTQCC_API_KEY") or os.environ.get("RTQCC_DEV_API_KEY"))
@@ -68,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args)
         if args.command == "jobs":
             return _jobs(args)
+        if args.command == "keys":
+            return _keys(args)
         if args.command == "consume":
             return _consume(args)
         if args.command == "sweep":
@@ -123,6 +134,36 @@ def _consume(args: argparse.Namespace) -> int:
         print(json.dumps({"consumer": consumer.name, **result.as_dict()}), flush=True)
         if not args.loop or consumer.shutting_down:
             return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import re
+
+    from .api_keys import ApiKeyStore
+    from .db import Database
+    from .settings import Settings
+
+    db = Database(Settings.from_env().database_url)
+    try:
+        store = ApiKeyStore(db)
+        if args.verb == "create":
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.tenant):
+                print("rtqcc: a tenant name is 1 to 64 letters, digits, '.', '_' or '-'", file=sys.stderr)
+                return 2
+            issued = store.create(args.tenant, args.label)
+            print(f"API key for tenant {issued.tenant} (shown once, store it now):\n{issued.key}")
+            print(f"hash: {issued.key_hash}")
+        elif args.verb == "list":
+            for row in store.list():
+                state = f"revoked {row['revoked_at']:%Y-%m-%d}" if row["revoked_at"] else "active"
+                print(f"{row['key_hash'][:16]}  {row['tenant']:<20} {state:<18} {row['label']}")
+        elif args.verb == "revoke":
+            revoked = store.revoke(args.hash_prefix)
+            print(f"revoked {revoked} key(s)")
+            return 0 if revoked else 1
+    finally:
+        db.close()
+    return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:

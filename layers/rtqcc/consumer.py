@@ -11,8 +11,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from pg8000.exceptions import InterfaceError
+from redis.exceptions import RedisError
+
 from .abort import AbortSignal
-from .errors import LeaseLost, ProviderError
+from .errors import LeaseLost, ProviderError, ServiceUnavailable
 from .ids import is_external_id
 from .job_watch import JobWatch
 from .jobs import Job, Lease
@@ -24,6 +27,9 @@ from .status import JobStatus
 from .work_queue import Delivery
 
 log = logging.getLogger(__name__)
+
+# Failures of a service that will come back: the consumer waits them out instead of crashing.
+TRANSIENT_ERRORS = (ServiceUnavailable, RedisError, OSError, InterfaceError)
 
 
 @dataclass
@@ -90,27 +96,44 @@ class Consumer:
         settings, queue = self.settings, self.services.queue
         deadline = self.clock() + (remaining_ms() - settings.consumer_safety_margin_ms) / 1000
         result = DrainResult()
-        queue.ensure_group()
-
         idle_since = self.clock()
         next_claim = 0.0
+        backoff_s = 0.0
+        group_ready = False
         while (left_ms := int((deadline - self.clock()) * 1000)) > 0 and not self._shutting_down.is_set():
-            if self.clock() >= next_claim:
-                # Messages of consumers that died are taken over once their lease has expired.
-                stale = queue.claim_stale(self.name, min_idle_ms=int(settings.lease_ttl_s * 1000),
-                                          count=settings.consumer_batch_size)
-                self._handle_batch(stale, deadline, result)
-                next_claim = self.clock() + settings.lease_ttl_s / 2
+            try:
+                if not group_ready:  # at start, and after an outage: Redis may have lost the group
+                    queue.ensure_group()
+                    group_ready = True
+                if self.clock() >= next_claim:
+                    # Messages of consumers that died are taken over once their lease has expired.
+                    stale = queue.claim_stale(self.name, min_idle_ms=int(settings.lease_ttl_s * 1000),
+                                              count=settings.consumer_batch_size)
+                    self._handle_batch(stale, deadline, result)
+                    next_claim = self.clock() + settings.lease_ttl_s / 2
+                    backoff_s = 0.0
+                    continue
+                wait_ms = min(left_ms, int((next_claim - self.clock()) * 1000) + 1)
+                block_ms = max(1, min(wait_ms, settings.consumer_idle_exit_ms or wait_ms))
+                batch = queue.read(self.name, count=settings.consumer_batch_size, block_ms=block_ms)
+                if batch:
+                    # Unhandled entries of a batch cut short stay pending, and are reclaimed.
+                    self._handle_batch(batch, deadline, result)
+                    idle_since = self.clock()
+                backoff_s = 0.0
+            except TRANSIENT_ERRORS as exc:
+                # Redis, Postgres or S3 is away: wait, doubling up to a limit, within the budget.
+                backoff_s = min(max(backoff_s * 2, 0.2), 5.0)
+                group_ready = False
+                log.warning("a service is unavailable, retrying in %.1f s: %s", backoff_s, exc)
+                self._shutting_down.wait(min(backoff_s, max(0.0, deadline - self.clock())))
                 continue
-            wait_ms = min(left_ms, int((next_claim - self.clock()) * 1000) + 1)
-            block_ms = max(1, min(wait_ms, settings.consumer_idle_exit_ms or wait_ms))
-            batch = queue.read(self.name, count=settings.consumer_batch_size, block_ms=block_ms)
-            if batch:
-                self._handle_batch(batch, deadline, result)
-                idle_since = self.clock()
-            elif settings.consumer_idle_exit_ms and (self.clock() - idle_since) * 1000 >= settings.consumer_idle_exit_ms:
+            if not batch and settings.consumer_idle_exit_ms and (self.clock() - idle_since) * 1000 >= settings.consumer_idle_exit_ms:
                 break
-        self._checkpoint(result)
+        try:
+            self._checkpoint(result)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("could not checkpoint the consumer's counters: %s", exc)
         return result
 
     def _handle_batch(self, batch: list[Delivery], deadline: float, result: DrainResult) -> None:
@@ -141,6 +164,15 @@ class Consumer:
             result.processed += 1
             return
 
+        if lease.failures >= self.settings.consumer_max_deliveries:
+            reason = (f"gave up after {lease.failures} failed runs; the last: {lease.last_error or 'unknown'}")
+            log.error("job %s is poison: %s", job.external_id, reason)
+            self.orchestrator.fail(job, lease, reason)
+            queue.dead_letter_then_ack(job.external_id, delivery.message_id, reason)
+            result.failed += 1
+            result.processed += 1
+            return
+
         abort = AbortSignal()
         watch = JobWatch(
             redis=self.services.redis, jobs=jobs, queue=queue, lease=lease, message_id=delivery.message_id,
@@ -168,7 +200,7 @@ class Consumer:
             # Transient (a service hiccup, a cut stream): hand the job back; its checkpoints stand.
             level = logging.INFO if isinstance(exc, StreamCut) else logging.ERROR
             log.log(level, "job %s interrupted, requeued: %s", job.external_id, exc, exc_info=level == logging.ERROR)
-            self._hand_back(job, lease, delivery, result)
+            self._hand_back(job, lease, delivery, result, error=f"{type(exc).__name__}: {exc}"[:1000])
             return
         finally:
             self._running = None
@@ -197,13 +229,18 @@ class Consumer:
         else:  # budget spent or shutting down: continue in a later invocation
             self._hand_back(job, lease, delivery, result)
 
-    def _hand_back(self, job: Job, lease: Lease, delivery: Delivery, result: DrainResult) -> None:
+    def _hand_back(self, job: Job, lease: Lease, delivery: Delivery, result: DrainResult,
+                   error: str | None = None) -> None:
+        """Give an unfinished job back. After progress (budget spent, shutting down) it goes
+        straight back on the queue; after an error its message stays pending, so it is retried
+        only when another consumer claims it, a lease's length later: a backoff, not a hot loop."""
         try:
-            self.services.jobs.release_lease(lease, requeue=True)
+            self.services.jobs.release_lease(lease, requeue=True, error=error)
         except Exception as exc:  # the lease expires by itself; the message is still pending
             log.warning("could not release the lease of %s: %s", job.external_id, exc)
             return
-        self.services.queue.requeue_then_ack(job.external_id, delivery.message_id)
+        if error is None:
+            self.services.queue.requeue_then_ack(job.external_id, delivery.message_id)
         result.requeued += 1
         result.processed += 1
 

@@ -67,6 +67,11 @@ class ValidationFailed(ApiError):
     code = "validation_failed"
 
 
+class TooManyRequests(ApiError):
+    status = 429
+    code = "rate_limited"
+
+
 class ServiceUnavailable(ApiError):
     status = 503
     code = "service_unavailable"

@@ -104,6 +104,8 @@ class Lease:
     external_id: str
     owner: str
     version: int
+    failures: int = 0  # runs of this job that ended in an error or a crash, before this one
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,9 @@ class JobStore:
         row = self.db.row(
             "WITH before AS (SELECT id, status FROM jobs WHERE external_id = :e AND tenant = :t FOR UPDATE)"
             f" UPDATE jobs SET status = :target, status_reason = :reason, updated_at = now(),"
+            # A retried job starts with a clean slate: no error, no failed runs counted.
+            " error = CASE WHEN :retry THEN NULL ELSE jobs.error END,"
+            " failures = CASE WHEN :retry THEN 0 ELSE jobs.failures END,"
             " finished_at = CASE WHEN :target IN ('completed', 'failed', 'cancelled') THEN now() END"
             " FROM before WHERE jobs.id = before.id AND before.status = ANY(CAST(:sources AS text[]))"
             f" RETURNING before.status AS previous, {', '.join('jobs.' + c.strip() for c in _JOB_COLUMNS.split(','))}",
@@ -227,6 +232,7 @@ class JobStore:
             t=tenant,
             target=target.value,
             reason=reason,
+            retry=verb == "retry",
             sources=[s.value for s in sources],
         )
         if row is not None:
@@ -243,17 +249,22 @@ class JobStore:
         row = self.db.row(
             "UPDATE jobs SET status = 'running', lease_owner = :owner,"
             " lease_expires_at = now() + make_interval(secs => :ttl), lease_version = lease_version + 1,"
-            " deliveries = deliveries + 1, started_at = COALESCE(started_at, now()), updated_at = now()"
+            " deliveries = deliveries + 1, started_at = COALESCE(started_at, now()), updated_at = now(),"
+            # Taking over a job still marked running means its last consumer died mid-run.
+            " failures = failures + CASE WHEN status = 'running' THEN 1 ELSE 0 END,"
+            " error = CASE WHEN status = 'running' THEN 'its consumer stopped mid-run (crash or timeout)'"
+            " ELSE error END"
             " WHERE external_id = :e AND (status = 'queued' OR status = 'running')"
             " AND (lease_owner IS NULL OR lease_expires_at < now())"
-            " RETURNING id, lease_version",
+            " RETURNING id, lease_version, failures, error",
             e=external_id,
             owner=owner,
             ttl=float(ttl_s),
         )
         if row is None:
             return None
-        return Lease(job_id=row["id"], external_id=external_id, owner=owner, version=row["lease_version"])
+        return Lease(job_id=row["id"], external_id=external_id, owner=owner, version=row["lease_version"],
+                     failures=row["failures"], last_error=row["error"])
 
     def renew_lease(self, lease: Lease, ttl_s: float) -> JobStatus | None:
         """Extend the lease; return the job's status, or None if the lease is lost."""
@@ -272,17 +283,21 @@ class JobStore:
         assert row is not None
         return JobStatus(row["status"])
 
-    def release_lease(self, lease: Lease, *, requeue: bool = False) -> JobStatus | None:
-        """Give the job up. With `requeue`, a still-running job goes back to `queued`.
-        Returns the job's status after, or None if the lease was already lost."""
+    def release_lease(self, lease: Lease, *, requeue: bool = False, error: str | None = None) -> JobStatus | None:
+        """Give the job up. With `requeue`, a still-running job goes back to `queued`; with
+        `error`, the run counts as failed (the poison counter). Returns the job's status after,
+        or None if the lease was already lost."""
         row = self.db.row(
             "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),"
-            " status = CASE WHEN :requeue AND status = 'running' THEN 'queued' ELSE status END"
+            " status = CASE WHEN :requeue AND status = 'running' THEN 'queued' ELSE status END,"
+            " failures = failures + CASE WHEN CAST(:error AS text) IS NULL THEN 0 ELSE 1 END,"
+            " error = COALESCE(CAST(:error AS text), error)"
             " WHERE id = :j AND lease_version = :v AND lease_owner = :owner RETURNING status",
             j=lease.job_id,
             v=lease.version,
             owner=lease.owner,
             requeue=requeue,
+            error=error,
         )
         return JobStatus(row["status"]) if row else None
 
@@ -392,5 +407,6 @@ def _refusal(verb: str, job: Job) -> str:
         "pause": "only a queued or running job can be paused",
         "resume": "only a paused job can be resumed",
         "cancel": "a finished job cannot be cancelled",
+        "retry": "only a failed job can be retried",
     }
     return f"Cannot {verb} job {job.external_id}: it is {job.status.value}; {hints[verb]}."

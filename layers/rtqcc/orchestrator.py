@@ -19,6 +19,7 @@ from .jobs import Attempt, Job, JobStore, Lease, Section
 from .prompts import DEFAULT_SECTION_COUNT, outline_request, parse_outline, section_request
 from .providers.base import GenerationRequest, GenerationResult, Provider
 from .status import JobStatus, SectionStatus
+from .text import strip_unstorable
 from .tokens import count_tokens
 
 
@@ -47,7 +48,7 @@ class DeltaBuffer:
         self._last_flush = 0.0
 
     def add(self, text: str) -> None:
-        self._pending.append(text)
+        self._pending.append(strip_unstorable(text))
         if self._clock() - self._last_flush >= self._interval:
             self.flush()
 
@@ -145,7 +146,7 @@ class ManuscriptOrchestrator:
         finally:
             deltas.flush()
         self._record(job, section.idx, request, result)
-        text = section.partial_text + result.text
+        text = section.partial_text + strip_unstorable(result.text)
         if result.finish_reason is None:
             # Keep every token paid for: the next run continues after this text.
             self.jobs.save_partial(lease, section.idx, text)

@@ -6,12 +6,14 @@ from functools import cached_property
 
 from redis import Redis
 
+from .api_keys import ApiKeyStore
 from .blobs import BlobStore, S3BlobStore
 from .db import Database
 from .errors import ConfigError
 from .events import EventLog
 from .jobs import JobStore
 from .providers.base import Provider
+from .rate_limit import TenantRateLimiter
 from .settings import Settings
 from .work_queue import WorkQueue
 
@@ -61,6 +63,14 @@ class Services:
     @cached_property
     def events(self) -> EventLog:
         return EventLog(self.redis, maxlen=self.settings.events_maxlen)
+
+    @cached_property
+    def api_keys(self) -> ApiKeyStore:
+        return ApiKeyStore(self.db)
+
+    @cached_property
+    def rate_limiter(self) -> TenantRateLimiter:
+        return TenantRateLimiter(self.redis, limit=self.settings.rate_limit_per_min)
 
     @cached_property
     def queue(self) -> WorkQueue:

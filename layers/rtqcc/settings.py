@@ -97,6 +97,7 @@ class Settings:
     api_keys: dict[str, str] = field(default_factory=dict)
     stream_token_secret: str | None = None
     max_sections: int = 100
+    rate_limit_per_min: int = 600
     max_body_bytes: int = 256 * 1024
 
     lease_ttl_s: float = 30.0
@@ -140,6 +141,7 @@ class Settings:
             api_keys=_api_keys(env),
             stream_token_secret=env.get("RTQCC_STREAM_TOKEN_SECRET") or None,
             max_sections=_int(env, "RTQCC_MAX_SECTIONS", 100, minimum=1),
+            rate_limit_per_min=_int(env, "RTQCC_RATE_LIMIT_PER_MIN", 600),
             max_body_bytes=_int(env, "RTQCC_MAX_BODY_BYTES", 256 * 1024, minimum=1024),
             lease_ttl_s=_float(env, "RTQCC_LEASE_TTL_S", 30.0, minimum=1.0),
             control_poll_s=_float(env, "RTQCC_CONTROL_POLL_S", 1.0, minimum=0.05),

@@ -26,6 +26,7 @@ TRANSITIONS: dict[str, tuple[frozenset[JobStatus], JobStatus]] = {
     "start": (frozenset({JobStatus.CREATED}), JobStatus.QUEUED),
     "pause": (frozenset({JobStatus.QUEUED, JobStatus.RUNNING}), JobStatus.PAUSED),
     "resume": (frozenset({JobStatus.PAUSED}), JobStatus.QUEUED),
+    "retry": (frozenset({JobStatus.FAILED}), JobStatus.QUEUED),
     "cancel": (
         frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED}),
         JobStatus.CANCELLED,

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .idempotency import IdempotencyStore
 from .services import Services
+
+IDEMPOTENCY_KEEP_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -34,4 +37,5 @@ def sweep(services: Services, *, queued_stale_after_s: float = 600.0) -> SweepRe
     for external_id in requeued:
         queue.enqueue(external_id, pipeline=pipe)
     pipe.execute()
+    IdempotencyStore(services.db).forget_older_than(IDEMPOTENCY_KEEP_S)
     return SweepResult(requeued=requeued, queue_was_lost=lost)

@@ -16,6 +16,7 @@ def job_links(external_id: str) -> dict[str, str]:
         "pause": f"{base}/pause",
         "resume": f"{base}/resume",
         "cancel": f"{base}/cancel",
+        "retry": f"{base}/retry",
         "stream": f"{base}/stream",
         "manuscript": f"{base}/manuscript",
     }

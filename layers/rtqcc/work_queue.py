@@ -12,6 +12,7 @@ from redis.exceptions import ResponseError
 
 STREAM = "jobs:pending"
 GROUP = "orchestrators"
+DEAD_LETTERS = "jobs:dead"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,14 @@ class WorkQueue:
 
     def ack(self, message_id: str) -> None:
         self.redis.xack(self.stream, self.group, message_id)
+
+    def dead_letter_then_ack(self, external_id: str, message_id: str, reason: str) -> None:
+        """Park poison work where an operator can see it, and take it off the queue."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(DEAD_LETTERS, {"externalId": external_id, "reason": reason, "messageId": message_id},
+                  maxlen=100_000, approximate=True)
+        pipe.xack(self.stream, self.group, message_id)
+        pipe.execute()
 
     def requeue_then_ack(self, external_id: str, message_id: str) -> None:
         """Hand unfinished work back. The new entry is written before the old one is acknowledged,

@@ -43,7 +43,7 @@ def open_job_stream(services: Services, headers: Mapping[str, str], query: Mappi
         check_external_id(external_id)
         tenant = stream_tokens.verify(stream_signing_key(services), token, external_id)
     else:
-        tenant = tenant_for(headers.get("authorization"), services.settings.api_keys)
+        tenant = tenant_for(headers.get("authorization"), services.settings.api_keys, services.api_keys)
     job = find_job(services, tenant, external_id)
     last_event_id = parse_last_event_id(headers.get("last-event-id") or query.get("lastEventId"))
     return JobEventStream(services.events, services.jobs, job, last_event_id)

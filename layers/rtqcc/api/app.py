@@ -9,11 +9,13 @@ import time
 from typing import Callable
 
 from chalice import Chalice, Response
+from redis.exceptions import RedisError
 
 from ..errors import ApiError, BadRequest, NotFound, NotReady, PayloadTooLarge, UnsupportedMediaType
 from ..events import control_channel
 from ..ids import is_external_id
 from ..orchestrator import public_usage
+from ..idempotency import Answer, IdempotencyStore, check_key, fingerprint
 from ..jobs import Job, NewJob, OutlineItem
 from ..logs import log_context
 from ..services import Services
@@ -47,6 +49,10 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
                     return view(*args, **kwargs)
             except ApiError as exc:
                 return error_response(exc.status, exc.code, exc.message, exc.headers)
+            except RedisError as exc:
+                log.warning("Redis unavailable on %s: %s", app.current_request.path, exc)
+                return error_response(503, "service_unavailable", "Redis is unavailable; try again shortly.",
+                                      {"Retry-After": "2"})
             except Exception:
                 log.exception("unhandled error on %s %s", app.current_request.method, app.current_request.path)
                 return error_response(500, "internal_error", "Something went wrong on our side; it has been logged.")
@@ -54,7 +60,10 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         return wrapped
 
     def tenant() -> str:
-        return tenant_for(app.current_request.headers.get("authorization"), svc().settings.api_keys)
+        owner = tenant_for(app.current_request.headers.get("authorization"), svc().settings.api_keys,
+                           svc().api_keys)
+        svc().rate_limiter.check(owner)
+        return owner
 
     def load_job(external_id: str) -> Job:
         return find_job(svc(), tenant(), external_id)
@@ -74,30 +83,43 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"The body is not valid JSON: {exc}.") from None
 
+    def idempotent(owner: str, action: Callable[[], Answer]) -> Answer:
+        """Run `action` once per Idempotency-Key (when the request carries one)."""
+        request = app.current_request
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return action()
+        request_hash = fingerprint(request.method, request.path, request.raw_body or b"")
+        return IdempotencyStore(svc().db).run(owner, check_key(key), request_hash, action)
+
     # ---- jobs -----------------------------------------------------------------------------
 
     @app.route("/jobs", methods=["POST"], content_types=["*/*"])
     @edge
     def create_job():
         owner = tenant()
-        spec = parse_create_job(json_body(), max_sections=svc().settings.max_sections)
-        job = svc().jobs.create(NewJob(
-            tenant=owner,
-            title=spec.title,
-            brief=spec.brief,
-            model=spec.model or svc().settings.default_model,
-            outline=[OutlineItem(title=o.title, brief=o.brief) for o in spec.outline] if spec.outline else None,
-            section_count=spec.section_count,
-            params=spec.params.model_dump(exclude_none=True),
-            budget=spec.budget.model_dump(exclude_none=True),
-            metadata=spec.metadata,
-        ))
-        svc().events.publish(job.external_id, "status", {"status": job.status.value})
-        return Response(
-            body={"externalId": job.external_id, "status": job.status.value, "links": job_links(job.external_id)},
-            status_code=201,
-            headers={"Location": f"/jobs/{job.external_id}"},
-        )
+        payload = json_body()
+
+        def create() -> Answer:
+            spec = parse_create_job(payload, max_sections=svc().settings.max_sections)
+            job = svc().jobs.create(NewJob(
+                tenant=owner,
+                title=spec.title,
+                brief=spec.brief,
+                model=spec.model or svc().settings.default_model,
+                outline=[OutlineItem(title=o.title, brief=o.brief) for o in spec.outline] if spec.outline else None,
+                section_count=spec.section_count,
+                params=spec.params.model_dump(exclude_none=True),
+                budget=spec.budget.model_dump(exclude_none=True),
+                metadata=spec.metadata,
+            ))
+            svc().events.publish(job.external_id, "status", {"status": job.status.value})
+            return Answer(201, {"externalId": job.external_id, "status": job.status.value,
+                                "links": job_links(job.external_id)})
+
+        answer = idempotent(owner, create)
+        return Response(body=answer.body, status_code=answer.status,
+                        headers={"Location": f"/jobs/{answer.body['externalId']}", **_replayed(answer)})
 
     @app.route("/jobs", methods=["GET"])
     @edge
@@ -126,7 +148,8 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
     @app.route("/jobs/{external_id}/start", methods=["POST"], content_types=["*/*"])
     @edge
     def start_job(external_id):
-        return control(external_id, "start")
+        answer = idempotent(tenant(), lambda: _as_answer(control(external_id, "start")))
+        return Response(body=answer.body, status_code=answer.status, headers=_replayed(answer))
 
     @app.route("/jobs/{external_id}/pause", methods=["POST"], content_types=["*/*"])
     @edge
@@ -149,7 +172,7 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         s = svc()
         outcome = s.jobs.transition(owner, external_id, verb)
         job = outcome.job
-        if verb in ("start", "resume") and job.status == JobStatus.QUEUED:
+        if verb in ("start", "resume", "retry") and job.status == JobStatus.QUEUED:
             # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
             s.queue.enqueue(external_id)
         if outcome.changed:
@@ -161,6 +184,11 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
                 # The consumer's watcher aborts the provider stream on this, within milliseconds.
                 s.redis.publish(control_channel(external_id), verb)
         return Response(body=job_document(s.jobs, job), status_code=202)
+
+    @app.route("/jobs/{external_id}/retry", methods=["POST"], content_types=["*/*"])
+    @edge
+    def retry_job(external_id):
+        return control(external_id, "retry")
 
     @app.route("/jobs/{external_id}/stream", methods=["GET"])
     @edge
@@ -249,6 +277,14 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
                         status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
 
     return app
+
+
+def _as_answer(response: Response) -> Answer:
+    return Answer(response.status_code, response.body)
+
+
+def _replayed(answer: Answer) -> dict[str, str]:
+    return {"Idempotent-Replayed": "true"} if answer.replayed else {}
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:

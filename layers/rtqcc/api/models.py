@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ValidationFailed
+from ..text import find_unstorable
 
 
 class _Strict(BaseModel):
@@ -40,6 +41,9 @@ class CreateJobIn(_Strict):
 def parse_create_job(payload: object, *, max_sections: int) -> CreateJobIn:
     if not isinstance(payload, dict):
         raise ValidationFailed("The body must be a JSON object.")
+    bad = find_unstorable(payload)
+    if bad:
+        raise ValidationFailed(f"{bad}: text must not contain NUL characters or unpaired surrogates.")
     try:
         spec = CreateJobIn.model_validate(payload)
     except ValidationError as exc:
@@ -98,6 +102,7 @@ class Links(_Out):
     pause: str
     resume: str
     cancel: str
+    retry: str
     stream: str
     manuscript: str
 

@@ -35,7 +35,7 @@ OPERATIONS = (
     Operation("GET", _JOB, "Get a job", {200: models.JobDocument, **_ERRORS}),
     *(Operation("POST", f"{_JOB}/{verb}", f"{verb.capitalize()} a job",
                 {202: models.JobDocument, 409: models.ErrorBody, **_ERRORS})
-      for verb in ("start", "pause", "resume", "cancel")),
+      for verb in ("start", "pause", "resume", "cancel", "retry")),
     Operation("GET", f"{_JOB}/stream", "Follow a job's events (Server-Sent Events)",
               {200: "text/event-stream", 204: "text/plain", **_ERRORS}, query=("lastEventId", "access_token")),
     Operation("POST", f"{_JOB}/stream-token", "Get a short-lived token for EventSource", {201: models.StreamToken, **_ERRORS}),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from chalice.app import CaseInsensitiveMapping
+from redis.exceptions import RedisError
 
 from ..errors import ApiError
 from ..services import Services
@@ -41,6 +42,9 @@ def create_stream_handler(services_factory: Callable[[], Services]) -> Callable[
             frames = stream.frames(heartbeat_s=s.settings.sse_heartbeat_s)
         except ApiError as exc:
             return _error(exc.status, exc.code, exc.message, exc.headers)
+        except RedisError as exc:
+            log.warning("Redis unavailable opening the stream of %s: %s", external_id, exc)
+            return _error(503, "service_unavailable", "Redis is unavailable; try again shortly.", {"Retry-After": "2"})
         except Exception:
             log.exception("unhandled error opening the stream of %s", external_id)
             return _error(500, "internal_error", "Something went wrong on our side; it has been logged.")
