@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from .abort import AbortSignal
 from .errors import LeaseLost, ProviderError, ServiceUnavailable
+from .failpoints import Failpoints
 from .ids import is_external_id
 from .job_watch import JobWatch
 from .jobs import Job, Lease
@@ -70,12 +71,14 @@ class Consumer:
         self.settings = services.settings
         self.name = name or default_consumer_name()
         self.clock = clock
+        self.failpoints = Failpoints(self.settings.crash_at)
         self._shutting_down = threading.Event()
         self._running: AbortSignal | None = None
         self.orchestrator = ManuscriptOrchestrator(
             jobs=services.jobs, blobs=services.blobs, events=services.events,
             provider=MeasuredProvider(services.provider, MetricsRecorder(services.redis)),
             delta_flush_ms=self.settings.delta_flush_ms,
+            failpoints=self.failpoints,
         )
 
     @property
@@ -211,6 +214,7 @@ class Consumer:
         result.sections_written += outcome.sections_written
         if outcome.status == JobStatus.COMPLETED:
             log.info("job completed", extra={"sections_written": outcome.sections_written})
+            self.failpoints.hit("before_ack")
             queue.ack(delivery.message_id)
             result.completed += 1
             result.processed += 1

@@ -15,6 +15,7 @@ from .abort import AbortSignal
 from .blobs import BlobStore, manuscript_key, section_key
 from .errors import ProviderError
 from .events import EventLog
+from .failpoints import DISABLED, Failpoints
 from .jobs import Attempt, Job, JobStore, Lease, Section
 from .prompts import DEFAULT_SECTION_COUNT, outline_request, parse_outline, section_request
 from .providers.base import GenerationRequest, GenerationResult, Provider
@@ -61,12 +62,13 @@ class DeltaBuffer:
 
 class ManuscriptOrchestrator:
     def __init__(self, *, jobs: JobStore, blobs: BlobStore, events: EventLog, provider: Provider,
-                 delta_flush_ms: int = 50):
+                 delta_flush_ms: int = 50, failpoints: Failpoints = DISABLED):
         self.jobs = jobs
         self.blobs = blobs
         self.events = events
         self.provider = provider
         self.delta_flush_s = delta_flush_ms / 1000
+        self.failpoints = failpoints
 
     def run(self, job: Job, lease: Lease, abort: AbortSignal) -> RunOutcome:
         ext = job.external_id
@@ -141,8 +143,13 @@ class ManuscriptOrchestrator:
             self.delta_flush_s,
         )
         request = section_request(job, sections, section, previous)
+
+        def on_delta(text: str) -> None:
+            deltas.add(text)
+            self.failpoints.hit("mid_token")
+
         try:
-            result = self.provider.stream(request, abort, deltas.add)
+            result = self.provider.stream(request, abort, on_delta)
         finally:
             deltas.flush()
         self._record(job, section.idx, request, result)
@@ -157,8 +164,10 @@ class ManuscriptOrchestrator:
         body = text.encode("utf-8")
         key = section_key(ext, section.idx)
         self.blobs.put(key, body)
+        self.failpoints.hit("after_s3_put")
         self.jobs.mark_section_done(lease, section.idx, key=key, sha256=hashlib.sha256(body).hexdigest(),
                                     chars=len(text))
+        self.failpoints.hit("after_commit")
         usage = self.jobs.usage_by_section(job.id)
         self.events.publish_many(ext, [
             ("section.completed", {"index": section.idx, "chars": len(text),

@@ -112,6 +112,7 @@ class Settings:
     consumer_idle_exit_ms: int = 1000
     consumer_safety_margin_ms: int = 2000
     consumer_max_deliveries: int = 5
+    crash_at: str | None = None  # fault tests only: see failpoints.py
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -154,6 +155,7 @@ class Settings:
             consumer_idle_exit_ms=_int(env, "RTQCC_CONSUMER_IDLE_EXIT_MS", 1000),
             consumer_safety_margin_ms=_int(env, "RTQCC_CONSUMER_SAFETY_MARGIN_MS", 2000),
             consumer_max_deliveries=_int(env, "RTQCC_CONSUMER_MAX_DELIVERIES", 5, minimum=1),
+            crash_at=env.get("RTQCC_CRASH_AT") or None,
         )
 
     def with_overrides(self, **changes: object) -> "Settings":
