@@ -8,10 +8,12 @@ import platform
 import os
 from pathlib import Path
 
-from . import cancel_latency, throughput
+from . import abort_latency, cold_start, control_latency, peers, scale, sse_delivery, throughput
 from .stack import bench_settings
 
-BENCHES = {"throughput": throughput.run, "cancel": cancel_latency.run}
+BENCHES = {"throughput": throughput.run, "control": control_latency.run,
+           "sse": sse_delivery.run, "abort": abort_latency.run,
+           "cold_start": cold_start.run, "peers": peers.run, "scale": scale.run}
 
 
 def main() -> None:

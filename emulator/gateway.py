@@ -61,9 +61,11 @@ class GatewayResponse:
 
 class Gateway:
     def __init__(self, app: Chalice, *, stream_handler: Callable[[dict, Any], Any] | None = None,
+                 stream_opener: Callable[[dict], Any] | None = None,
                  config: GatewayConfig = GatewayConfig(), workers: int = 64):
         self.app = app
         self.stream_handler = stream_handler
+        self.stream_opener = stream_opener
         self.config = config
         self.routes = RouteMatcher(list(app.routes))
         # Handlers run on this pool so the gateway can answer 504 without waiting for them.
@@ -86,6 +88,21 @@ class Gateway:
         if match.route == STREAM_RESOURCE and request.method == "GET" and self.config.streaming and self.stream_handler:
             return self._invoke_streaming(event)
         return self._invoke(event)
+
+    def is_live_stream(self, request: GatewayRequest) -> bool:
+        """A stream request that the HTTP layer may serve from its event hub (streaming mode)."""
+        if request.method != "GET" or not self.config.streaming or self.stream_opener is None:
+            return False
+        try:
+            return self.routes.match_route(request.path.rstrip("/")).route == STREAM_RESOURCE
+        except ValueError:
+            return False
+
+    def open_stream(self, request: GatewayRequest) -> Any:
+        """Authorize and position a stream request through the streaming function's own opening
+        code; the answer is an OpenedStream to follow, or a StreamingAnswer (error, 204)."""
+        match = self.routes.match_route(request.path.rstrip("/"))
+        return self.stream_opener(self.build_event(request, match.route, match.captured))
 
     def build_event(self, request: GatewayRequest, resource: str, path_params: dict[str, str]) -> dict:
         """The API Gateway REST (v1) proxy event for this request."""
@@ -144,32 +161,36 @@ class Gateway:
             "isBase64Encoded": not is_text,
         }
 
-    def _invoke(self, event: dict) -> GatewayResponse:
-        context = LambdaContext("rtqcc-api", 512, max_runtime_ms=int(self.config.integration_timeout_s * 1000))
-        future = self._pool.submit(self.app, event, context)
+    def _call(self, function: Callable[[dict, Any], Any], event: dict, context: LambdaContext) -> Any:
+        """The function's answer, or API Gateway's own answer when it took too long or crashed."""
+        future = self._pool.submit(function, event, context)
         try:
-            answer = future.result(timeout=self.config.integration_timeout_s)
+            return future.result(timeout=self.config.integration_timeout_s)
         except concurrent.futures.TimeoutError:
             return _json(504, TIMEOUT_BODY, {"x-amzn-ErrorType": "InternalServerErrorException"})
         except Exception:
             return _json(502, FUNCTION_ERROR_BODY)
+
+    def _invoke(self, event: dict) -> GatewayResponse:
+        context = LambdaContext("rtqcc-api", 512, max_runtime_ms=int(self.config.integration_timeout_s * 1000))
+        answer = self._call(self.app, event, context)
+        if isinstance(answer, GatewayResponse):
+            return answer
         body = answer.get("body") or ""
         raw = base64.b64decode(body) if answer.get("isBase64Encoded") else body.encode("utf-8")
         if len(raw) > self.config.max_response_bytes:
             return _json(502, FUNCTION_ERROR_BODY)
         headers = {name: values[-1] for name, values in (answer.get("multiValueHeaders") or {}).items()}
         headers.update(answer.get("headers") or {})
+        if not any(name.lower() == "content-type" for name in headers):
+            headers["Content-Type"] = "application/json"  # API Gateway's default for proxy answers
         return GatewayResponse(status=answer["statusCode"], headers=headers, body=raw)
 
     def _invoke_streaming(self, event: dict) -> GatewayResponse:
         context = LambdaContext("rtqcc-stream", 512, max_runtime_ms=int(self.config.function_timeout_s * 1000))
-        future = self._pool.submit(self.stream_handler, event, context)
-        try:
-            answer = future.result(timeout=self.config.integration_timeout_s)
-        except concurrent.futures.TimeoutError:
-            return _json(504, TIMEOUT_BODY, {"x-amzn-ErrorType": "InternalServerErrorException"})
-        except Exception:
-            return _json(502, FUNCTION_ERROR_BODY)
+        answer = self._call(self.stream_handler, event, context)
+        if isinstance(answer, GatewayResponse):
+            return answer
         return GatewayResponse(status=answer.status, headers=answer.headers,
                                stream=_bounded(answer.chunks, self.config.function_timeout_s))
 

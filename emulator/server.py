@@ -15,14 +15,21 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from rtqcc.api.access import SSE_HEADERS
+from rtqcc.api.streaming import OpenedStream
+
 from .gateway import Gateway, GatewayRequest
+from .hub import EventHub
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 # Each open SSE stream holds a worker thread while it waits for events; allow plenty.
 WORKER_THREADS = 2000
 
 
-def create_http_app(gateway: Gateway, *, page_config: dict[str, str] | None = None) -> Starlette:
+def create_http_app(gateway: Gateway, *, page_config: dict[str, str] | None = None,
+                    hub: EventHub | None = None) -> Starlette:
+    """With a `hub`, live SSE tails in streaming mode are served from it (no thread per client);
+    without one, from the streaming function's own generator."""
     page = _page(page_config or {})
 
     async def index(request: Request) -> Response:
@@ -34,14 +41,20 @@ def create_http_app(gateway: Gateway, *, page_config: dict[str, str] | None = No
             return Response(content=b'{"message": "Request Too Long"}', status_code=413,
                             media_type="application/json")
         body = await request.body()
-        answer = await run_in_threadpool(gateway.handle, GatewayRequest(
+        gateway_request = GatewayRequest(
             method=request.method,
             path=request.url.path,
             query=list(request.query_params.multi_items()),
             headers=list(request.headers.items()),
             body=body,
             source_ip=request.client.host if request.client else "127.0.0.1",
-        ))
+        )
+        if hub is not None and gateway.is_live_stream(gateway_request):
+            opened = await run_in_threadpool(gateway.open_stream, gateway_request)
+            if isinstance(opened, OpenedStream):
+                return StreamingResponse(_follow(hub, opened), headers=SSE_HEADERS)
+            return StreamingResponse(opened.chunks, status_code=opened.status, headers=opened.headers)
+        answer = await run_in_threadpool(gateway.handle, gateway_request)
         headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         if answer.stream is not None:
             return StreamingResponse(answer.stream, status_code=answer.status, headers=headers)
@@ -51,11 +64,29 @@ def create_http_app(gateway: Gateway, *, page_config: dict[str, str] | None = No
     async def lifespan(_app: Starlette):
         anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
         yield
+        if hub is not None:
+            await hub.close()
 
     return Starlette(
         routes=[Route("/", index, methods=["GET"]), Route("/{path:path}", forward, methods=METHODS)],
         lifespan=lifespan,
     )
+
+
+async def _follow(hub: EventHub, opened: OpenedStream):
+    stream = opened.stream
+    cursor, frames, finished = await run_in_threadpool(stream.opening)
+    yield f"retry: {opened.retry_ms}\n\n".encode()
+    for frame in frames:
+        yield frame.encode()
+    if finished:
+        return
+
+    async def ending(position: str) -> str | None:
+        return await run_in_threadpool(stream.synthetic_done, position)
+
+    async for chunk in hub.follow(stream.ext, cursor, heartbeat_s=opened.heartbeat_s, ending=ending):
+        yield chunk
 
 
 def _page(config: dict[str, str]) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Mapping
 
 from rtqcc.api import create_app
-from rtqcc.api.streaming import create_stream_handler
+from rtqcc.api.streaming import create_stream_handler, create_stream_opener
 from rtqcc.db import Database
 from rtqcc.migrate import ensure_database, migrate
 from rtqcc.services import Services
@@ -17,6 +17,7 @@ from rtqcc.settings import Settings
 
 from .embedded import LocalServices, free_port
 from .gateway import Gateway, GatewayConfig
+from .hub import EventHub
 from .scheduler import ConsumerScheduler
 from .server import ServerThread, create_http_app
 
@@ -40,6 +41,7 @@ class LocalStack:
         self.env: dict[str, str] = {}
         self.services: Services | None = None
         self.gateway: Gateway | None = None
+        self.hub: EventHub | None = None
         self.server: ServerThread | None = None
         self.scheduler: ConsumerScheduler | None = None
 
@@ -69,7 +71,7 @@ class LocalStack:
         self.env = env
         settings = Settings.from_env(env)
         ensure_database(settings.database_url)
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, max_size=settings.db_pool_size)
         migrate(db)
         services = Services(settings, db=db)
         services.blobs.ensure_bucket()
@@ -77,11 +79,13 @@ class LocalStack:
         self.gateway = Gateway(
             create_app(lambda: services),
             stream_handler=create_stream_handler(lambda: services),
+            stream_opener=create_stream_opener(lambda: services),
             config=GatewayConfig(streaming=self.options.streaming,
                                  integration_timeout_s=self.options.integration_timeout_s,
                                  max_request_bytes=self.options.max_request_bytes),
         )
-        http_app = create_http_app(self.gateway, page_config={"apiKey": self.api_key})
+        self.hub = EventHub(settings.redis_url)
+        http_app = create_http_app(self.gateway, page_config={"apiKey": self.api_key}, hub=self.hub)
         self.server = ServerThread(http_app, port=self.options.port or free_port()).start()
         if self.options.consumers:
             self.scheduler = ConsumerScheduler(

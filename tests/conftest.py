@@ -289,18 +289,21 @@ class RunningGateway:
 def start_gateway(services):
     """The emulator's gateway over real HTTP on a free port, serving the real handlers."""
     from rtqcc.api import create_app
-    from rtqcc.api.streaming import create_stream_handler
+    from rtqcc.api.streaming import create_stream_handler, create_stream_opener
     from rtqcc_emulator.embedded import free_port
+    from rtqcc_emulator.hub import EventHub
     from rtqcc_emulator.gateway import Gateway, GatewayConfig
     from rtqcc_emulator.server import ServerThread, create_http_app
 
     running: list[RunningGateway] = []
 
-    def start(*, services_override: Services | None = None, **config) -> RunningGateway:
+    def start(*, services_override: Services | None = None, hub: bool = True, **config) -> RunningGateway:
         s = services_override or services
         gateway = Gateway(create_app(lambda: s), stream_handler=create_stream_handler(lambda: s),
-                          config=GatewayConfig(**config))
-        server = ServerThread(create_http_app(gateway, page_config={"apiKey": API_KEY}), port=free_port()).start()
+                          stream_opener=create_stream_opener(lambda: s), config=GatewayConfig(**config))
+        http_app = create_http_app(gateway, page_config={"apiKey": API_KEY},
+                                   hub=EventHub(s.settings.redis_url) if hub else None)
+        server = ServerThread(http_app, port=free_port()).start()
         running.append(RunningGateway(server, gateway, API_KEY))
         return running[-1]
 

@@ -122,3 +122,10 @@ def test_a_section_index_must_exist(api):
     external_id = api.create(outline=[{"title": "only"}])
     assert api.get(f"/jobs/{external_id}/sections/3").status_code == 404
     assert api.get(f"/jobs/{external_id}/sections/x").status_code == 400
+
+
+def test_a_field_given_twice_is_refused(api, database):
+    response = api.post("/jobs", raw='{"title": "T", "brief": "B", "title": "Other"}')
+    assert response.status_code == 400
+    assert "'title' twice" in response.json_body["error"]["message"]
+    assert database.row("SELECT COUNT(*)::int AS n FROM jobs")["n"] == 0

@@ -126,28 +126,21 @@ def test_a_crashed_consumers_message_is_reclaimed_after_its_lease_expires(api, m
     assert redis_client.xpending(STREAM, GROUP)["pending"] == 0
 
 
-def test_the_lambda_entry_point_drains_with_its_context_budget(api, base_settings, monkeypatch, s3_endpoint):
-    import importlib.util
-    from pathlib import Path
-
-    for name, value in {
-        "REDIS_URL": base_settings.redis_url,
-        "DATABASE_URL": base_settings.database_url,
-        "S3_ENDPOINT_URL": s3_endpoint,
-        "S3_BUCKET": base_settings.s3_bucket,
-        "RTQCC_FAKE_TOKENS_PER_S": "0",
-        "RTQCC_CONSUMER_IDLE_EXIT_MS": "200",
-        "RTQCC_CONSUMER_SAFETY_MARGIN_MS": "100",
-    }.items():
-        monkeypatch.setenv(name, value)
-    path = Path(__file__).parents[1] / "functions" / "consumer" / "consumer_function.py"
-    spec = importlib.util.spec_from_file_location("consumer_function", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    external_id = api.create(section_count=2)
+def test_a_message_claimed_before_the_dead_consumers_lease_expires_is_kept_not_dropped(
+        api, make_services, database, redis_client):
+    external_id = api.create(section_count=1)
     api.post(f"/jobs/{external_id}/start")
-    summary = module.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, TimeBudget(10))
-    assert summary["completed"] == 1
-    assert summary["elapsed_ms"] < 10_000
-    assert api.get(f"/jobs/{external_id}").json_body["status"] == "completed"
+    services = make_services()
+    services.queue.ensure_group()
+    [delivery] = services.queue.read("consumer-dead", count=1, block_ms=100)
+    assert services.jobs.acquire_lease(external_id, "consumer-dead", ttl_s=30) is not None  # still live
+    redis_client.xclaim(STREAM, GROUP, "consumer-dead", 0, [delivery.message_id], idle=5000, justid=True)
+
+    survivor = Consumer(make_services(lease_ttl_s=1.0), name="consumer-alive")
+    early = survivor.drain(TimeBudget(0.5).get_remaining_time_in_millis)
+    assert early.skipped == 1 and early.processed == 0
+    assert redis_client.xpending(STREAM, GROUP)["pending"] == 1  # the job's only message is still there
+
+    database.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE external_id = :e", e=external_id)
+    redis_client.xclaim(STREAM, GROUP, "consumer-alive", 0, [delivery.message_id], idle=5000, justid=True)
+    assert survivor.drain(TimeBudget(5).get_remaining_time_in_millis).completed == 1

@@ -7,6 +7,7 @@ import signal
 import time
 
 import httpx
+import pytest
 from conftest import consumer_env, job_events, wait_for
 
 from rtqcc_emulator.scheduler import ConsumerScheduler
@@ -31,8 +32,9 @@ def test_a_job_lives_its_whole_life_over_http(start_gateway, start_consumer):
         assert [job["externalId"] for job in client.list()["jobs"]] == [external_id]
 
 
-def test_streaming_mode_delivers_tokens_while_the_section_is_written(start_gateway, start_consumer):
-    running = start_gateway(streaming=True)
+@pytest.mark.parametrize("hub", [True, False], ids=["event-hub", "function-generator"])
+def test_streaming_mode_delivers_tokens_while_the_section_is_written(start_gateway, start_consumer, hub):
+    running = start_gateway(streaming=True, hub=hub)
     with running.client() as client:
         external_id = client.create(title="Live", brief="b", outline=[{"title": "One"}],
                                     params={"max_tokens_per_section": 150})["externalId"]
@@ -121,3 +123,33 @@ def test_a_consumer_killed_mid_section_is_replaced_and_the_job_completes_once(
     finally:
         scheduler.stop()
     assert scheduler.pids() == []
+
+
+def test_many_clients_of_one_job_each_get_every_event_once_through_the_hub(start_gateway, start_consumer,
+                                                                            redis_client):
+    import concurrent.futures
+
+    running = start_gateway(streaming=True, hub=True)
+    with running.client() as client:
+        external_id = client.create(title="Crowd", brief="b", section_count=2,
+                                    params={"max_tokens_per_section": 60})["externalId"]
+        client.control(external_id, "start")
+
+    def watch(_):
+        with running.client() as own:
+            return [(e.id, e.type, e.data) for e in own.events(external_id)]
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(watch, n) for n in range(20)]
+        start_consumer(fake_tokens_per_s=300.0)
+        seen = [future.result(timeout=60) for future in futures]
+    published = [(e["id"], e["event"], e["data"]) for e in job_events(redis_client, external_id)]
+    for events in seen:
+        snapshot_id = events[0][0]
+        assert events[0][1] == "snapshot"
+        assert events[1:] == [e for e in published if e[0] > snapshot_id]
+
+    middle = published[len(published) // 2]
+    with running.client() as client:
+        resumed = [(e.id, e.type, e.data) for e in client.events(external_id, last_event_id=middle[0])]
+    assert resumed == published[len(published) // 2 + 1:]

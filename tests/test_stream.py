@@ -6,6 +6,7 @@ import threading
 
 from conftest import job_events, parse_sse, wait_for
 
+from rtqcc.jobs import NewJob
 from rtqcc.sse import HEARTBEAT, JobEventStream
 
 
@@ -132,3 +133,19 @@ def test_a_malformed_last_event_id_is_a_400(api):
     response = api.get(f"/jobs/{external_id}/stream", headers={"Last-Event-ID": "yesterday"})
     assert response.status_code == 400
     assert "Last-Event-ID" in response.json_body["error"]["message"]
+
+
+def test_an_idle_stream_outlives_the_redis_clients_default_read_timeout(settings, database, blob_store):
+    """redis-py cuts socket reads after 5 s by default: an idle SSE wait must not be cut."""
+    from rtqcc.services import Services
+
+    services = Services(settings.with_overrides(sse_heartbeat_s=6.0), db=database, blobs=blob_store)
+    try:
+        job = services.jobs.create(NewJob(
+            tenant="tenant-a", title="Idle", brief="b", model="m", outline=None, section_count=1,
+            params={}, budget={}, metadata={}))
+        frames = JobEventStream(services.events, services.jobs, job, None).frames(heartbeat_s=6.0)
+        assert parse_sse(next(frames))[0]["event"] == "snapshot"
+        assert next(frames) == HEARTBEAT  # after a 6 s blocking read on the Services' own client
+    finally:
+        services.redis.close()

@@ -1,7 +1,65 @@
-"""Entry module of the API function (Chalice requires the name app.py)."""
+"""Entry module of the API function (Chalice requires the name app.py).
+
+Besides the HTTP routes it declares the scheduled functions, so `chalice package` puts them, their
+schedules, timeouts and reserved concurrency into the same template:
+- `consumer`: `rtqcc.consumer.lambda_handler`, the same handler functions/consumer/consumer_function.py
+  exposes as a plain entry module; each invocation drains `jobs:pending` until its time is nearly spent.
+- `sweeper`: `rtqcc.sweeper.sweep`, which re-enqueues the jobs Postgres says should run (after Redis
+  lost data, or a lease expired with nobody to reclaim it).
+And `migrate`, invoked by hand after a deploy (`aws lambda invoke`), since only the functions'
+VPC reaches the database: it applies the schema migrations the database lacks (`rtqcc migrate`)."""
+
+import json
+import logging
+
+from chalice import Rate
 
 from rtqcc.api import create_app
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 
-app = create_app(lambda: Services(Settings.from_env()))
+
+def _services() -> Services:
+    return Services(Settings.from_env())
+
+
+app = create_app(_services)
+
+# Each is built on its first invocation: the API function's containers never import or open them.
+_drain: list = []
+_sweeper_services: list[Services] = []
+
+
+@app.schedule(Rate(1, unit=Rate.MINUTES), name="consumer",
+              description="Drains jobs:pending until the invocation's time budget is nearly spent")
+def consumer(event):
+    if not _drain:
+        from rtqcc.consumer import lambda_handler
+
+        _drain.append(lambda_handler(_services))
+    return _drain[0](event.to_dict(), event.context)
+
+
+@app.schedule(Rate(5, unit=Rate.MINUTES), name="sweeper",
+              description="Re-enqueues the jobs Postgres says should run")
+def sweeper(event):
+    from rtqcc.sweeper import sweep
+
+    if not _sweeper_services:
+        _sweeper_services.append(_services())
+    result = sweep(_sweeper_services[0])
+    summary = {"requeued": len(result.requeued), "queue_was_lost": result.queue_was_lost}
+    logging.getLogger("rtqcc.sweeper").info("sweep finished %s", json.dumps(summary))
+    return summary
+
+
+@app.lambda_function(name="migrate")
+def migrate(event, context):
+    from rtqcc.db import Database
+    from rtqcc.migrate import migrate as apply_migrations
+
+    db = Database(Settings.from_env().database_url)
+    try:
+        return {"applied": apply_migrations(db)}
+    finally:
+        db.close()

@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .errors import ServiceUnavailable
 from .settings import Settings
+
+
+def _make_client(settings: Settings) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=3,
+        read_timeout=10,
+        s3={"addressing_style": "path"} if settings.s3_endpoint_url or settings.localstack_host else None,
+    )
+    if settings.localstack_host and not settings.s3_endpoint_url:
+        # LocalStack's own client session finds its endpoint and test credentials.
+        from localstack_client.session import Session
+
+        return Session(localstack_host=settings.localstack_host, region_name=settings.s3_region).client(
+            "s3", config=config)
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=settings.aws_secret_access_key,
+        aws_session_token=settings.aws_session_token,
+        config=config,
+    )
 
 
 def section_key(external_id: str, idx: int) -> str:
@@ -29,31 +56,22 @@ class BlobMissing(Exception):
 
 
 class S3BlobStore:
-    def __init__(self, client: Any, bucket: str):
-        self.client = client
+    """S3 through boto3. The client is made on first use: boto3 costs ~200 ms to import and set
+    up, which a cold start that never touches S3 (an idle consumer, most API routes) skips."""
+
+    def __init__(self, client: Any | Callable[[], Any], bucket: str):
+        self._client = client
         self.bucket = bucket
+
+    @property
+    def client(self) -> Any:
+        if callable(self._client) and not hasattr(self._client, "put_object"):
+            self._client = self._client()
+        return self._client
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "S3BlobStore":
-        # boto3 is heavy to import; only the routes and consumers that touch S3 pay for it.
-        import boto3
-        from botocore.config import Config
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            aws_access_key_id=settings.aws_access_key_id,
-            aws_secret_access_key=settings.aws_secret_access_key,
-            aws_session_token=settings.aws_session_token,
-            config=Config(
-                retries={"max_attempts": 3, "mode": "standard"},
-                connect_timeout=3,
-                read_timeout=10,
-                s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
-            ),
-        )
-        store = cls(client, settings.s3_bucket)
+        store = cls(lambda: _make_client(settings), settings.s3_bucket)
         if settings.s3_create_bucket:
             store.ensure_bucket()
         return store

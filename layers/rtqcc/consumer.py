@@ -15,6 +15,7 @@ from pg8000.exceptions import InterfaceError
 from redis.exceptions import RedisError
 
 from .abort import AbortSignal
+from .budget import BUDGET_EXCEEDED
 from .errors import LeaseLost, ProviderError, ServiceUnavailable
 from .failpoints import Failpoints
 from .ids import is_external_id
@@ -79,6 +80,7 @@ class Consumer:
             provider=MeasuredProvider(services.provider, MetricsRecorder(services.redis)),
             delta_flush_ms=self.settings.delta_flush_ms,
             failpoints=self.failpoints,
+            prices=self.settings.prices,
         )
 
     @property
@@ -159,9 +161,15 @@ class Consumer:
         lease = None
         if job is not None and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             lease = jobs.acquire_lease(job.external_id, self.name, self.settings.lease_ttl_s)
+        if job is not None and lease is None and delivery.reclaimed and job.status == JobStatus.RUNNING:
+            # Claimed from a consumer that went quiet, but its lease has not expired yet: this may
+            # be that consumer's own message, the job's only one. Leave it pending; it is claimed
+            # again later, by when the lease has expired (or the job has moved on).
+            result.skipped += 1
+            return
         if job is None or lease is None:
-            # Nothing to run, or another consumer holds a live lease: that consumer's own message
-            # stays pending until it finishes or hands the job back, so this one can go.
+            # Nothing to run, or another consumer holds a live lease and its own message stays
+            # pending until it finishes or hands the job back: this duplicate can go.
             queue.ack(delivery.message_id)
             result.skipped += 1
             result.processed += 1
@@ -218,7 +226,8 @@ class Consumer:
             queue.ack(delivery.message_id)
             result.completed += 1
             result.processed += 1
-        elif outcome.stopped_by in ("pause", "cancel", "control"):
+        elif outcome.stopped_by in ("pause", "cancel", "control", BUDGET_EXCEEDED):
+            # budget_exceeded: the orchestrator has paused the job itself and let the lease go.
             status_after = jobs.release_lease(lease)
             if status_after == JobStatus.QUEUED:  # resumed while we were stopping: run it again
                 queue.requeue_then_ack(job.external_id, delivery.message_id)

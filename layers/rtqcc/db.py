@@ -8,6 +8,7 @@ rather than returned, so a Postgres restart costs one failed call, not a poisone
 from __future__ import annotations
 
 import queue
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 from urllib.parse import unquote, urlparse
@@ -18,6 +19,9 @@ from pg8000.exceptions import DatabaseError, InterfaceError
 from .errors import ConfigError, ServiceUnavailable
 
 Row = dict[str, Any]
+
+# too_many_connections, cannot_connect_now (starting up or shutting down)
+_BUSY_CODES = {"53300", "57P03"}
 
 
 def connect_kwargs(database_url: str) -> dict[str, Any]:
@@ -61,40 +65,59 @@ class Connection:
 
 
 class Database:
-    def __init__(self, database_url: str, *, max_idle: int = 8, connect_timeout_s: float = 5.0):
+    """At most `max_size` connections open at once; a caller beyond that waits up to
+    `acquire_timeout_s` for one, then gets a 503: Postgres's own limit is never the one hit."""
+
+    def __init__(self, database_url: str, *, max_size: int = 16, connect_timeout_s: float = 5.0,
+                 query_timeout_s: float = 120.0, acquire_timeout_s: float = 10.0):
         self._kwargs = connect_kwargs(database_url)
         self._kwargs["timeout"] = connect_timeout_s
-        self._idle: queue.LifoQueue[pg8000.native.Connection] = queue.LifoQueue(maxsize=max_idle)
+        self._query_timeout_s = query_timeout_s
+        self._acquire_timeout_s = acquire_timeout_s
+        self._max_size = max_size
+        self._slots = threading.BoundedSemaphore(max_size)
+        self._idle: queue.LifoQueue[pg8000.native.Connection] = queue.LifoQueue(maxsize=max_size)
         self.url = database_url
 
     def _open(self) -> pg8000.native.Connection:
+        where = f"Postgres at {self._kwargs['host']}:{self._kwargs['port']}"
         try:
             raw = pg8000.native.Connection(**self._kwargs)
         except (InterfaceError, OSError) as exc:
-            raise ServiceUnavailable(
-                f"Postgres at {self._kwargs['host']}:{self._kwargs['port']} is unreachable: {exc}",
-                headers={"Retry-After": "2"},
-            ) from exc
-        # The connect timeout must not cap long queries; keep it only for connecting.
-        raw._usock.settimeout(None)
+            raise ServiceUnavailable(f"{where} is unreachable: {exc}", headers={"Retry-After": "2"}) from exc
+        except DatabaseError as exc:
+            code = exc.args[0].get("C") if exc.args and isinstance(exc.args[0], dict) else None
+            if code in _BUSY_CODES:
+                raise ServiceUnavailable(f"{where} refuses new connections now ({code}); try again shortly.",
+                                         headers={"Retry-After": "2"}) from exc
+            raise
+        # Connecting has its own short timeout; queries get a longer one, so a dead server is noticed.
+        raw._usock.settimeout(self._query_timeout_s)
         return raw
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
+        if not self._slots.acquire(timeout=self._acquire_timeout_s):
+            raise ServiceUnavailable(f"All {self._max_size} Postgres connections are busy; try again shortly.",
+                                     headers={"Retry-After": "1"})
         try:
-            raw = self._idle.get_nowait()
-        except queue.Empty:
-            raw = self._open()
-        try:
-            yield Connection(raw)
-        except (InterfaceError, OSError) as exc:
-            _close_quietly(raw)
-            raise ServiceUnavailable(f"Lost the connection to Postgres: {exc}", headers={"Retry-After": "2"}) from exc
-        except BaseException:
-            self._give_back(raw)
-            raise
-        else:
-            self._give_back(raw)
+            try:
+                raw = self._idle.get_nowait()
+            except queue.Empty:
+                raw = self._open()
+            try:
+                yield Connection(raw)
+            except (InterfaceError, OSError) as exc:
+                _close_quietly(raw)
+                raise ServiceUnavailable(f"Lost the connection to Postgres: {exc}",
+                                         headers={"Retry-After": "2"}) from exc
+            except BaseException:
+                self._give_back(raw)
+                raise
+            else:
+                self._give_back(raw)
+        finally:
+            self._slots.release()
 
     def _give_back(self, raw: pg8000.native.Connection) -> None:
         # A connection left inside a transaction (an error mid-way) is rolled back before reuse.

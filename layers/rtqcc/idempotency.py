@@ -25,7 +25,7 @@ class Answer:
 def fingerprint(method: str, path: str, body: bytes) -> str:
     try:  # the same JSON written differently is the same request
         canonical = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         canonical = body
     return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + canonical).hexdigest()
 

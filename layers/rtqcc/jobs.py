@@ -13,6 +13,9 @@ from .ids import new_external_id
 from .status import TRANSITIONS, JobStatus, SectionStatus
 
 
+DEFAULT_SECTION_COUNT = 5  # when the client gives neither an outline nor a section count
+
+
 @dataclass(frozen=True)
 class OutlineItem:
     title: str
@@ -120,6 +123,15 @@ class Attempt:
     counted_completion_tokens: int
     finish_reason: str | None
     aborted: str | None
+    cost_usd: float | None = None  # billed tokens at the model's price; None: no price known
+
+    @property
+    def billed_tokens(self) -> int:
+        """What the provider charges: its own figures where it reported them, else our count."""
+        prompt = self.reported_prompt_tokens if self.reported_prompt_tokens is not None else self.counted_prompt_tokens
+        completion = (self.reported_completion_tokens if self.reported_completion_tokens is not None
+                      else self.counted_completion_tokens)
+        return prompt + completion
 
 
 @dataclass(frozen=True)
@@ -209,11 +221,28 @@ class JobStore:
             " SUM(counted_prompt_tokens)::int AS counted_prompt_tokens,"
             " SUM(counted_completion_tokens)::int AS counted_completion_tokens,"
             " BOOL_OR(reported_prompt_tokens IS NULL OR reported_completion_tokens IS NULL) AS estimated,"
-            " COUNT(*)::int AS attempts"
+            " COUNT(*)::int AS attempts,"
+            # Reported minus counted, over the attempts the provider reported (how far off our count is).
+            " SUM(reported_prompt_tokens - counted_prompt_tokens)::int AS prompt_difference,"
+            " SUM(reported_completion_tokens - counted_completion_tokens)::int AS completion_difference,"
+            " SUM(cost_usd) AS cost_usd,"
+            " COALESCE(array_agg(DISTINCT model) FILTER (WHERE cost_usd IS NULL), '{}') AS unpriced_models"
             " FROM generation_attempts WHERE job_id = :j GROUP BY section_idx",
             j=job_id,
         )
         return {row["section_idx"]: row for row in rows}
+
+    def spent(self, job_id: int) -> tuple[int, float | None]:
+        """Billed tokens of every attempt of the job, and their cost (None if any is unpriced)."""
+        row = self.db.row(
+            "SELECT COALESCE(SUM(COALESCE(reported_prompt_tokens, counted_prompt_tokens)"
+            " + COALESCE(reported_completion_tokens, counted_completion_tokens)), 0)::bigint AS tokens,"
+            " CASE WHEN BOOL_OR(cost_usd IS NULL) THEN NULL ELSE COALESCE(SUM(cost_usd), 0) END AS cost_usd"
+            " FROM generation_attempts WHERE job_id = :j",
+            j=job_id,
+        )
+        assert row is not None
+        return int(row["tokens"]), row["cost_usd"]
 
     # ---- control: conditional transitions ---------------------------------------------------
 
@@ -363,8 +392,8 @@ class JobStore:
         # Not fenced: tokens spent are a fact whoever holds the lease.
         self.db.run(
             "INSERT INTO generation_attempts (job_id, section_idx, model, reported_prompt_tokens,"
-            " reported_completion_tokens, counted_prompt_tokens, counted_completion_tokens, finish_reason, aborted)"
-            " VALUES (:j, :i, :model, :rp, :rc, :cp, :cc, :finish, :aborted)",
+            " reported_completion_tokens, counted_prompt_tokens, counted_completion_tokens, finish_reason, aborted,"
+            " cost_usd) VALUES (:j, :i, :model, :rp, :rc, :cp, :cc, :finish, :aborted, :cost)",
             j=job_id,
             i=attempt.section_idx,
             model=attempt.model,
@@ -374,6 +403,7 @@ class JobStore:
             cc=attempt.counted_completion_tokens,
             finish=attempt.finish_reason,
             aborted=attempt.aborted,
+            cost=attempt.cost_usd,
         )
 
 

@@ -9,19 +9,23 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from .abort import AbortSignal
 from .blobs import BlobStore, manuscript_key, section_key
+from .budget import BUDGET_EXCEEDED, BudgetMeter
 from .errors import ProviderError
 from .events import EventLog
 from .failpoints import DISABLED, Failpoints
-from .jobs import Attempt, Job, JobStore, Lease, Section
-from .prompts import DEFAULT_SECTION_COUNT, outline_request, parse_outline, section_request
-from .providers.base import GenerationRequest, GenerationResult, Provider
+from .jobs import DEFAULT_SECTION_COUNT, Attempt, Job, JobStore, Lease, Section
+from .pricing import DEFAULT_PRICES, Price, cost_usd, price_for
+from .prompts import outline_request, parse_outline, section_request
+from .providers.base import (CallUsage, GenerationRequest, GenerationResult, Provider, ProviderRefused,
+                             chat_messages)
 from .status import JobStatus, SectionStatus
 from .text import strip_unstorable
-from .tokens import count_tokens
+from .tokens import count_chat_tokens, count_tokens
+from .usage import money, public_job_usage, public_usage
 
 
 class StreamCut(Exception):
@@ -62,13 +66,15 @@ class DeltaBuffer:
 
 class ManuscriptOrchestrator:
     def __init__(self, *, jobs: JobStore, blobs: BlobStore, events: EventLog, provider: Provider,
-                 delta_flush_ms: int = 50, failpoints: Failpoints = DISABLED):
+                 delta_flush_ms: int = 50, failpoints: Failpoints = DISABLED,
+                 prices: Mapping[str, Price] = DEFAULT_PRICES):
         self.jobs = jobs
         self.blobs = blobs
         self.events = events
         self.provider = provider
         self.delta_flush_s = delta_flush_ms / 1000
         self.failpoints = failpoints
+        self.prices = prices
 
     def run(self, job: Job, lease: Lease, abort: AbortSignal) -> RunOutcome:
         ext = job.external_id
@@ -76,7 +82,7 @@ class ManuscriptOrchestrator:
         sections = self.jobs.sections(job.id)
         if not sections:
             if not self._write_outline(job, lease, abort):
-                return RunOutcome(status=None, stopped_by=abort.reason, sections_written=0)
+                return self._stopped(job, lease, abort, 0)
             sections = self.jobs.sections(job.id)
 
         texts: dict[int, str] = {}
@@ -85,11 +91,11 @@ class ManuscriptOrchestrator:
             if section.status == SectionStatus.DONE:
                 continue
             if abort.aborted:
-                return RunOutcome(status=None, stopped_by=abort.reason, sections_written=written)
+                return self._stopped(job, lease, abort, written)
             previous = self._text_of(sections, section.idx - 1, texts) if section.idx > 0 else ""
             text = self._write_section(job, lease, sections, section, previous, abort)
             if text is None:
-                return RunOutcome(status=None, stopped_by=abort.reason, sections_written=written)
+                return self._stopped(job, lease, abort, written)
             texts[section.idx] = text
             written += 1
 
@@ -105,6 +111,19 @@ class ManuscriptOrchestrator:
         ])
         return RunOutcome(status=JobStatus.COMPLETED, stopped_by=None, sections_written=written)
 
+    def _stopped(self, job: Job, lease: Lease, abort: AbortSignal, written: int) -> RunOutcome:
+        if abort.reason != BUDGET_EXCEEDED:
+            return RunOutcome(status=None, stopped_by=abort.reason, sections_written=written)
+        # Our own stop: pause the job (fenced: only if it is still running under our lease).
+        if not self.jobs.finish(lease, JobStatus.PAUSED, reason=BUDGET_EXCEEDED):
+            return RunOutcome(status=None, stopped_by=BUDGET_EXCEEDED, sections_written=written)
+        tokens, cost = self.jobs.spent(job.id)
+        self.events.publish(job.external_id, "status", {
+            "status": JobStatus.PAUSED.value, "reason": BUDGET_EXCEEDED, "budget": job.budget,
+            "spent": {"total_tokens": tokens, "cost_usd": money(cost)},
+        })
+        return RunOutcome(status=JobStatus.PAUSED, stopped_by=BUDGET_EXCEEDED, sections_written=written)
+
     def fail(self, job: Job, lease: Lease, reason: str) -> bool:
         if not self.jobs.finish(lease, JobStatus.FAILED, error=reason):
             return False
@@ -118,8 +137,10 @@ class ManuscriptOrchestrator:
 
     def _write_outline(self, job: Job, lease: Lease, abort: AbortSignal) -> bool:
         request = outline_request(job)
-        result = self.provider.stream(request, abort, lambda _delta: None)
-        self._record(job, None, request, result)
+        meter = self._meter(job, request, abort)
+        if abort.aborted:
+            return False
+        result = self._generate(job, None, request, abort, lambda _delta: None, meter)
         if result.aborted:
             return False
         if result.finish_reason is None:
@@ -134,6 +155,10 @@ class ManuscriptOrchestrator:
     def _write_section(self, job: Job, lease: Lease, sections: list[Section], section: Section,
                        previous: str, abort: AbortSignal) -> str | None:
         ext = job.external_id
+        request = section_request(job, sections, section, previous)
+        meter = self._meter(job, request, abort)
+        if abort.aborted:
+            return None
         self.jobs.mark_section_running(lease, section.idx)
         self.events.publish(ext, "section.started", {
             "index": section.idx, "title": section.title, "resumed_chars": len(section.partial_text),
@@ -142,17 +167,19 @@ class ManuscriptOrchestrator:
             lambda text: self.events.publish(ext, "section.delta", {"index": section.idx, "text": text}),
             self.delta_flush_s,
         )
-        request = section_request(job, sections, section, previous)
 
         def on_delta(text: str) -> None:
             deltas.add(text)
             self.failpoints.hit("mid_token")
 
         try:
-            result = self.provider.stream(request, abort, on_delta)
+            result = self._generate(job, section.idx, request, abort, on_delta, meter)
+        except ProviderRefused as exc:
+            if exc.partial is not None and exc.partial.text:  # paid for: keep it for a retry of the job
+                self.jobs.save_partial(lease, section.idx, section.partial_text + strip_unstorable(exc.partial.text))
+            raise
         finally:
             deltas.flush()
-        self._record(job, section.idx, request, result)
         text = section.partial_text + strip_unstorable(result.text)
         if result.finish_reason is None:
             # Keep every token paid for: the next run continues after this text.
@@ -176,17 +203,63 @@ class ManuscriptOrchestrator:
         ])
         return text
 
+    def _meter(self, job: Job, request: GenerationRequest, abort: AbortSignal) -> BudgetMeter | None:
+        """The job's budget for this call (None without one). Raises `budget_exceeded` on the
+        abort signal, instead of calling, when the call would pass it with its first token."""
+        if not job.budget:
+            return None
+        tokens, cost = self.jobs.spent(job.id)
+        meter = BudgetMeter(job.budget, spent_tokens=tokens, spent_cost_usd=cost,
+                            price=price_for(request.model, self.prices), model=request.model)
+        if not meter.limited:
+            return None
+        # A chat provider's prompt, framing included: what a provider that counts calls records.
+        if meter.start_call(count_chat_tokens(chat_messages(request, request.prefix), request.model)):
+            abort.abort(BUDGET_EXCEEDED)
+        return meter
+
+    def _generate(self, job: Job, idx: int | None, request: GenerationRequest, abort: AbortSignal,
+                  on_delta: Callable[[str], None], meter: BudgetMeter | None) -> GenerationResult:
+        """One answer from the provider, metered against the budget, every call it made recorded."""
+        def metered(text: str) -> None:
+            on_delta(text)
+            if meter.add_output(count_tokens(text, request.model)):
+                abort.abort(BUDGET_EXCEEDED)  # the next token would pass the budget: stop the stream now
+
+        try:
+            result = self.provider.stream(request, abort, metered if meter is not None else on_delta)
+        except ProviderRefused as exc:
+            if exc.partial is not None:
+                self._record(job, idx, request, exc.partial)
+            raise
+        self._record(job, idx, request, result)
+        return result
+
     def _record(self, job: Job, idx: int | None, request: GenerationRequest, result: GenerationResult) -> None:
-        self.jobs.record_attempt(job.id, Attempt(
-            section_idx=idx,
-            model=request.model,
+        """One generation_attempts row per HTTP call the provider made (each was paid for)."""
+        calls = result.calls or [CallUsage(
             reported_prompt_tokens=result.reported_prompt_tokens,
             reported_completion_tokens=result.reported_completion_tokens,
-            counted_prompt_tokens=count_tokens(request.system) + count_tokens(request.prompt + request.prefix),
-            counted_completion_tokens=count_tokens(result.text),
+            counted_prompt_tokens=_prompt_tokens(request),
+            counted_completion_tokens=count_tokens(result.text, request.model),
             finish_reason=result.finish_reason,
             aborted=result.aborted,
-        ))
+        )]
+        for call in calls:
+            prompt = call.reported_prompt_tokens if call.reported_prompt_tokens is not None else call.counted_prompt_tokens
+            completion = (call.reported_completion_tokens if call.reported_completion_tokens is not None
+                          else call.counted_completion_tokens)
+            self.jobs.record_attempt(job.id, Attempt(
+                section_idx=idx,
+                model=request.model,
+                reported_prompt_tokens=call.reported_prompt_tokens,
+                reported_completion_tokens=call.reported_completion_tokens,
+                counted_prompt_tokens=call.counted_prompt_tokens,
+                counted_completion_tokens=call.counted_completion_tokens,
+                finish_reason=call.finish_reason,
+                aborted=call.aborted,
+                cost_usd=cost_usd(request.model, prompt, completion, self.prices),
+            ))
 
     def _text_of(self, sections: list[Section], idx: int, texts: dict[int, str]) -> str:
         if idx not in texts:
@@ -202,32 +275,9 @@ def assemble(title: str, sections: list[tuple[str, str]]) -> str:
     return "\n".join(parts)
 
 
-def public_usage(row: dict | None) -> dict:
-    """Billed usage of one section or step, in the API's shape."""
-    if not row:
-        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "estimated": False, "attempts": 0}
-    return {
-        "prompt_tokens": row["prompt_tokens"],
-        "completion_tokens": row["completion_tokens"],
-        "total_tokens": row["prompt_tokens"] + row["completion_tokens"],
-        "estimated": bool(row["estimated"]),
-        "attempts": row["attempts"],
-        "reported": {"prompt_tokens": row["reported_prompt_tokens"],
-                     "completion_tokens": row["reported_completion_tokens"]},
-        "counted": {"prompt_tokens": row["counted_prompt_tokens"],
-                    "completion_tokens": row["counted_completion_tokens"]},
-    }
-
-
-def public_job_usage(by_section: dict[int | None, dict]) -> dict:
-    prompt = sum(row["prompt_tokens"] for row in by_section.values())
-    completion = sum(row["completion_tokens"] for row in by_section.values())
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "estimated": any(row["estimated"] for row in by_section.values()),
-    }
+def _prompt_tokens(request: GenerationRequest) -> int:
+    """Our count of a request's prompt when the provider does not count its calls itself."""
+    return count_tokens(request.system, request.model) + count_tokens(request.prompt + request.prefix, request.model)
 
 
 __all__ = ["ManuscriptOrchestrator", "RunOutcome", "StreamCut", "ProviderError", "assemble"]

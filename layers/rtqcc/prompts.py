@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import OutlineInvalid
-from .jobs import Job, OutlineItem, Section
+from .jobs import DEFAULT_SECTION_COUNT, Job, OutlineItem, Section
 from .providers.base import GenerationRequest
 
 SYSTEM = (
@@ -16,7 +16,6 @@ SYSTEM = (
     "stay consistent with the outline and with what came before, and never repeat earlier sections."
 )
 PREVIOUS_TAIL_CHARS = 1200
-DEFAULT_SECTION_COUNT = 5
 
 
 class _OutlineEntry(BaseModel):

@@ -18,12 +18,20 @@ from .settings import Settings
 from .work_queue import WorkQueue
 
 
+REDIS_SOCKET_TIMEOUT_S = 60.0
+REDIS_MAX_CONNECTIONS = 5000
+
+
 def make_provider(settings: Settings) -> Provider:
     if settings.provider == "fake":
         from .providers.fake import FakeProvider
 
         return FakeProvider(tokens_per_s=settings.fake_tokens_per_s, first_token_ms=settings.fake_first_token_ms)
-    raise ConfigError(f"RTQCC_PROVIDER={settings.provider!r} is not available in this build; use 'fake'")
+    if settings.provider == "openai":
+        from .providers.openai import OpenAIProvider  # the SDK is heavy: only where it is used
+
+        return OpenAIProvider.from_settings(settings)
+    raise ConfigError(f"RTQCC_PROVIDER must be 'fake' or 'openai', got {settings.provider!r}")
 
 
 class Services:
@@ -41,12 +49,16 @@ class Services:
 
     @cached_property
     def redis(self) -> Redis:
+        # Blocking reads (XREAD for SSE, XREADGROUP for consumers) wait up to ~30 s: the socket
+        # timeout must be longer, or an idle wait would be cut as an error (redis-py's default is 5 s).
         return Redis.from_url(self.settings.redis_url, decode_responses=True, socket_connect_timeout=3,
-                              health_check_interval=30)
+                              socket_timeout=REDIS_SOCKET_TIMEOUT_S, health_check_interval=30,
+                              # each open SSE stream holds one connection in a blocking read
+                              max_connections=REDIS_MAX_CONNECTIONS)
 
     @cached_property
     def db(self) -> Database:
-        return Database(self.settings.database_url)
+        return Database(self.settings.database_url, max_size=self.settings.db_pool_size)
 
     @cached_property
     def blobs(self) -> BlobStore:
@@ -77,6 +89,9 @@ class Services:
         return WorkQueue(self.redis)
 
     def close(self) -> None:
+        close_provider = getattr(self.__dict__.get("provider"), "close", None)
+        if close_provider is not None:
+            close_provider()
         if "db" in self.__dict__:
             self.db.close()
         if "redis" in self.__dict__:

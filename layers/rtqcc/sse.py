@@ -56,7 +56,7 @@ class JobEventStream:
             self.ext, self.last_event_id, count=1)
 
     def frames(self, *, heartbeat_s: float) -> Iterator[str]:
-        cursor, opening, finished = self._opening()
+        cursor, opening, finished = self.opening()
         yield from opening
         if finished:
             return
@@ -71,7 +71,7 @@ class JobEventStream:
                     if event.type == "done":
                         return
                 continue
-            ending = self._synthetic_done(cursor)
+            ending = self.synthetic_done(cursor)
             if ending:
                 yield ending
                 return
@@ -81,7 +81,7 @@ class JobEventStream:
         if self.seen_the_end():
             return LongPollAnswer(status=204, body="")
         parts = [f"retry: {retry_ms}\n\n"]
-        cursor, opening, finished = self._opening()
+        cursor, opening, finished = self.opening()
         parts.extend(opening)
         if not finished:
             batch = self.events.read_after(self.ext, cursor, block_ms=None if opening else int(wait_s * 1000))
@@ -90,10 +90,10 @@ class JobEventStream:
                 if event.type == "done":
                     break
             if not batch:
-                parts.append(self._synthetic_done(cursor) or HEARTBEAT)
+                parts.append(self.synthetic_done(cursor) or HEARTBEAT)
         return LongPollAnswer(status=200, body="".join(parts))
 
-    def _opening(self) -> tuple[str, list[str], bool]:
+    def opening(self) -> tuple[str, list[str], bool]:
         """Where to read from, what to send first, and whether that already ends the stream."""
         if self.last_event_id is not None and self.events.covers(self.ext, self.last_event_id):
             return self.last_event_id, [], False
@@ -106,7 +106,7 @@ class JobEventStream:
             return cursor, opening, True
         return cursor, opening, False
 
-    def _synthetic_done(self, cursor: str) -> str | None:
+    def synthetic_done(self, cursor: str) -> str | None:
         job = self.jobs.get_by_external_id(self.ext)
         if job is not None and job.status.terminal:
             return format_event(cursor, "done", _done_data(job))

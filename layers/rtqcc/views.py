@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from .jobs import Job, JobStore
-from .orchestrator import public_job_usage, public_usage
-from .prompts import DEFAULT_SECTION_COUNT
+from .jobs import DEFAULT_SECTION_COUNT, Job, JobStore
+from .usage import public_job_usage, public_usage
 from .status import SectionStatus
 
 

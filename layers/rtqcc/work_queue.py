@@ -19,7 +19,7 @@ DEAD_LETTERS = "jobs:dead"
 class Delivery:
     message_id: str
     external_id: str
-    deliveries: int = 1
+    reclaimed: bool = False  # taken over from a consumer that went quiet (see claim_stale)
 
 
 class WorkQueue:
@@ -65,7 +65,7 @@ class WorkQueue:
             if fields is None:  # the entry was trimmed or deleted while pending
                 self.ack(entry_id)
                 continue
-            deliveries.append(_delivery(entry_id, fields, self._delivery_count(entry_id)))
+            deliveries.append(_delivery(entry_id, fields, reclaimed=True))
         return deliveries
 
     def touch(self, consumer: str, message_id: str) -> None:
@@ -91,10 +91,6 @@ class WorkQueue:
         pipe.xack(self.stream, self.group, message_id)
         pipe.execute()
 
-    def _delivery_count(self, message_id: str) -> int:
-        pending = self.redis.xpending_range(self.stream, self.group, min=message_id, max=message_id, count=1)
-        return pending[0]["times_delivered"] if pending else 1
 
-
-def _delivery(entry_id: str, fields: dict[str, str], deliveries: int = 1) -> Delivery:
-    return Delivery(message_id=entry_id, external_id=fields.get("externalId", ""), deliveries=deliveries)
+def _delivery(entry_id: str, fields: dict[str, str], *, reclaimed: bool = False) -> Delivery:
+    return Delivery(message_id=entry_id, external_id=fields.get("externalId", ""), reclaimed=reclaimed)

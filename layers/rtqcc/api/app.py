@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from ..errors import ApiError, BadRequest, NotFound, NotReady, PayloadTooLarge, UnsupportedMediaType
 from ..events import control_channel
 from ..ids import is_external_id
-from ..orchestrator import public_usage
+from ..usage import public_usage
 from ..idempotency import Answer, IdempotencyStore, check_key, fingerprint
 from ..jobs import Job, NewJob, OutlineItem
 from ..logs import log_context
@@ -24,7 +24,6 @@ from ..views import job_document, job_links, job_summary
 from . import stream_tokens
 from .access import SSE_HEADERS, check_external_id, find_job, open_job_stream, stream_signing_key
 from .auth import tenant_for
-from .models import parse_create_job
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,10 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         if not raw.strip():
             raise BadRequest("The body is empty; send a JSON object.")
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            return json.loads(raw, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise BadRequest(f"The body names {exc.args[0]!r} twice; give each field once.") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise BadRequest(f"The body is not valid JSON: {exc}.") from None
 
     def idempotent(owner: str, action: Callable[[], Answer]) -> Answer:
@@ -101,6 +102,8 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         payload = json_body()
 
         def create() -> Answer:
+            from .models import parse_create_job  # pydantic stays off the cold path of other routes
+
             spec = parse_create_job(payload, max_sections=svc().settings.max_sections)
             job = svc().jobs.create(NewJob(
                 tenant=owner,
@@ -172,14 +175,15 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         s = svc()
         outcome = s.jobs.transition(owner, external_id, verb)
         job = outcome.job
-        if verb in ("start", "resume", "retry") and job.status == JobStatus.QUEUED:
-            # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
-            s.queue.enqueue(external_id)
         if outcome.changed:
+            # Published before the job is enqueued, so a fast consumer's "running" comes after it.
             events = [("status", {"status": job.status.value})]
             if job.status.terminal:
                 events.append(("done", {"status": job.status.value}))
             s.events.publish_many(external_id, events)
+        if verb in ("start", "resume", "retry") and job.status == JobStatus.QUEUED:
+            # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
+            s.queue.enqueue(external_id)
             if outcome.previous == JobStatus.RUNNING and verb in ("pause", "cancel"):
                 # The consumer's watcher aborts the provider stream on this, within milliseconds.
                 s.redis.publish(control_channel(external_id), verb)
@@ -219,7 +223,7 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
     @edge
     def get_section(external_id, index):
         job = load_job(external_id)
-        if not index.isdigit():
+        if not (index.isascii() and index.isdigit()):
             raise BadRequest(f"The section index must be a whole number from 0, got {index!r}.")
         s = svc()
         sections = {section.idx: section for section in s.jobs.sections(job.id)}
@@ -279,6 +283,20 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
     return app
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """JSON objects whose keys repeat are refused: which value was meant is anyone's guess."""
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
 def _as_answer(response: Response) -> Answer:
     return Answer(response.status_code, response.body)
 
@@ -296,7 +314,7 @@ def _int_param(params: dict, name: str, *, default: int, lo: int, hi: int) -> in
     raw = params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
         raise BadRequest(f"{name} must be a whole number from {lo} to {hi}, got {raw!r}.")
     return int(raw)
 

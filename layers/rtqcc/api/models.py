@@ -24,7 +24,7 @@ class ParamsIn(_Strict):
 
 class BudgetIn(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
-    max_cost_usd: float | None = Field(default=None, gt=0)
+    max_cost_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class CreateJobIn(_Strict):
@@ -94,6 +94,9 @@ class Usage(_Out):
     attempts: int | None = None
     reported: TokenFigures | None = None
     counted: TokenFigures | None = None
+    difference: TokenFigures | None = Field(default=None, description="Reported minus counted, where reported")
+    cost_usd: float | None = Field(default=None, description="From the price table; null when a model has no price")
+    cost_note: str | None = None
 
 
 class Links(_Out):

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from ..errors import ApiError
 from ..services import Services
+from ..sse import JobEventStream
 from .access import SSE_HEADERS, open_job_stream
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,20 @@ class StreamingAnswer:
     chunks: Iterator[bytes]
 
 
-def create_stream_handler(services_factory: Callable[[], Services]) -> Callable[[dict, object], StreamingAnswer]:
+@dataclass
+class OpenedStream:
+    """A stream that passed auth and found its job, ready to be served."""
+
+    stream: JobEventStream
+    heartbeat_s: float
+    retry_ms: int
+
+
+def create_stream_opener(services_factory: Callable[[], Services]) -> Callable[[dict], OpenedStream | StreamingAnswer]:
+    """Authorize and position a stream request; an error (or 204) comes back as the answer."""
     services: list[Services] = []
 
-    def handler(event: dict, context: object) -> StreamingAnswer:
+    def open_stream(event: dict) -> OpenedStream | StreamingAnswer:
         if not services:
             services.append(services_factory())
         s = services[0]
@@ -39,7 +50,6 @@ def create_stream_handler(services_factory: Callable[[], Services]) -> Callable[
             stream = open_job_stream(s, headers, event.get("queryStringParameters") or {}, external_id)
             if stream.seen_the_end():
                 return StreamingAnswer(204, {}, iter(()))
-            frames = stream.frames(heartbeat_s=s.settings.sse_heartbeat_s)
         except ApiError as exc:
             return _error(exc.status, exc.code, exc.message, exc.headers)
         except RedisError as exc:
@@ -48,8 +58,20 @@ def create_stream_handler(services_factory: Callable[[], Services]) -> Callable[
         except Exception:
             log.exception("unhandled error opening the stream of %s", external_id)
             return _error(500, "internal_error", "Something went wrong on our side; it has been logged.")
-        retry = f"retry: {s.settings.sse_retry_ms}\n\n"
-        return StreamingAnswer(200, dict(SSE_HEADERS), _encoded(retry, frames))
+        return OpenedStream(stream, s.settings.sse_heartbeat_s, s.settings.sse_retry_ms)
+
+    return open_stream
+
+
+def create_stream_handler(services_factory: Callable[[], Services]) -> Callable[[dict, object], StreamingAnswer]:
+    open_stream = create_stream_opener(services_factory)
+
+    def handler(event: dict, context: object) -> StreamingAnswer:
+        opened = open_stream(event)
+        if isinstance(opened, StreamingAnswer):
+            return opened
+        frames = opened.stream.frames(heartbeat_s=opened.heartbeat_s)
+        return StreamingAnswer(200, dict(SSE_HEADERS), _encoded(f"retry: {opened.retry_ms}\n\n", frames))
 
     return handler
 

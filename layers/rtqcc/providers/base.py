@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from ..abort import AbortSignal
+from ..errors import ProviderError, RtqccError
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,19 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class CallUsage:
+    """What one HTTP call to the provider cost. One `stream()` may make several (a cut stream
+    continued from its text); each is paid for, so each is recorded."""
+
+    reported_prompt_tokens: int | None     # None: the server sent no usage (aborted, cut, not asked)
+    reported_completion_tokens: int | None
+    counted_prompt_tokens: int             # our own count of what was sent ...
+    counted_completion_tokens: int         # ... and of what came back
+    finish_reason: str | None
+    aborted: str | None = None
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str                          # what this call produced, without the prefix
     finish_reason: str | None          # None: the stream ended without one (aborted or cut)
@@ -27,6 +41,43 @@ class GenerationResult:
     reported_completion_tokens: int | None = None
     aborted: str | None = None         # the abort reason, if the stream was stopped on purpose
     extra: dict[str, Any] = field(default_factory=dict)
+    # One entry per HTTP call that reached the model, in order. Empty: the provider made one
+    # call and the caller counts it from the request and `text` (the fake provider).
+    calls: list[CallUsage] = field(default_factory=list)
+
+
+CONTINUE_INSTRUCTION = "Continue exactly where the text stops; do not repeat anything."
+
+
+def chat_messages(request: GenerationRequest, prefix: str) -> list[dict[str, str]]:
+    """The chat messages of a request: system, user prompt, and, to continue text already
+    written, that text as the assistant's turn followed by an instruction to go on from it."""
+    messages = []
+    if request.system:
+        messages.append({"role": "system", "content": request.system})
+    messages.append({"role": "user", "content": request.prompt})
+    if prefix:
+        messages.append({"role": "assistant", "content": prefix})
+        messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
+    return messages
+
+
+class ProviderRefused(ProviderError):
+    """The server refused the work in a way a retry will not fix (no quota, bad key, unknown model).
+    `partial` holds what earlier calls of the same answer produced and cost, if any."""
+
+    def __init__(self, message: str, *, partial: GenerationResult | None = None):
+        super().__init__(message)
+        self.partial = partial
+
+
+class QuotaExceeded(ProviderRefused):
+    """The account behind the API key has no quota left (`insufficient_quota`)."""
+
+
+class ProviderUnavailable(RtqccError):
+    """The server kept refusing or could not be reached (rate limits, 5xx, network) after every
+    retry. Transient: the job is handed back, not failed."""
 
 
 class Provider(Protocol):

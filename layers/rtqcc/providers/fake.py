@@ -49,8 +49,9 @@ class FakeProvider:
         return GenerationResult(
             text=text,
             finish_reason="stop",
-            reported_prompt_tokens=count_tokens(request.system) + count_tokens(request.prompt + request.prefix),
-            reported_completion_tokens=count_tokens(text),
+            reported_prompt_tokens=(count_tokens(request.system, request.model)
+                                    + count_tokens(request.prompt + request.prefix, request.model)),
+            reported_completion_tokens=count_tokens(text, request.model),
         )
 
     def full_text(self, request: GenerationRequest) -> str:

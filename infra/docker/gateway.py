@@ -1,0 +1,69 @@
+"""The gateway for containers (docker-compose, Kubernetes): the emulator's API Gateway over uvicorn,
+listening on all interfaces, serving the same handlers as Lambda does.
+
+Unlike `rtqcc up`, it starts no embedded service and no consumer scheduler: Redis, Postgres and S3
+are configured (REDIS_URL, DATABASE_URL, S3_*) and the consumers are containers of their own
+(`rtqcc consume --loop`). The schema is applied beforehand by `rtqcc migrate`.
+
+    python infra/docker/gateway.py --port 8080 [--sse streaming|buffered]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Mapping
+
+from starlette.applications import Starlette
+
+from rtqcc.api import create_app
+from rtqcc.api.streaming import create_stream_handler
+from rtqcc.errors import ConfigError
+from rtqcc.logs import configure_logging
+from rtqcc.services import Services
+from rtqcc.settings import Settings
+from rtqcc_emulator.gateway import Gateway, GatewayConfig
+from rtqcc_emulator.server import create_http_app
+
+# Their defaults point at 127.0.0.1, which in a container is the container itself.
+REQUIRED = ("REDIS_URL", "DATABASE_URL")
+
+
+def build_app(environ: Mapping[str, str], *, streaming: bool = True, integration_timeout_s: float = 29.0) -> Starlette:
+    missing = [name for name in REQUIRED if not environ.get(name)]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} must be set for the gateway container")
+    services = Services(Settings.from_env(environ))
+    gateway = Gateway(
+        create_app(lambda: services),
+        stream_handler=create_stream_handler(lambda: services),
+        config=GatewayConfig(streaming=streaming, integration_timeout_s=integration_timeout_s),
+    )
+    # No API key in the page: anyone who can load it would get one.
+    return create_http_app(gateway, page_config={})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="rtqcc-gateway", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--sse", choices=["streaming", "buffered"], default="streaming",
+                        help="streaming: frames flow as produced; buffered: like API Gateway REST (long-poll)")
+    parser.add_argument("--integration-timeout-s", type=float, default=29.0)
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        app = build_app(os.environ, streaming=args.sse == "streaming", integration_timeout_s=args.integration_timeout_s)
+    except ConfigError as exc:
+        print(f"rtqcc-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, proxy_headers=True,
+                forwarded_allow_ips="*", timeout_graceful_shutdown=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

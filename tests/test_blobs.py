@@ -1,0 +1,35 @@
+"""Content in S3: through boto3 against an endpoint, or through localstack-client."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from rtqcc.blobs import BlobMissing, S3BlobStore, manuscript_key, section_key
+from rtqcc.settings import Settings
+
+import pytest
+
+
+def test_keys_are_deterministic():
+    assert section_key("RTQCC-X", 3) == "manuscripts/RTQCC-X/sections/3.md"
+    assert manuscript_key("RTQCC-X") == "manuscripts/RTQCC-X/manuscript.md"
+
+
+def test_the_client_is_made_on_first_use(base_settings, blob_store):
+    store = S3BlobStore.from_settings(base_settings.with_overrides(s3_create_bucket=False))
+    assert callable(store._client)  # nothing built yet: a cold start that never stores pays nothing
+    store.put("probe/first-use.md", b"x")
+    assert not callable(store._client) or hasattr(store._client, "put_object")
+
+
+def test_a_localstack_host_gives_a_localstack_client_session(s3_endpoint, blob_store):
+    host = urlsplit(s3_endpoint).netloc  # the S3 server plays LocalStack's edge
+    settings = Settings.from_env({"LOCALSTACK_HOST": host, "S3_BUCKET": blob_store.bucket,
+                                  "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"})
+    assert settings.s3_create_bucket and settings.s3_endpoint_url is None
+    store = S3BlobStore.from_settings(settings)
+    assert store.client.meta.endpoint_url == f"http://{host}"
+    store.put("a/b.md", "héllo".encode())
+    assert store.get("a/b.md").decode() == "héllo"
+    with pytest.raises(BlobMissing):
+        store.get("a/missing.md")
