@@ -29,7 +29,18 @@ def test_a_running_job_whose_consumer_vanished_is_requeued_but_a_live_one_is_not
 
 
 def test_recently_queued_jobs_are_left_to_the_queue(api, services):
+    assert sweep(services).queue_was_lost  # a fresh Redis: nothing known about the queue yet
     external_id = api.create(section_count=1)
     api.post(f"/jobs/{external_id}/start")
     assert sweep(services).requeued == []
     assert sweep(services, queued_stale_after_s=0).requeued == [external_id]
+
+
+def test_redis_loss_is_seen_even_when_a_consumer_recreated_the_queue_first(api, services, redis_client):
+    assert not sweep(services).requeued
+    external_id = api.create(section_count=1)
+    api.post(f"/jobs/{external_id}/start")
+    redis_client.flushdb()
+    services.queue.ensure_group()  # a consumer reconnects before the sweeper runs
+    result = sweep(services)
+    assert result.queue_was_lost and result.requeued == [external_id]

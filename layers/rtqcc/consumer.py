@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # Failures of a service that will come back: the consumer waits them out instead of crashing.
 TRANSIENT_ERRORS = (ServiceUnavailable, RedisError, OSError, InterfaceError)
+# Of those, the ones that are our storage being away (not the provider, not a bug): a job
+# interrupted by them is retried without counting toward its poison limit.
+OUTAGE_ERRORS = (ServiceUnavailable, RedisError, InterfaceError)
 
 
 @dataclass
@@ -208,10 +211,14 @@ class Consumer:
             result.processed += 1
             return
         except Exception as exc:
-            # Transient (a service hiccup, a cut stream): hand the job back; its checkpoints stand.
-            level = logging.INFO if isinstance(exc, StreamCut) else logging.ERROR
-            log.log(level, "job %s interrupted, requeued: %s", job.external_id, exc, exc_info=level == logging.ERROR)
-            self._hand_back(job, lease, delivery, result, error=f"{type(exc).__name__}: {exc}"[:1000])
+            # Hand the job back; its checkpoints stand. A service outage is waited out without
+            # counting against the job; anything else (a cut stream, a bug) counts toward poison.
+            outage = isinstance(exc, OUTAGE_ERRORS)
+            level = logging.INFO if isinstance(exc, StreamCut) else logging.WARNING if outage else logging.ERROR
+            log.log(level, "job %s interrupted, retried later: %s", job.external_id, exc,
+                    exc_info=level == logging.ERROR)
+            self._hand_back(job, lease, delivery, result, error=f"{type(exc).__name__}: {exc}"[:1000],
+                            failed=not outage)
             return
         finally:
             self._running = None
@@ -243,12 +250,12 @@ class Consumer:
             self._hand_back(job, lease, delivery, result)
 
     def _hand_back(self, job: Job, lease: Lease, delivery: Delivery, result: DrainResult,
-                   error: str | None = None) -> None:
+                   error: str | None = None, failed: bool = False) -> None:
         """Give an unfinished job back. After progress (budget spent, shutting down) it goes
         straight back on the queue; after an error its message stays pending, so it is retried
         only when another consumer claims it, a lease's length later: a backoff, not a hot loop."""
         try:
-            self.services.jobs.release_lease(lease, requeue=True, error=error)
+            self.services.jobs.release_lease(lease, requeue=True, error=error, failed=failed)
         except Exception as exc:  # the lease expires by itself; the message is still pending
             log.warning("could not release the lease of %s: %s", job.external_id, exc)
             return

@@ -90,10 +90,16 @@ class EventLog:
         first = info.get("first-entry")
         if first is None:
             return False
-        if info.get("entries-added") == info.get("length"):
-            return True  # nothing was ever trimmed (Redis 7 reports entries-added)
-        # Trimmed: only an id at or after the oldest kept entry is provably complete.
-        return stream_id_tuple(after_id) >= stream_id_tuple(first[0])
+        first_id, fields = first
+        if stream_id_tuple(after_id) >= stream_id_tuple(first_id):
+            return True
+        # An earlier id is complete only if nothing was ever before the first entry: the job's
+        # own first event is still there (neither trimmed, nor lost with a Redis restart).
+        return _is_creation(fields)
+
+
+def _is_creation(fields: dict[str, str]) -> bool:
+    return fields.get("type") == "status" and json.loads(fields.get("data") or "{}").get("status") == "created"
 
 
 def _to_event(entry_id: str, fields: dict[str, str]) -> Event:

@@ -85,6 +85,7 @@ class Section:
     partial_text: str
     content_key: str | None
     content_sha256: str | None
+    content_chars: int | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> "Section":
@@ -96,6 +97,7 @@ class Section:
             partial_text=row["partial_text"],
             content_key=row["content_key"],
             content_sha256=row["content_sha256"],
+            content_chars=row["content_chars"],
         )
 
 
@@ -204,7 +206,7 @@ class JobStore:
 
     def sections(self, job_id: int) -> list[Section]:
         rows = self.db.rows(
-            "SELECT idx, title, brief, status, partial_text, content_key, content_sha256"
+            "SELECT idx, title, brief, status, partial_text, content_key, content_sha256, content_chars"
             " FROM sections WHERE job_id = :j ORDER BY idx",
             j=job_id,
         )
@@ -312,14 +314,16 @@ class JobStore:
         assert row is not None
         return JobStatus(row["status"])
 
-    def release_lease(self, lease: Lease, *, requeue: bool = False, error: str | None = None) -> JobStatus | None:
-        """Give the job up. With `requeue`, a still-running job goes back to `queued`; with
-        `error`, the run counts as failed (the poison counter). Returns the job's status after,
-        or None if the lease was already lost."""
+    def release_lease(self, lease: Lease, *, requeue: bool = False, error: str | None = None,
+                      failed: bool = False) -> JobStatus | None:
+        """Give the job up. With `requeue`, a still-running job goes back to `queued`; `error` is
+        recorded, and with `failed` the run counts toward the poison limit (a service outage does
+        not: it is the service's failure, not the job's). Returns the job's status after, or None
+        if the lease was already lost."""
         row = self.db.row(
             "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),"
             " status = CASE WHEN :requeue AND status = 'running' THEN 'queued' ELSE status END,"
-            " failures = failures + CASE WHEN CAST(:error AS text) IS NULL THEN 0 ELSE 1 END,"
+            " failures = failures + CASE WHEN :failed THEN 1 ELSE 0 END,"
             " error = COALESCE(CAST(:error AS text), error)"
             " WHERE id = :j AND lease_version = :v AND lease_owner = :owner RETURNING status",
             j=lease.job_id,
@@ -327,6 +331,7 @@ class JobStore:
             owner=lease.owner,
             requeue=requeue,
             error=error,
+            failed=failed,
         )
         return JobStatus(row["status"]) if row else None
 

@@ -84,6 +84,8 @@ class ManuscriptOrchestrator:
             if not self._write_outline(job, lease, abort):
                 return self._stopped(job, lease, abort, 0)
             sections = self.jobs.sections(job.id)
+        else:
+            self._announce_last_done(job, sections)
 
         texts: dict[int, str] = {}
         written = 0
@@ -123,6 +125,16 @@ class ManuscriptOrchestrator:
             "spent": {"total_tokens": tokens, "cost_usd": money(cost)},
         })
         return RunOutcome(status=JobStatus.PAUSED, stopped_by=BUDGET_EXCEEDED, sections_written=written)
+
+    def _announce_last_done(self, job: Job, sections: list[Section]) -> None:
+        """A run that died between marking a section done and announcing it left watchers
+        without its `section.completed`. Only the last done section can be in that state (they
+        are written in order), so a resumed run announces it again; watchers take it as a no-op."""
+        done = [s for s in sections if s.status == SectionStatus.DONE]
+        if done:
+            usage = self.jobs.usage_by_section(job.id)
+            self.events.publish(job.external_id, "section.completed", {
+                "index": done[-1].idx, "chars": done[-1].content_chars, "usage": public_usage(usage.get(done[-1].idx))})
 
     def fail(self, job: Job, lease: Lease, reason: str) -> bool:
         if not self.jobs.finish(lease, JobStatus.FAILED, error=reason):

@@ -10,6 +10,7 @@ from .idempotency import IdempotencyStore
 from .services import Services
 
 IDEMPOTENCY_KEEP_S = 24 * 3600
+ALIVE_MARKER = "rtqcc:sweeper:alive"
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ def sweep(services: Services, *, queued_stale_after_s: float = 600.0) -> SweepRe
     whose lease expired and queued jobs nobody has picked up for `queued_stale_after_s`.
     A job enqueued twice is harmless: the second delivery finds it leased or done."""
     queue = services.queue
-    lost = not services.redis.exists(queue.stream)
+    # A marker only the sweeper writes: missing means Redis lost its data since the last sweep
+    # (the queue itself cannot tell: a consumer reconnecting recreates it empty).
+    lost = bool(services.redis.set(ALIVE_MARKER, "1", nx=True))
     queue.ensure_group()
     rows = services.db.rows(
         "SELECT external_id FROM jobs WHERE (status = 'running' AND (lease_owner IS NULL OR lease_expires_at < now()))"

@@ -1,0 +1,187 @@
+"""The fault suite's oracle: whatever was killed, cut or restarted, Postgres, S3 and Redis must
+agree about every job afterwards.
+
+For each job it checks:
+- every section marked done points at `manuscripts/{id}/sections/{n}.md`, that object exists,
+  and its SHA-256 and length are what Postgres recorded (nothing marked done that is not stored);
+- no stray objects under the job's prefix (nothing stored twice under another name);
+- a completed job has every section done and a manuscript at `manuscripts/{id}/manuscript.md`
+  that holds each section's text exactly once, in order, under its heading;
+- with the deterministic fake provider, each section's text is exactly what one uninterrupted
+  generation gives: a resumed or regenerated section neither repeats nor drops a token;
+- the job is completed, failed, cancelled, paused or queued, or running under a live lease or
+  with a message still waiting for it: never stuck `running` with no one to finish it.
+
+`TALLY` adds up the jobs checked and the sections lost or duplicated across the suite."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from redis import Redis
+from redis.exceptions import ResponseError
+
+from rtqcc.blobs import BlobMissing, manuscript_key, section_key
+from rtqcc.db import Database
+from rtqcc.jobs import JobStore
+from rtqcc.orchestrator import assemble
+from rtqcc.prompts import section_request
+from rtqcc.providers.fake import FakeProvider
+from rtqcc.status import JobStatus, SectionStatus
+from rtqcc.work_queue import GROUP, STREAM
+
+SETTLED = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED, JobStatus.QUEUED}
+
+
+@dataclass
+class Verdict:
+    external_id: str
+    status: str
+    sections: int = 0
+    lost: list[int] = field(default_factory=list)        # sections whose stored content is gone or wrong
+    duplicated: list[int] = field(default_factory=list)  # sections whose text appears more than once
+    problems: list[str] = field(default_factory=list)    # anything else that breaks the contract
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicated or self.problems)
+
+    def __str__(self) -> str:
+        return (f"{self.external_id} ({self.status}, {self.sections} sections): lost {self.lost}, "
+                f"duplicated {self.duplicated}, problems {self.problems}")
+
+
+@dataclass
+class Tally:
+    jobs: int = 0
+    lost: int = 0
+    duplicated: int = 0
+
+    def add(self, verdict: Verdict) -> None:
+        self.jobs += 1
+        self.lost += len(verdict.lost)
+        self.duplicated += len(verdict.duplicated)
+
+    def line(self) -> str:
+        return f"jobs {self.jobs}, sections lost {self.lost}, duplicated {self.duplicated}"
+
+
+TALLY = Tally()
+
+
+def has_waiting_message(redis: Redis, external_id: str) -> bool:
+    """A message for the job that some consumer will still handle: not yet delivered, or
+    delivered and not acknowledged (pending, so it is reclaimed if its consumer died)."""
+    try:
+        groups = {g["name"]: g for g in redis.xinfo_groups(STREAM)}
+    except ResponseError:
+        return False
+    group = groups.get(GROUP)
+    last_delivered = _id(group["last-delivered-id"]) if group else (0, 0)
+    pending = {row["message_id"] for row in redis.xpending_range(STREAM, GROUP, min="-", max="+", count=100_000)} \
+        if group else set()
+    return any(fields.get("externalId") == external_id and (entry_id in pending or _id(entry_id) > last_delivered)
+               for entry_id, fields in redis.xrange(STREAM))
+
+
+def check_job(external_id: str, *, db: Database, blobs, redis: Redis, provider: FakeProvider | None = None) -> Verdict:
+    jobs = JobStore(db)
+    job = jobs.get_by_external_id(external_id)
+    if job is None:
+        return Verdict(external_id, "missing", problems=["no such job in Postgres"])
+    verdict = Verdict(external_id, job.status.value)
+    lease = db.row("SELECT lease_owner, lease_expires_at > now() AS live FROM jobs WHERE id = :j", j=job.id)
+    if job.status not in SETTLED and not (job.status == JobStatus.RUNNING and lease["live"]) \
+            and not has_waiting_message(redis, external_id):
+        verdict.problems.append(f"stuck {job.status.value}: lease {lease}, and no message waits for it")
+
+    sections = jobs.sections(job.id)
+    verdict.sections = len(sections)
+    rows = {row["idx"]: row for row in db.rows("SELECT idx, content_chars FROM sections WHERE job_id = :j", j=job.id)}
+    texts: dict[int, str] = {}
+    for section in sections:
+        if section.status != SectionStatus.DONE:
+            if job.status == JobStatus.COMPLETED:
+                verdict.lost.append(section.idx)
+                verdict.problems.append(f"section {section.idx} is {section.status.value} in a completed job")
+            continue
+        if section.content_key != section_key(external_id, section.idx):
+            verdict.problems.append(f"section {section.idx} points at {section.content_key!r}")
+        try:
+            body = blobs.get(section.content_key)
+        except BlobMissing:
+            verdict.lost.append(section.idx)
+            verdict.problems.append(f"section {section.idx} is done but {section.content_key} is not in S3")
+            continue
+        if hashlib.sha256(body).hexdigest() != section.content_sha256:
+            verdict.lost.append(section.idx)
+            verdict.problems.append(f"section {section.idx}: S3 holds other bytes than Postgres's sha256 says")
+            continue
+        texts[section.idx] = body.decode("utf-8")
+        if rows[section.idx]["content_chars"] != len(texts[section.idx]):
+            verdict.problems.append(f"section {section.idx}: {len(texts[section.idx])} chars stored, "
+                                    f"{rows[section.idx]['content_chars']} recorded")
+
+    if provider is not None:  # the text one uninterrupted generation gives, section by section
+        for section in sections:
+            if section.idx not in texts or (section.idx > 0 and section.idx - 1 not in texts):
+                continue
+            previous = texts[section.idx - 1] if section.idx > 0 else ""
+            expected = provider.full_text(section_request(job, sections, section, previous))
+            got = texts[section.idx]
+            if got != expected:
+                if got.count(expected[: max(20, len(expected) // 3)]) > 1 or len(got) > len(expected):
+                    verdict.duplicated.append(section.idx)
+                else:
+                    verdict.lost.append(section.idx)
+                verdict.problems.append(f"section {section.idx} is not what one uninterrupted generation gives "
+                                        f"({len(got)} chars, expected {len(expected)})")
+
+    stray = _stray_objects(blobs, external_id, len(sections))
+    if stray:
+        verdict.problems.append(f"objects no section owns: {stray}")
+
+    if job.status == JobStatus.COMPLETED and len(texts) == len(sections):
+        _check_manuscript(verdict, job, sections, texts, blobs)
+    TALLY.add(verdict)
+    return verdict
+
+
+def _check_manuscript(verdict: Verdict, job, sections, texts: dict[int, str], blobs) -> None:
+    key = manuscript_key(job.external_id)
+    if job.manuscript_key != key:
+        verdict.problems.append(f"the manuscript key is {job.manuscript_key!r}, not {key!r}")
+    try:
+        manuscript = blobs.get(key).decode("utf-8")
+    except BlobMissing:
+        verdict.problems.append(f"completed, but {key} is not in S3")
+        return
+    position = 0
+    for section in sections:
+        body = texts[section.idx].strip()
+        found = manuscript.count(body)
+        if found == 0:
+            verdict.lost.append(section.idx)
+        elif found > 1:
+            verdict.duplicated.append(section.idx)
+        at = manuscript.find(f"## {section.title}\n\n{body}\n", position)
+        if found == 1 and at < 0:
+            verdict.problems.append(f"section {section.idx} is out of order or under the wrong heading")
+        position = max(position, at)
+    if manuscript != assemble(job.title, [(s.title, texts[s.idx]) for s in sections]):
+        verdict.problems.append("the manuscript is not the assembly of its stored sections")
+
+
+def _stray_objects(blobs, external_id: str, count: int) -> list[str]:
+    client = getattr(blobs, "client", None)
+    if client is None:
+        return []
+    expected = {section_key(external_id, i) for i in range(count)} | {manuscript_key(external_id)}
+    found = client.list_objects_v2(Bucket=blobs.bucket, Prefix=f"manuscripts/{external_id}/")
+    return sorted(obj["Key"] for obj in found.get("Contents", []) if obj["Key"] not in expected)
+
+
+def _id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
