@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from conftest import job_events, wait_for
 
 from rtqcc.tokens import count_tokens
@@ -139,3 +143,21 @@ def test_a_paused_queued_job_is_not_run_until_resumed(api, run_consumer):
     assert api.get(f"/jobs/{external_id}").json_body["status"] == "paused"
     api.post(f"/jobs/{external_id}/resume")
     assert run_consumer().completed == 1
+
+
+@pytest.mark.parametrize("verb", ["pause", "cancel"])
+def test_control_reaches_the_running_stream_through_redis_not_the_postgres_poll(api, start_consumer, redis_client,
+                                                                              database, verb):
+    external_id = api.create(outline=OUTLINE, params={"max_tokens_per_section": 2000})
+    api.post(f"/jobs/{external_id}/start")
+    consumer = start_consumer(fake_tokens_per_s=100.0, control_poll_s=30.0)  # the poll would take 30 s
+    _first_delta(redis_client, external_id)
+    started = time.monotonic()
+    api.post(f"/jobs/{external_id}/{verb}")
+    wait_for(lambda: database.row(
+        "SELECT COUNT(*)::int AS n FROM generation_attempts a JOIN jobs j ON j.id = a.job_id"
+        " WHERE j.external_id = :e AND a.aborted IS NOT NULL", e=external_id)["n"], timeout_s=5,
+        what=f"the {verb} to stop the provider stream")
+    assert time.monotonic() - started < 1.0
+    consumer.consumer.shut_down()
+    consumer.join()

@@ -181,12 +181,12 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
             if job.status.terminal:
                 events.append(("done", {"status": job.status.value}))
             s.events.publish_many(external_id, events)
-        if verb in ("start", "resume", "retry") and job.status == JobStatus.QUEUED:
-            # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
-            s.queue.enqueue(external_id)
             if outcome.previous == JobStatus.RUNNING and verb in ("pause", "cancel"):
                 # The consumer's watcher aborts the provider stream on this, within milliseconds.
                 s.redis.publish(control_channel(external_id), verb)
+        if verb in ("start", "resume", "retry") and job.status == JobStatus.QUEUED:
+            # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
+            s.queue.enqueue(external_id)
         return Response(body=job_document(s.jobs, job), status_code=202)
 
     @app.route("/jobs/{external_id}/retry", methods=["POST"], content_types=["*/*"])
