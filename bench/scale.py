@@ -21,8 +21,8 @@ from rtqcc.services import Services
 from rtqcc.settings import Settings
 from rtqcc.work_queue import GROUP, STREAM
 
-from .cold_start import service_env
-from .stack import BENCH_KEY, fresh_services, percentile
+
+from .stack import BENCH_KEY, fresh_services, percentile, service_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_EVERY_S = 0.5

@@ -69,3 +69,30 @@ def summary_ms(values_s: list[float]) -> dict:
     ms = [v * 1000 for v in values_s]
     return {"n": len(ms), "p50_ms": round(percentile(ms, 50), 2), "p99_ms": round(percentile(ms, 99), 2),
             "mean_ms": round(statistics.fmean(ms), 2) if ms else None}
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a function sees, pointing at the bench services (nothing from the caller's
+    RTQCC_, OPENAI_ or service variables leaks in)."""
+    dropped = ("RTQCC_", "OPENAI_", "REDIS_", "DATABASE_", "S3_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+    env.update({
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+        "S3_BUCKET": settings.s3_bucket,
+        "S3_CREATE_BUCKET": "false",  # the bucket exists, as in a deployment
+        "AWS_DEFAULT_REGION": settings.s3_region,
+        "RTQCC_PROVIDER": "fake",
+        "RTQCC_API_KEYS": ",".join(f"{key}:{tenant}" for key, tenant in settings.api_keys.items()),
+        "RTQCC_FAKE_TOKENS_PER_S": str(settings.fake_tokens_per_s),
+        "RTQCC_CONSUMER_IDLE_EXIT_MS": str(settings.consumer_idle_exit_ms),
+        "RTQCC_CONSUMER_SAFETY_MARGIN_MS": str(settings.consumer_safety_margin_ms),
+    })
+    # Unset in the settings: the caller's own credential chain (bench_settings puts keys in os.environ).
+    if settings.aws_access_key_id:
+        env["AWS_ACCESS_KEY_ID"] = settings.aws_access_key_id
+    if settings.aws_secret_access_key:
+        env["AWS_SECRET_ACCESS_KEY"] = settings.aws_secret_access_key
+    env.update(extra)
+    return env

@@ -16,7 +16,7 @@ from rtqcc.providers.base import GenerationRequest
 from rtqcc.providers.fake import FakeProvider
 from rtqcc.services import Services
 
-from .stack import fresh_services
+from .stack import fresh_services, service_env
 
 SECTIONS_PER_JOB = 5
 TOKENS_PER_SECTION = 120
@@ -57,8 +57,6 @@ def ours(settings, jobs: int) -> float:
 def ours_in_processes(settings, jobs: int, consumers: int) -> float:
     """Consumers as separate processes (like Lambda invocations); timed by Postgres, from the
     first job taken to the last one finished, so process start-up is not counted."""
-    from .cold_start import service_env
-
     services = fresh_services(settings)
     _enqueue_jobs(services, jobs)
     env = service_env(settings, RTQCC_CONSUMER_IDLE_EXIT_MS="500")

@@ -262,6 +262,12 @@ def parse_sse(body: str) -> list[dict]:
     return events
 
 
+def section_texts(api, external_id: str) -> list[str]:
+    """The stored content of every section of a job, in order."""
+    job = api.get(f"/jobs/{external_id}").json_body
+    return [api.get(f"/jobs/{external_id}/sections/{s['index']}").json_body["content"] for s in job["sections"]]
+
+
 def job_events(redis_client, external_id: str) -> list[dict]:
     """Everything published for a job, from its event stream."""
     import json

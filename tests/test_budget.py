@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import json
 
-from conftest import job_events
+from conftest import job_events, section_texts
 
 OUTLINE = [{"title": "Beginnings", "brief": "how it started"}, {"title": "Endings", "brief": "how it ends"}]
 PARAMS = {"max_tokens_per_section": 200}
 
 pytest_plugins = ["openai_fixtures"]  # the local OpenAI-compatible server and its providers
-
-
-def _texts(api, external_id):
-    job = api.get(f"/jobs/{external_id}").json_body
-    return [api.get(f"/jobs/{external_id}/sections/{s['index']}").json_body["content"] for s in job["sections"]]
 
 
 def _billed(database, external_id) -> int:
@@ -38,7 +33,7 @@ def test_the_job_pauses_the_moment_it_would_pass_its_token_budget_and_resumes_on
     reference = api.create(outline=OUTLINE, params=PARAMS)
     api.post(f"/jobs/{reference}/start")
     assert run_consumer(services=services).completed == 1
-    expected = _texts(api, reference)
+    expected = section_texts(api, reference)
     first_prompt = llm.requests[0].usage["prompt_tokens"]
     llm.reset()
 
@@ -76,7 +71,7 @@ def test_the_job_pauses_the_moment_it_would_pass_its_token_budget_and_resumes_on
     _set_budget(database, external_id, {"max_tokens": 100_000})
     api.post(f"/jobs/{external_id}/resume")
     assert run_consumer(services=services).completed == 1
-    assert _texts(api, external_id) == expected
+    assert section_texts(api, external_id) == expected
     assert llm.requests[1].messages[-2] == {"role": "assistant", "content": partial}
 
 

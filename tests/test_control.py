@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import job_events, wait_for
+from conftest import job_events, section_texts, wait_for
 
 from rtqcc.tokens import count_tokens
 
@@ -14,17 +14,12 @@ OUTLINE = [{"title": "Beginnings", "brief": "how it started"}, {"title": "Ending
 SLOW = {"fake_tokens_per_s": 150.0}
 
 
-def _section_texts(api, external_id):
-    job = api.get(f"/jobs/{external_id}").json_body
-    return [api.get(f"/jobs/{external_id}/sections/{s['index']}").json_body["content"] for s in job["sections"]]
-
-
 def _reference_texts(api, run_consumer, **fields):
     """The same job run without interruption: what every interrupted run must end up with."""
     reference = api.create(**fields)
     api.post(f"/jobs/{reference}/start")
     assert run_consumer().completed == 1
-    return _section_texts(api, reference)
+    return section_texts(api, reference)
 
 
 def _first_delta(redis_client, external_id):
@@ -58,7 +53,7 @@ def test_pause_mid_section_then_resume_writes_each_section_once(api, run_consume
     assert api.post(f"/jobs/{external_id}/resume").json_body["status"] == "queued"
     assert run_consumer().completed == 1
 
-    assert _section_texts(api, external_id) == expected
+    assert section_texts(api, external_id) == expected
     manuscript = api.get(f"/jobs/{external_id}/manuscript").body.decode()
     for title, text in zip(("Beginnings", "Endings"), expected):
         assert manuscript.count(f"## {title}") == 1

@@ -5,7 +5,7 @@ cut streams, pause and resume, quota errors, and models without a price."""
 from __future__ import annotations
 
 import pytest
-from conftest import job_events, wait_for
+from conftest import job_events, section_texts, wait_for
 
 from rtqcc.pricing import DEFAULT_PRICES
 from rtqcc.tokens import count_tokens
@@ -14,11 +14,6 @@ OUTLINE = [{"title": "Beginnings", "brief": "how it started"}, {"title": "Ending
 PARAMS = {"max_tokens_per_section": 200}
 
 pytest_plugins = ["openai_fixtures"]  # the local OpenAI-compatible server and its providers
-
-
-def _texts(api, external_id):
-    job = api.get(f"/jobs/{external_id}").json_body
-    return [api.get(f"/jobs/{external_id}/sections/{s['index']}").json_body["content"] for s in job["sections"]]
 
 
 def _attempts(database, external_id, idx=None):
@@ -31,7 +26,7 @@ def _reference(api, run_consumer, services, **fields):
     external_id = api.create(**fields)
     api.post(f"/jobs/{external_id}/start")
     assert run_consumer(services=services).completed == 1
-    return _texts(api, external_id)
+    return section_texts(api, external_id)
 
 
 def test_a_full_job_runs_on_the_openai_provider_and_bills_what_the_server_reported(
@@ -89,7 +84,7 @@ def test_a_cut_section_is_continued_billed_per_call_and_marked_estimated(
 
     assert run_consumer(services=services).completed == 1
 
-    assert _texts(api, external_id) == expected  # nothing repeated, nothing lost
+    assert section_texts(api, external_id) == expected  # nothing repeated, nothing lost
     cut, continued, _second = llm.requests
     assert continued.messages[-2]["content"] == cut.text_sent
     rows = _attempts(database, external_id, 0)
@@ -146,7 +141,7 @@ def test_pause_closes_the_stream_and_resume_continues_the_kept_text(
     llm.set_pace(tokens_per_s=0)
     assert api.post(f"/jobs/{external_id}/resume").json_body["status"] == "queued"
     assert run_consumer(services=services).completed == 1
-    assert _texts(api, external_id) == expected
+    assert section_texts(api, external_id) == expected
     assert llm.requests[1].messages[-2] == {"role": "assistant", "content": partial}
     rows = _attempts(database, external_id, 0)
     assert [(r["aborted"], r["finish_reason"]) for r in rows] == [("pause", None), (None, "stop")]
