@@ -15,6 +15,7 @@ import logging
 from chalice import Rate
 
 from rtqcc.api import create_app
+from rtqcc.logs import configure_logging
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 
@@ -23,6 +24,7 @@ def _services() -> Services:
     return Services(Settings.from_env())
 
 
+configure_logging()  # JSON lines carrying externalId and requestId, for CloudWatch
 app = create_app(_services)
 
 # Each is built on its first invocation: the API function's containers never import or open them.

@@ -96,6 +96,9 @@ def _up(args: argparse.Namespace) -> int:
 
     from rtqcc_emulator.stack import LocalStack, StackOptions
 
+    from .logs import configure_logging
+
+    configure_logging("WARNING")
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
