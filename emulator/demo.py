@@ -4,7 +4,6 @@ section and the text as it is written), and the finished manuscript written to a
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from rich.console import Console, Group
@@ -86,7 +85,3 @@ def _run_job(console: Console, client: RtqccClient, *, sections: int, output: st
     console.print(f"\nmanuscript written to [bold]{path}[/] ({len(manuscript)} characters, "
                   f"{usage['total_tokens']} tokens{' (estimated)' if usage['estimated'] else ''})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_demo(sections=4, output=None, data_dir=".rtqcc"))

@@ -54,10 +54,7 @@ class EventLog:
         self._script = redis.register_script(_APPEND_AND_PUBLISH)
 
     def publish(self, external_id: str, type_: str, data: dict[str, Any]) -> str:
-        return self._script(
-            keys=[events_key(external_id)],
-            args=[self.maxlen, type_, json.dumps(data, separators=(",", ":")), EVENTS_TTL_S],
-        )
+        return self.publish_many(external_id, [(type_, data)])[0]
 
     def publish_many(self, external_id: str, events: list[tuple[str, dict[str, Any]]]) -> list[str]:
         pipe = self.redis.pipeline(transaction=False)

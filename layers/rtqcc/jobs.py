@@ -50,8 +50,6 @@ class Job:
     status: JobStatus
     status_reason: str | None
     error: str | None
-    lease_version: int
-    deliveries: int
     manuscript_key: str | None
 
     @classmethod
@@ -70,8 +68,6 @@ class Job:
             status=JobStatus(row["status"]),
             status_reason=row["status_reason"],
             error=row["error"],
-            lease_version=row["lease_version"],
-            deliveries=row["deliveries"],
             manuscript_key=row["manuscript_key"],
         )
 
@@ -145,7 +141,7 @@ class TransitionResult:
 
 _JOB_COLUMNS = (
     "id, external_id, tenant, title, brief, model, params, budget, metadata, section_count, status,"
-    " status_reason, error, lease_version, deliveries, manuscript_key"
+    " status_reason, error, manuscript_key"
 )
 
 
