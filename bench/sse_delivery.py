@@ -37,6 +37,9 @@ def _start_stack(settings, port: int, data_dir: Path) -> subprocess.Popen:
         "S3_BUCKET": settings.s3_bucket,
         "RTQCC_API_KEYS": f"{BENCH_KEY}:bench",
         "RTQCC_RATE_LIMIT_PER_MIN": "0",
+        # One tenant plays all 1,000 clients: lift its stream caps, or the bench measures the 429s.
+        "RTQCC_MAX_STREAMS_PER_TENANT": "100000",
+        "RTQCC_MAX_STREAMS_PER_KEY": "100000",
         "RTQCC_FAKE_TOKENS_PER_S": "40",
         "RTQCC_DELTA_FLUSH_MS": "0",
         "RTQCC_SSE_HEARTBEAT_S": "5",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import statistics
 import tempfile
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ def bench_settings() -> Iterator[Settings]:
     if not endpoint:
         server = SeaweedS3(Path(tempfile.mkdtemp(prefix="rtqcc-bench-s3-"))).start()
         endpoint = server.endpoint_url
+        os.environ["AWS_ACCESS_KEY_ID"] = server.credentials["access_key_id"]  # the only identity it takes
+        os.environ["AWS_SECRET_ACCESS_KEY"] = server.credentials["secret_access_key"]
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "rtqcc-bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rtqcc-bench")
     try:
@@ -35,6 +38,11 @@ def bench_settings() -> Iterator[Settings]:
             "S3_BUCKET": "rtqcc-bench",
             "S3_CREATE_BUCKET": "true",
             "RTQCC_API_KEYS": f"{BENCH_KEY}:bench",
+            "RTQCC_STREAM_TOKEN_SECRET": secrets.token_urlsafe(32),
+            # One tenant plays every client here: the per-tenant caps would measure themselves.
+            "RTQCC_MAX_STREAMS_PER_TENANT": "100000",
+            "RTQCC_MAX_STREAMS_PER_KEY": "100000",
+            "RTQCC_RATE_LIMIT_PER_MIN": "0",
             "RTQCC_FAKE_TOKENS_PER_S": "0",
             "RTQCC_CONSUMER_IDLE_EXIT_MS": "200",
             "RTQCC_CONSUMER_SAFETY_MARGIN_MS": "0",
@@ -85,6 +93,9 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "AWS_DEFAULT_REGION": settings.s3_region,
         "RTQCC_PROVIDER": "fake",
         "RTQCC_API_KEYS": ",".join(f"{key}:{tenant}" for key, tenant in settings.api_keys.items()),
+        "RTQCC_STREAM_TOKEN_SECRET": settings.stream_token_secret or "",
+        "RTQCC_MAX_STREAMS_PER_TENANT": str(settings.max_streams_per_tenant),
+        "RTQCC_MAX_STREAMS_PER_KEY": str(settings.max_streams_per_key),
         "RTQCC_FAKE_TOKENS_PER_S": str(settings.fake_tokens_per_s),
         "RTQCC_CONSUMER_IDLE_EXIT_MS": str(settings.consumer_idle_exit_ms),
         "RTQCC_CONSUMER_SAFETY_MARGIN_MS": str(settings.consumer_safety_margin_ms),

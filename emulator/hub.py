@@ -2,7 +2,13 @@
 events formatted once and fanned out to every client's queue, on the event loop, with no thread
 per client. The gateway serves the stream route's tail from here in streaming mode; opening a
 stream (auth, job lookup, snapshot or replay position) still goes through the same code as the
-streaming function (`rtqcc.api.access.open_job_stream`)."""
+streaming function (`rtqcc.api.access.open_job_stream`).
+
+Redis use is bounded by the pool (`RTQCC_HUB_REDIS_CONNECTIONS`), so no number of clients or
+followed jobs can exhaust it: a quarter of it serves short commands (a client's catch-up, a
+feed's first look, polls), bounded by a semaphore; the rest are reader slots, one per feed with
+followers, for a blocking XREAD. A feed that finds no slot free polls instead under the
+short-command bound: later by up to `_POLL_S`, but flowing, whoever holds the slots."""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ log = logging.getLogger(__name__)
 
 _READ_BLOCK_MS = 5_000
 _IDLE_FEED_S = 30.0
+_POLL_S = 0.25          # how often a feed without a reader slot looks for new events
+_POOL_WAIT_S = 30.0     # the accounting keeps the pool from running dry; should it, wait, don't fail
 
 
 def _frame(event_id: str, fields: dict[str, str]) -> bytes:
@@ -40,9 +48,16 @@ class _Feed:
 
 
 class EventHub:
-    def __init__(self, redis_url: str, *, max_connections: int = 1000):
-        self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True, max_connections=max_connections,
-                                              socket_timeout=60, socket_connect_timeout=3)
+    def __init__(self, redis_url: str, *, max_connections: int = 200):
+        if max_connections < 2:
+            raise ValueError("the event hub needs at least 2 Redis connections")
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=max_connections, timeout=_POOL_WAIT_S, decode_responses=True,
+            socket_timeout=60, socket_connect_timeout=3)
+        self._redis = aioredis.Redis(connection_pool=self._pool)
+        short = max(1, max_connections // 4)
+        self._short = asyncio.Semaphore(short)
+        self._free_reader_slots = max_connections - short  # one event loop: a plain counter is safe
         self._feeds: dict[str, _Feed] = {}
 
     async def close(self) -> None:
@@ -50,6 +65,7 @@ class EventHub:
             if feed.task:
                 feed.task.cancel()
         await self._redis.aclose()
+        await self._pool.disconnect()
 
     async def follow(self, external_id: str, cursor: str, *, heartbeat_s: float,
                      ending: Callable[[str], Awaitable[str | None]]) -> AsyncIterator[bytes]:
@@ -58,9 +74,16 @@ class EventHub:
         queue: asyncio.Queue = asyncio.Queue()
         feed = self._attach(external_id, queue)
         try:
-            await feed.ready.wait()
+            while not feed.ready.is_set():
+                try:
+                    await asyncio.wait_for(feed.ready.wait(), heartbeat_s)
+                except asyncio.TimeoutError:
+                    yield HEARTBEAT.encode()
             # Attached first, then caught up: anything published meanwhile is in one or the other.
-            for event_id, fields in await self._redis.xrange(feed.key, min=f"({cursor}", max="+"):
+            # The bound is held for the read only, never while a (slow) client is written to.
+            async with self._short:
+                missed = await self._redis.xrange(feed.key, min=f"({cursor}", max="+")
+            for event_id, fields in missed:
                 yield _frame(event_id, fields)
                 cursor = event_id
                 if fields["type"] == "done":
@@ -110,20 +133,36 @@ class EventHub:
     async def _read(self, external_id: str, feed: _Feed) -> None:
         loop = asyncio.get_running_loop()
         feed.idle_since = loop.time()
+        slotted = False  # holds a reader slot: may block on a connection of its own
         try:
             # Read from the newest entry as of now; clients catch up to it with XRANGE only after
             # this is known, so no event falls between their catch-up and this feed.
-            newest = await self._redis.xrevrange(feed.key, count=1)
+            async with self._short:
+                newest = await self._redis.xrevrange(feed.key, count=1)
             cursor = newest[0][0] if newest else "0-0"
             feed.ready.set()
             while True:
                 if not feed.queues:
+                    if slotted:  # nobody to read for: let a feed with followers have the slot
+                        self._free_reader_slots += 1
+                        slotted = False
                     if loop.time() - feed.idle_since > _IDLE_FEED_S:
                         return
-                else:
-                    feed.idle_since = loop.time()
+                    # A client that comes back catches up from its own position: nothing is lost.
+                    await asyncio.sleep(_POLL_S)
+                    continue
+                feed.idle_since = loop.time()
+                if not slotted and self._free_reader_slots > 0:
+                    self._free_reader_slots -= 1
+                    slotted = True
                 try:
-                    found = await self._redis.xread({feed.key: cursor}, count=500, block=_READ_BLOCK_MS)
+                    if slotted:
+                        found = await self._redis.xread({feed.key: cursor}, count=500, block=_READ_BLOCK_MS)
+                    else:
+                        async with self._short:
+                            found = await self._redis.xread({feed.key: cursor}, count=500)
+                        if not found:
+                            await asyncio.sleep(_POLL_S)
                 except (OSError, aioredis.RedisError) as exc:
                     log.warning("event feed of %s interrupted: %s", external_id, exc)
                     await asyncio.sleep(1.0)
@@ -135,6 +174,8 @@ class EventHub:
                             queue.put_nowait(item)
                         cursor = event_id
         finally:
+            if slotted:
+                self._free_reader_slots += 1
             with contextlib.suppress(KeyError):
                 if self._feeds[external_id] is feed:
                     del self._feeds[external_id]

@@ -19,7 +19,8 @@ Control API (the same in-process through methods, and over HTTP for a standalone
   `"mode": "end"` ends the stream cleanly instead, still without a finish reason),
   `stall` (go silent for `seconds` after `after_tokens` pieces), `no_usage`, `slow_first_token`
   (`seconds` before the first piece), `malformed` (a garbled chunk after `after_tokens` pieces),
-  `reject_response_format` (400 when structured output is asked for).
+  `reject_response_format` (400 when structured output is asked for), `answer` (send `text`
+  instead of the usual answer).
 - `DELETE /_faults` drops queued faults; `POST /_pace` `{"tokens_per_s", "first_token_ms"}`.
 - `GET /_requests`: every chat request seen, with what was sent, the usage reported, and when
   the client disconnected before the end (`disconnected_at`, `time.monotonic()` of this process).
@@ -55,7 +56,7 @@ from .server import ServerThread
 
 FAULT_KINDS = frozenset({
     "rate_limit", "server_error", "insufficient_quota", "cut", "stall", "no_usage", "slow_first_token",
-    "malformed", "reject_response_format",
+    "malformed", "reject_response_format", "answer",
 })
 DEFAULT_ANSWER_TOKENS = 160
 _JSON_COUNT = re.compile(r"exactly (\d+) sections")
@@ -74,6 +75,7 @@ class Fault:
     retry_after_s: float = 1.0
     status: int = 500
     mode: str = "drop"  # cut: "drop" the connection, or "end" the stream without a finish reason
+    text: str = ""      # answer: the text to send instead of the usual one (a model saying something odd)
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> "Fault":
@@ -246,6 +248,8 @@ class OpenAIServer:
             record.status, record.ended_at = refusal.status_code, time.monotonic()
             return refusal
         pieces, finish = self._answer(body)
+        if fault is not None and fault.kind == "answer":
+            pieces, finish = re.findall(r"\S+\s*|\s+", fault.text) or [""], "stop"
         if not record.stream:
             return self._whole(record, body, pieces, finish)
         return _EventStream(self._events(record, body, pieces, finish, fault), record)

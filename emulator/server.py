@@ -1,81 +1,175 @@
 """The thin HTTP layer over the pure gateway: Starlette routes every request to `Gateway.handle`
-(on a worker thread, since handlers block), streams answers that stream, and serves the web page."""
+(on a worker thread, since handlers block), streams answers that stream, and serves the web page.
+
+What it guards (emulator/guards.py): only expected Host names are answered, every answer carries
+CSP, nosniff and no-referrer, X-Forwarded-For is believed from configured proxies only, and the
+access log shows no stream token. A body is counted as it arrives and refused at the gateway's
+limit, chunked or not. Health, API calls and streams cannot starve each other: liveness answers
+on the event loop, and API calls and stream work (openings, long polls, a live tail's blocking
+calls) each have their own bounded threads; with a hub, a live tail holds no thread at all."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from importlib import resources
+from typing import AsyncIterator, Sequence
+from urllib.parse import quote
 
+import anyio
 import anyio.to_thread
 import uvicorn
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rtqcc.api.access import SSE_HEADERS
 from rtqcc.api.streaming import OpenedStream
+from rtqcc.sse import JobEventStream
 
-from .gateway import Gateway, GatewayRequest
+from .gateway import Gateway, GatewayRequest, GatewayResponse, too_large
+from .guards import AllowedHosts, SecurityHeaders, redact_access_log
 from .hub import EventHub
 
+log = logging.getLogger(__name__)
+
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-# Each open SSE stream holds a worker thread while it waits for events; allow plenty.
-WORKER_THREADS = 2000
+LIVENESS_RESOURCE = "/healthz"
+# Without a hub, each open SSE stream holds a thread while it waits for events; allow plenty.
+HUBLESS_STREAM_THREADS = 2000
+# Characters kept as they are when the raw path is made a valid encoded path (`%` keeps escapes).
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 
 
-def create_http_app(gateway: Gateway, *, page_config: dict[str, str] | None = None,
-                    hub: EventHub | None = None) -> Starlette:
+def create_http_app(gateway: Gateway, *, hub: EventHub | None = None, allowed_hosts: Sequence[str] = (),
+                    trusted_proxies: Sequence[str] = ()) -> Starlette:
     """With a `hub`, live SSE tails in streaming mode are served from it (no thread per client);
-    without one, from the streaming function's own generator."""
-    page = _page(page_config or {})
+    without one, from the streaming function's own generator (a thread per client).
+    `allowed_hosts` are answered besides loopback's names; X-Forwarded-For is believed only from
+    `trusted_proxies` (addresses or networks), else the client is the connection's peer."""
+    if hub is not None and gateway.stream_opener is None:
+        raise ValueError("serving live tails from a hub needs the gateway's stream_opener")
+    page = resources.files("rtqcc_emulator").joinpath("static/index.html").read_bytes()
+    # Stream work and API calls wait for threads of their own, never for each other's.
+    api_threads = anyio.CapacityLimiter(gateway.workers)
+    stream_threads = anyio.CapacityLimiter(gateway.stream_workers)
+    redact_access_log()
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page)
 
     async def forward(request: Request) -> Response:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > gateway.config.max_request_bytes:
-            return Response(content=b'{"message": "Request Too Long"}', status_code=413,
-                            media_type="application/json")
-        body = await request.body()
+        try:
+            body = await _read_body(request, gateway.config.max_request_bytes)
+        except ClientDisconnect:  # gone before its body was whole: nothing to invoke, nobody to answer
+            return Response(status_code=400)
+        if body is None:
+            # Answered before the body is read to its end: the connection cannot carry another request.
+            return _response(too_large(), {"Connection": "close"})
         gateway_request = GatewayRequest(
             method=request.method,
-            path=request.url.path,
+            path=_raw_path(request.scope),
             query=list(request.query_params.multi_items()),
             headers=list(request.headers.items()),
             body=body,
             source_ip=request.client.host if request.client else "127.0.0.1",
         )
+        match = gateway.match(gateway_request.path)
+        if match is not None and match.resource == LIVENESS_RESOURCE:
+            return _response(gateway.handle_inline(gateway_request))
         if hub is not None and gateway.is_live_stream(gateway_request):
-            opened = await run_in_threadpool(gateway.open_stream, gateway_request)
+            opened = await anyio.to_thread.run_sync(gateway.open_stream, gateway_request, limiter=stream_threads)
             if isinstance(opened, OpenedStream):
-                return StreamingResponse(_follow(hub, opened), headers=SSE_HEADERS)
-            return StreamingResponse(opened.chunks, status_code=opened.status, headers=opened.headers)
-        answer = await run_in_threadpool(gateway.handle, gateway_request)
-        headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
-        if answer.stream is not None:
-            return StreamingResponse(answer.stream, status_code=answer.status, headers=headers)
-        return Response(content=answer.body, status_code=answer.status, headers=headers)
+                return _LiveTail(hub, opened, stream_threads)
+            return Response(content=b"".join(opened.chunks), status_code=opened.status, headers=opened.headers)
+        limiter = stream_threads if gateway.is_stream_route(gateway_request) else api_threads
+        return _response(await anyio.to_thread.run_sync(gateway.handle, gateway_request, limiter=limiter))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette):
-        anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
+        if hub is None:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = HUBLESS_STREAM_THREADS
         yield
         if hub is not None:
             await hub.close()
 
+    middleware = [Middleware(SecurityHeaders), Middleware(AllowedHosts, hosts=tuple(allowed_hosts))]
+    if trusted_proxies:
+        middleware.insert(0, Middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies)))
     return Starlette(
-        routes=[Route("/", index, methods=["GET"]), Route("/{path:path}", forward, methods=METHODS)],
+        routes=[
+            Route("/", index, methods=["GET"]),
+            Mount("/static", StaticFiles(packages=[("rtqcc_emulator", "static")])),
+            Route("/{path:path}", forward, methods=METHODS),
+        ],
+        middleware=middleware,
         lifespan=lifespan,
     )
 
 
-async def _follow(hub: EventHub, opened: OpenedStream):
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, counted as it arrives; None as soon as it is over `limit` (declared or sent)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _raw_path(scope: Scope) -> str:
+    """The path as sent, percent-encoded (API Gateway matches on it, so `%2F` is no separator)."""
+    raw = scope.get("raw_path")
+    if raw is None:
+        return quote(scope["path"], safe=_PATH_SAFE.replace("%", ""))
+    return quote(raw, safe=_PATH_SAFE)
+
+
+def _response(answer: GatewayResponse, extra_headers: dict[str, str] | None = None) -> Response:
+    headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
+    headers.update(extra_headers or {})
+    if answer.stream is not None:
+        return StreamingResponse(answer.stream, status_code=answer.status, headers=headers)
+    return Response(content=answer.body, status_code=answer.status, headers=headers)
+
+
+class _LiveTail(StreamingResponse):
+    """A stream's live tail from the hub. However the answer ends (done, client gone, server
+    stopping), the hub lets go of the client at once and the stream's slot is released."""
+
+    def __init__(self, hub: EventHub, opened: OpenedStream, limiter: anyio.CapacityLimiter):
+        self._stream = opened.stream
+        self._limiter = limiter
+        super().__init__(_follow(hub, opened, limiter), headers=SSE_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await _release(self._stream, self._limiter)
+
+
+async def _release(stream: JobEventStream, limiter: anyio.CapacityLimiter) -> None:
+    try:
+        await anyio.to_thread.run_sync(stream.close, limiter=limiter)
+    except Exception:  # the slot expires by itself; a failed release only shortens nothing
+        log.warning("could not release the stream slot of %s", stream.ext, exc_info=True)
+
+
+async def _follow(hub: EventHub, opened: OpenedStream, limiter: anyio.CapacityLimiter) -> AsyncIterator[bytes]:
     stream = opened.stream
-    cursor, frames, finished = await run_in_threadpool(stream.opening)
+    cursor, frames, finished = await anyio.to_thread.run_sync(stream.opening, limiter=limiter)
     yield f"retry: {opened.retry_ms}\n\n".encode()
     for frame in frames:
         yield frame.encode()
@@ -83,26 +177,29 @@ async def _follow(hub: EventHub, opened: OpenedStream):
         return
 
     async def ending(position: str) -> str | None:
-        return await run_in_threadpool(stream.synthetic_done, position)
+        return await anyio.to_thread.run_sync(stream.synthetic_done, position, limiter=limiter)
 
-    async for chunk in hub.follow(stream.ext, cursor, heartbeat_s=opened.heartbeat_s, ending=ending):
-        yield chunk
-
-
-def _page(config: dict[str, str]) -> str:
-    import html
-    import json
-
-    template = resources.files("rtqcc_emulator").joinpath("static/index.html").read_text(encoding="utf-8")
-    return template.replace("__RTQCC_CONFIG__", html.escape(json.dumps(config), quote=True))
+    # The hub yields at least once a heartbeat, so waking no later than the slot refresh keeps
+    # the stream's slot alive however quiet the job is.
+    refresh_s = stream.slot_refresh_s
+    next_touch = anyio.current_time() + refresh_s
+    tail = hub.follow(stream.ext, cursor, heartbeat_s=min(opened.heartbeat_s, refresh_s), ending=ending)
+    async with contextlib.aclosing(tail):
+        async for chunk in tail:
+            yield chunk
+            if anyio.current_time() >= next_touch:
+                await anyio.to_thread.run_sync(stream.touch, limiter=limiter)
+                next_touch = anyio.current_time() + refresh_s
 
 
 class ServerThread:
-    """uvicorn in a background thread, for tests and for the demo; stopped with `stop()`."""
+    """uvicorn in a background thread, for tests and for the demo; stopped with `stop()`.
+    `options` are uvicorn.Config's; X-Forwarded-For is never believed here unless asked for
+    (create_http_app's `trusted_proxies` is the place for that)."""
 
-    def __init__(self, app: Starlette, *, port: int, host: str = "127.0.0.1"):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                   timeout_graceful_shutdown=1))
+    def __init__(self, app, *, port: int, host: str = "127.0.0.1", **options):
+        options = {"log_level": "warning", "timeout_graceful_shutdown": 1, "proxy_headers": False, **options}
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
         self.thread = threading.Thread(target=self.server.run, name="gateway-http", daemon=True)
         self.base_url = f"http://{host}:{port}"
 

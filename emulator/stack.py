@@ -3,6 +3,7 @@ database schema, the gateway over HTTP, and the scheduled consumers."""
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,10 @@ from rtqcc.migrate import ensure_database, migrate
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 
-from .embedded import LocalServices, free_port
+from .embedded import PRIVATE_UMASK, LocalServices, free_port
 from .gateway import Gateway, GatewayConfig
 from .hub import EventHub
+from .local_secrets import private_folder
 from .scheduler import ConsumerScheduler
 from .server import ServerThread, create_http_app
 
@@ -44,6 +46,7 @@ class LocalStack:
         self.hub: EventHub | None = None
         self.server: ServerThread | None = None
         self.scheduler: ConsumerScheduler | None = None
+        self._umask_before: int | None = None
 
     @property
     def base_url(self) -> str:
@@ -55,7 +58,11 @@ class LocalStack:
         return self.env["RTQCC_DEV_API_KEY"]
 
     def start(self) -> "LocalStack":
+        # What the stack writes while it runs (logs, keys, the consumers' files) is the user's alone, and
+        # so is the data folder, for what an older version left open in it.
+        self._umask_before = os.umask(PRIVATE_UMASK)
         try:
+            private_folder(Path(self.options.data_dir))
             self._start()
         except BaseException:
             self.stop()
@@ -65,11 +72,16 @@ class LocalStack:
     def _start(self) -> None:
         self.services_runner.start()
         env = {**self.environ, **self.services_runner.env()}
-        env.setdefault("RTQCC_DEV_API_KEY", self._dev_key())
+        env.setdefault("RTQCC_ENV", "local")
+        env.setdefault("RTQCC_DEV_API_KEY", self._kept_secret("dev-api-key", prefix="dev-"))
+        # Random, kept under the data folder (mode 0600) so open pages' tokens survive a restart.
+        env.setdefault("RTQCC_STREAM_TOKEN_SECRET", self._kept_secret("stream-token-secret"))
+        env.setdefault("RTQCC_METRICS_TOKEN", self._kept_secret("metrics-token"))
         # Scheduled invocations wait for work until their budget ends instead of exiting when idle.
         env.setdefault("RTQCC_CONSUMER_IDLE_EXIT_MS", "0")
         self.env = env
         settings = Settings.from_env(env)
+        settings.check_serving()
         ensure_database(settings.database_url)
         db = Database(settings.database_url, max_size=settings.db_pool_size)
         migrate(db)
@@ -84,24 +96,30 @@ class LocalStack:
                                  integration_timeout_s=self.options.integration_timeout_s,
                                  max_request_bytes=self.options.max_request_bytes),
         )
-        self.hub = EventHub(settings.redis_url)
-        http_app = create_http_app(self.gateway, page_config={"apiKey": self.api_key}, hub=self.hub)
+        self.hub = EventHub(settings.redis_url, max_connections=settings.hub_redis_connections)
+        http_app = create_http_app(self.gateway, hub=self.hub, allowed_hosts=settings.allowed_hosts,
+                                   trusted_proxies=settings.trusted_proxies)
         self.server = ServerThread(http_app, port=self.options.port or free_port()).start()
         if self.options.consumers:
             self.scheduler = ConsumerScheduler(
                 concurrency=self.options.consumers, budget_s=self.options.consumer_budget_s, env=env,
                 log_dir=Path(self.options.data_dir).resolve() / "logs").start()
 
-    def _dev_key(self) -> str:
-        """A development key kept in the data folder, so it survives restarts of the stack."""
-        path = Path(self.options.data_dir) / "dev-api-key"
+    @property
+    def metrics_token(self) -> str:
+        return self.env["RTQCC_METRICS_TOKEN"]
+
+    def _kept_secret(self, name: str, *, prefix: str = "") -> str:
+        """A random secret kept in the data folder (only its owner may read it), made on first start."""
+        path = Path(self.options.data_dir) / name
         if path.exists():
             return path.read_text().strip()
         path.parent.mkdir(parents=True, exist_ok=True)
-        key = "dev-" + secrets.token_urlsafe(18)
-        path.write_text(key + "\n")
-        path.chmod(0o600)
-        return key
+        value = prefix + secrets.token_urlsafe(32)
+        # Created with mode 0600, not chmod-ed after: no moment where another user could read it.
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(value + "\n")
+        return value
 
     def stop(self) -> None:
         if self.scheduler:
@@ -112,4 +130,9 @@ class LocalStack:
             self.gateway.close()
         if self.services:
             self.services.close()
-        self.services_runner.stop()
+        try:
+            self.services_runner.stop()
+        finally:
+            if self._umask_before is not None:
+                os.umask(self._umask_before)
+                self._umask_before = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
@@ -23,6 +24,9 @@ from rtqcc_emulator.embedded import EmbeddedPostgres, EmbeddedRedis, SeaweedS3
 
 API_KEY = "test-key-tenant-a"
 OTHER_KEY = "test-key-tenant-b"
+# Random per run, like a deployment's: nothing in the suite may depend on a known value.
+STREAM_TOKEN_SECRET = secrets.token_urlsafe(32)
+METRICS_TOKEN = secrets.token_urlsafe(32)
 EVENTS_DIR = Path(__file__).parent / "events"
 
 
@@ -33,6 +37,9 @@ def s3_endpoint(tmp_path_factory) -> Iterator[str]:
         yield configured
         return
     server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    # It accepts its own identity only; boto3 (base_settings, consumer processes) reads it from here.
+    os.environ["AWS_ACCESS_KEY_ID"] = server.credentials["access_key_id"]
+    os.environ["AWS_SECRET_ACCESS_KEY"] = server.credentials["secret_access_key"]
     try:
         yield server.endpoint_url
     finally:
@@ -47,30 +54,89 @@ def _reachable(port: int) -> bool:
         return False
 
 
+# Redis databases a run may claim on a shared server (0 is left to people; 14 is the benches').
+_CLAIMABLE_REDIS_DBS = range(1, 14)
+_CLAIM_KEY = "rtqcc-tests:claim:db{}"
+
+
+def _claim_redis_db(token: str) -> int:
+    """A database of the shared Redis no other run holds: the claim is a key in db 0 (so this
+    run's FLUSHDB cannot drop it) that expires if the run dies without releasing it."""
+    admin = Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        for db in _CLAIMABLE_REDIS_DBS:
+            if admin.set(_CLAIM_KEY.format(db), token, nx=True, ex=4 * 3600):
+                return db
+    finally:
+        admin.close()
+    raise RuntimeError(f"every Redis database {_CLAIMABLE_REDIS_DBS.start}-{_CLAIMABLE_REDIS_DBS.stop - 1} "
+                       "is held by another test run; set TEST_REDIS_URL")
+
+
+def _release_redis_db(db: int, token: str) -> None:
+    admin = Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        Redis.from_url(f"redis://127.0.0.1:6379/{db}").flushdb()
+        if admin.get(_CLAIM_KEY.format(db)) == token.encode():
+            admin.delete(_CLAIM_KEY.format(db))
+    finally:
+        admin.close()
+
+
+def _drop_database(database_url: str) -> None:
+    import pg8000.native
+
+    from rtqcc.db import connect_kwargs
+
+    name = connect_kwargs(database_url)["database"]
+    admin = pg8000.native.Connection(**{**connect_kwargs(database_url), "database": "postgres"})
+    try:
+        admin.run(f"DROP DATABASE IF EXISTS {pg8000.native.identifier(name)} WITH (FORCE)")
+    finally:
+        admin.close()
+
+
 @pytest.fixture(scope="session")
 def service_urls(tmp_path_factory) -> Iterator[dict[str, str]]:
     """TEST_REDIS_URL / TEST_DATABASE_URL when set; else the servers on 127.0.0.1's standard
-    ports; else embedded ones, so the suite runs on a laptop with nothing installed."""
-    started = []
+    ports, with a Redis database and a Postgres database of this run's own (two runs on one
+    machine never collide); else embedded ones, so the suite runs on a laptop with nothing installed."""
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    started, cleanups = [], []
     redis_url = os.environ.get("TEST_REDIS_URL")
     if not redis_url:
         if _reachable(6379):
-            redis_url = "redis://127.0.0.1:6379/15"
+            db = _claim_redis_db(token)
+            cleanups.append(lambda: _release_redis_db(db, token))
+            redis_url = f"redis://127.0.0.1:6379/{db}"
         else:
             started.append(EmbeddedRedis(tmp_path_factory.mktemp("redis")).start())
             redis_url = started[-1].url
     database_url = os.environ.get("TEST_DATABASE_URL")
     if not database_url:
         if _reachable(5432):
-            database_url = "postgresql://postgres@127.0.0.1:5432/rtqcc_test"
+            database_url = f"postgresql://postgres@127.0.0.1:5432/rtqcc_test_{token.replace('-', '_')}"
+            cleanups.append(lambda: _drop_database(database_url))
         else:
             started.append(EmbeddedPostgres(tmp_path_factory.mktemp("postgres")).start())
             database_url = started[-1].url
     try:
         yield {"REDIS_URL": redis_url, "DATABASE_URL": database_url}
     finally:
+        for cleanup in cleanups:
+            cleanup()
         for server in reversed(started):
             server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[EmbeddedRedis]:
+    """An embedded Redis of its own, for tests of the embedded service itself."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +148,8 @@ def base_settings(s3_endpoint, service_urls) -> Settings:
         "S3_ENDPOINT_URL": s3_endpoint,
         "S3_BUCKET": "rtqcc-test",
         "RTQCC_API_KEYS": f"{API_KEY}:tenant-a,{OTHER_KEY}:tenant-b",
+        "RTQCC_STREAM_TOKEN_SECRET": STREAM_TOKEN_SECRET,
+        "RTQCC_METRICS_TOKEN": METRICS_TOKEN,
         "RTQCC_FAKE_TOKENS_PER_S": "0",
         "RTQCC_LEASE_TTL_S": "5",
         "RTQCC_CONTROL_POLL_S": "0.2",
@@ -118,7 +186,7 @@ def blob_store(base_settings) -> S3BlobStore:
 
 @pytest.fixture
 def clean_state(database, redis_client) -> None:
-    database.run("TRUNCATE jobs, consumer_checkpoints, idempotency_keys, api_keys RESTART IDENTITY CASCADE")
+    database.run("TRUNCATE jobs, consumer_checkpoints, idempotency_keys, api_keys, tenant_quotas RESTART IDENTITY CASCADE")
     redis_client.flushdb()
 
 
@@ -307,8 +375,7 @@ def start_gateway(services):
         s = services_override or services
         gateway = Gateway(create_app(lambda: s), stream_handler=create_stream_handler(lambda: s),
                           stream_opener=create_stream_opener(lambda: s), config=GatewayConfig(**config))
-        http_app = create_http_app(gateway, page_config={"apiKey": API_KEY},
-                                   hub=EventHub(s.settings.redis_url) if hub else None)
+        http_app = create_http_app(gateway, hub=EventHub(s.settings.redis_url) if hub else None)
         server = ServerThread(http_app, port=free_port()).start()
         running.append(RunningGateway(server, gateway, API_KEY))
         return running[-1]

@@ -15,7 +15,7 @@ import pytest
 from conftest import API_KEY, OTHER_KEY, ApiClient
 
 from rtqcc.api import stream_tokens
-from rtqcc.api.access import stream_signing_key
+from rtqcc.api_keys import key_ref
 from rtqcc.api.openapi import OPERATIONS
 
 VALID = {"title": "T", "brief": "B"}
@@ -110,10 +110,11 @@ def test_a_stream_token_opens_only_the_job_and_tenant_it_was_issued_for(api, ser
                                    headers={"Authorization": f"Bearer {OTHER_KEY}"})
     expect_error(with_key, 404, "job_not_found")
 
-    key = stream_signing_key(services)
-    expired = stream_tokens.issue(key, "tenant-a", first, ttl_s=-1)
+    keys = stream_tokens.SigningKeys.from_settings(services.settings)
+    grant = stream_tokens.StreamGrant("tenant-a", first, key_ref(API_KEY))
+    expired = stream_tokens.issue(keys, grant, ttl_s=-1)
     expect_error(_stream_with_token(api, first, expired), 401, "unauthorized")
-    forged = stream_tokens.issue(b"not the key", "tenant-a", first)
+    forged = stream_tokens.issue(stream_tokens.SigningKeys(stream_tokens.SigningKey(keys.current.kid, b"x" * 32)), grant)
     expect_error(_stream_with_token(api, first, forged), 401, "unauthorized")
     # The payload rewritten to name the victim's job, with the attacker's signature kept.
     payload, _, signature = their_token.partition(".")

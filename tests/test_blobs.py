@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from urllib.parse import urlsplit
 
 from rtqcc.blobs import BlobMissing, S3BlobStore, manuscript_key, section_key
@@ -25,7 +26,9 @@ def test_the_client_is_made_on_first_use(base_settings, blob_store):
 def test_a_localstack_host_gives_a_localstack_client_session(s3_endpoint, blob_store):
     host = urlsplit(s3_endpoint).netloc  # the S3 server plays LocalStack's edge
     settings = Settings.from_env({"LOCALSTACK_HOST": host, "S3_BUCKET": blob_store.bucket,
-                                  "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"})
+                                  # the S3 server's own identity: it refuses LocalStack's usual test/test
+                                  "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+                                  "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"]})
     assert settings.s3_create_bucket and settings.s3_endpoint_url is None
     store = S3BlobStore.from_settings(settings)
     assert store.client.meta.endpoint_url == f"http://{host}"

@@ -1,6 +1,8 @@
-"""The web page at `/`, in a real headless Chromium: a user creates a job, watches the outline and
-the sections being written token by token, pauses and resumes it, reloads the page mid-job, and
-downloads the manuscript. Driven by Playwright over Debian's Chromium (no browser download).
+"""The web page at `/`, in a real headless Chromium: a user enters the API key the page asks for,
+creates a job, watches the outline and the sections being written token by token, pauses and
+resumes it, reloads the page mid-job, and downloads the manuscript; a wrong key is refused with
+a clear message. Driven by Playwright over Debian's Chromium (no browser download). The page runs
+under the server's CSP (no inline script or style), so a violation would show as a page error.
 
 Set RTQCC_SCREENSHOT=path/to/file.png to also save a screenshot of the page mid-job."""
 
@@ -83,6 +85,13 @@ def api_get(gateway, path: str) -> dict:
     response = httpx.get(f"{gateway.base_url}{path}", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
     response.raise_for_status()
     return response.json()
+
+
+def enter_key(page, key: str = API_KEY) -> None:
+    """Type the key into the form the page shows when it has none, and wait for the job form."""
+    page.fill("#api-key", key)
+    page.click("#key-save")
+    wait_js(page, "() => !document.getElementById('create-card').hidden", what="the page to accept the key")
 
 
 def create_job(page, title: str, sections: int = 2) -> str:
@@ -168,6 +177,7 @@ def test_create_watch_pause_resume_download(stack, page):
     page.gateway = stack
     page.goto(stack.base_url)
     assert page.title() == "RTQCC: live manuscripts"
+    enter_key(page)
     external_id = create_job(page, title)
 
     # The outline arrives, then the first section's text appears while the job runs, and grows.
@@ -222,12 +232,15 @@ def test_reload_mid_job_replays_the_text(stack, page):
     title = "Reload Me Midway"
     page.gateway = stack
     page.goto(stack.base_url)
+    enter_key(page)
     external_id = create_job(page, title)
     wait_js(page, LIVE_TEXT, what="section text appearing while the job runs")
     before = wait_text_grows(page, 0, len(section_text(page, 0)))
     assert page.text_content("#job-status") == "running"
 
     page.reload()
+    # The key outlives a reload of the tab (sessionStorage): the page does not ask again.
+    assert page.is_hidden("#key-card")
     assert page.evaluate("() => location.hash.slice(1)") == external_id
     # A fresh page: everything shown now came from the replay of the job's event stream.
     wait_js(page, f"(a) => ({SECTION_TEXT})(a[0]).startsWith(a[1])", [0, before],
@@ -255,4 +268,31 @@ def test_resumed_section_keeps_its_text_by_code_point(start_gateway, page):
         return document.querySelector(".sec[data-index='0'] .text").textContent;
     }""")
     assert shown == "a\U0001F600bc"
+    assert page.js_errors == []
+
+
+def test_the_page_asks_for_the_key_keeps_it_for_the_tab_only_and_says_when_it_is_refused(start_gateway, page):
+    gateway = start_gateway()
+    page.goto(gateway.base_url)
+    assert API_KEY not in page.content()
+    assert page.is_visible("#key-card") and page.is_hidden("#create-card")
+
+    page.fill("#api-key", "not-the-key")
+    page.click("#key-save")
+    wait_js(page, "() => document.getElementById('key-error').textContent.includes('refused')",
+            what="the page to say the key was refused")
+    assert "401" in page.text_content("#key-error")
+    assert page.is_visible("#key-card") and page.is_hidden("#create-card")
+    assert page.evaluate("() => sessionStorage.length + localStorage.length") == 0, "a refused key was kept"
+    # The browser reports the refused request itself; nothing else went wrong on the page.
+    assert all("401" in error for error in page.js_errors), page.js_errors
+    page.js_errors.clear()
+
+    enter_key(page)
+    assert page.evaluate("() => sessionStorage.getItem('rtqcc-api-key')") == API_KEY
+    assert page.evaluate("() => localStorage.length") == 0, "the key must not outlive the tab"
+    assert page.input_value("#api-key") == ""
+    external_id = create_job(page, "Asked Once", sections=1)
+    assert external_id.startswith("RTQCC-")
+    assert page.text_content("#error") == ""
     assert page.js_errors == []

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -10,7 +14,7 @@ import pg8000.native
 import pytest
 from redis import Redis
 
-from rtqcc_emulator.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServiceError, LocalServices
+from rtqcc_emulator.embedded import EmbeddedPostgres, EmbeddedServiceError, LocalServices
 
 
 def _alive(pid: int) -> bool:
@@ -36,17 +40,22 @@ def _children(pid: int) -> list[int]:
 
 def _connect(url: str, database: str | None = None) -> pg8000.native.Connection:
     parts = urlsplit(url)
-    return pg8000.native.Connection(parts.username, host=parts.hostname, port=parts.port,
+    return pg8000.native.Connection(parts.username, password=parts.password, host=parts.hostname, port=parts.port,
                                     database=database or parts.path.lstrip("/"), timeout=5)
 
 
-@pytest.fixture
-def redis_server(tmp_path) -> EmbeddedRedis:
-    server = EmbeddedRedis(tmp_path / "redis")
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+def _listening_on(port: int) -> list[str]:
+    """The addresses a TCP socket of this machine listens on at `port`, from /proc/net/tcp{,6}."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.append(socket.inet_ntop(socket.AF_INET if len(address) == 8 else socket.AF_INET6,
+                                              bytes.fromhex(address)[::-1] if len(address) == 8 else
+                                              b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, 32, 8))))
+    return found
 
 
 @pytest.fixture
@@ -59,16 +68,18 @@ def postgres_server(tmp_path) -> EmbeddedPostgres:
 
 
 def test_redis_answers_on_loopback_and_stop_leaves_no_process(redis_server):
-    assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}/0"
+    assert redis_server.url == f"redis://:{redis_server.password}@127.0.0.1:{redis_server.port}/0"
     assert redis_server.port not in (0, 6379)
     client = Redis.from_url(redis_server.url, decode_responses=True)
     try:
         assert client.set("greeting", "hello")
         assert client.get("greeting") == "hello"
-        assert client.config_get("bind")["bind"] == "127.0.0.1"
-        assert client.config_get("save")["save"] == ""
+        assert client.info("persistence")["aof_enabled"] == 0
+        assert client.info("server")["config_file"] == str(redis_server.config_path)
     finally:
         client.close()
+    assert _listening_on(redis_server.port) == ["127.0.0.1"]
+    assert 'save ""' in redis_server.config_path.read_text().splitlines()
     pid = redis_server.process.pid
     assert _alive(pid)
 
@@ -79,7 +90,8 @@ def test_redis_answers_on_loopback_and_stop_leaves_no_process(redis_server):
 
 
 def test_postgres_serves_rtqcc_over_tcp_and_stop_leaves_no_process(postgres_server):
-    assert postgres_server.url == f"postgresql://postgres@127.0.0.1:{postgres_server.port}/rtqcc"
+    password = urlsplit(postgres_server.url).password
+    assert password and postgres_server.url == f"postgresql://postgres:{password}@127.0.0.1:{postgres_server.port}/rtqcc"
     assert postgres_server.port not in (0, 5432)
     connection = _connect(postgres_server.url)
     try:
@@ -91,6 +103,7 @@ def test_postgres_serves_rtqcc_over_tcp_and_stop_leaves_no_process(postgres_serv
         assert connection.run("SELECT body FROM notes") == [["kept"]]
     finally:
         connection.close()
+    assert _listening_on(postgres_server.port) == ["127.0.0.1"]
     pid = postgres_server.process.pid
     backends = _children(pid)
     assert _alive(pid) and backends  # checkpointer, walwriter, ...
@@ -139,7 +152,8 @@ def test_local_services_embeds_only_what_is_not_configured(tmp_path):
         assert env["REDIS_URL"] == configured["REDIS_URL"]
         assert env["DATABASE_URL"] == configured["DATABASE_URL"]
         assert env["S3_ENDPOINT_URL"] == f"http://127.0.0.1:{local.s3.port}"
-        assert env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]
+        assert env["AWS_ACCESS_KEY_ID"] == local.s3.credentials["access_key_id"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == local.s3.credentials["secret_access_key"]
         assert env["S3_CREATE_BUCKET"] == "true"
         assert sorted(path.name for path in (tmp_path / ".rtqcc").iterdir()) == ["s3"]
         weed_pid = local.s3.process.pid
@@ -159,7 +173,8 @@ def test_local_services_stops_the_others_when_one_fails(tmp_path):
 
     # Whatever had started is stopped: no process runs on that data folder any more.
     assert _processes_using(root) == []
-    assert local.s3 is None
+    assert local.postgres.process is None or not _alive(local.postgres.process.pid)  # under root its cluster
+    assert local.s3 is None                                                         # lives elsewhere
 
 
 def _processes_using(folder) -> list[int]:
@@ -173,3 +188,46 @@ def _processes_using(folder) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+def test_a_cluster_an_older_version_made_with_trust_gets_a_password_and_keeps_its_data(tmp_path):
+    probe = EmbeddedPostgres(tmp_path / "probe")  # where this machine runs Postgres from, and as whom
+    probe.start()
+    probe.stop()
+    placement = probe.placement
+    # An older version's data folder: pgdata/ made by initdb --auth=trust, no credentials. It is built in a
+    # folder the Postgres user can enter, then moved into a data folder in tmp_path.
+    staging = Path(tempfile.mkdtemp(prefix="rtqcc-legacy-"))
+    try:
+        staging.chmod(0o711)
+        legacy = staging / "pgdata"
+        legacy.mkdir(mode=0o700)
+        placement.give(legacy)
+        bin_dir = placement.install_dir / "bin"
+        subprocess.run([str(bin_dir / "initdb"), "-D", str(legacy), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
+                        "--locale=C", "--no-instructions"], check=True, capture_output=True, cwd=legacy,
+                       **placement.popen_kwargs())
+        control = subprocess.run([str(bin_dir / "pg_controldata"), "-D", str(legacy)], check=True, capture_output=True,
+                                 text=True, cwd=legacy, **placement.popen_kwargs()).stdout
+        system_id = next(line.split(":", 1)[1].strip() for line in control.splitlines()
+                         if line.startswith("Database system identifier"))
+        (tmp_path / "older").mkdir(mode=0o700)
+        shutil.move(legacy, tmp_path / "older" / "pgdata")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    server = EmbeddedPostgres(tmp_path / "older")
+    try:
+        server.start()
+
+        connection = _connect(server.url)
+        try:
+            assert connection.run("SELECT system_identifier::text FROM pg_control_system()") == [[system_id]]
+        finally:
+            connection.close()
+        with pytest.raises(pg8000.native.DatabaseError, match="password authentication failed"):
+            pg8000.native.Connection("postgres", password="not-the-password", host="127.0.0.1", port=server.port,
+                                     database="rtqcc", timeout=5)
+        hba = (server.pgdata / "pg_hba.conf").read_text()
+        assert "trust" not in [word for line in hba.splitlines() for word in line.split("#", 1)[0].split()]
+    finally:
+        server.stop()

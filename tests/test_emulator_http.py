@@ -85,7 +85,12 @@ def test_the_web_page_is_served_at_the_root(start_gateway):
     page = httpx.get(running.base_url + "/")
     assert page.status_code == 200
     assert "text/html" in page.headers["content-type"]
-    assert "EventSource" in page.text
+    assert '<script src="/static/app.js"' in page.text
+    script = httpx.get(running.base_url + "/static/app.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "EventSource" in script.text
+    style = httpx.get(running.base_url + "/static/app.css")
+    assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
 
 
 def test_a_consumer_killed_mid_section_is_replaced_and_the_job_completes_once(

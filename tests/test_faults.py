@@ -401,7 +401,9 @@ def test_s3_stopped_mid_job_gets_503s_marks_nothing_done_and_the_job_completes_w
         tmp_path, settings, database, redis_client, start_consumer, oracle):
     s3 = SeaweedS3(tmp_path / "s3").start()
     try:
-        s3_settings = settings.with_overrides(s3_endpoint_url=s3.endpoint_url, s3_create_bucket=True)
+        s3_settings = settings.with_overrides(s3_endpoint_url=s3.endpoint_url, s3_create_bucket=True,
+                                              aws_access_key_id=s3.credentials["access_key_id"],
+                                              aws_secret_access_key=s3.credentials["secret_access_key"])
         blobs = S3BlobStore.from_settings(s3_settings)
         services = own_services(s3_settings, database, None, blobs=blobs, tokens_per_s=80)
         api = ApiOver(services).api

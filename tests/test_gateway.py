@@ -119,3 +119,30 @@ def test_errors_of_the_streaming_function_are_json(make_gateway, api):
     answer = make_gateway().handle(GatewayRequest(method="GET", path=f"/jobs/{external_id}/stream"))
     assert answer.status == 401
     assert json.loads(b"".join(answer.stream))["error"]["code"] == "unauthorized"
+
+
+def test_paths_are_matched_segment_by_segment_on_the_encoded_path_as_api_gateway_does(make_gateway, api):
+    gateway = make_gateway()
+    stream = gateway.match("/jobs/RTQCC-a%2Fb/stream")
+    assert (stream.resource, stream.params) == ("/jobs/{external_id}/stream", {"external_id": "RTQCC-a/b"})
+    slashed = gateway.match("/jobs/RTQCC-a%2Fstream")
+    assert (slashed.resource, slashed.params) == ("/jobs/{external_id}", {"external_id": "RTQCC-a/stream"})
+    assert gateway.match("/jobs/RTQCC-a/%73tream/").resource == "/jobs/{external_id}/stream"
+    assert gateway.match("/jobs//stream") is None  # an empty segment is no parameter
+    assert gateway.match("/jobs/%F0%9F%98%80").params == {"external_id": "\U0001F600"}
+
+    external_id = api.create()
+    request = GatewayRequest(method="GET", path=f"/jobs/{external_id}%2Fstream", headers=AUTH)
+    answer = gateway.handle(request)
+    assert answer.stream is None and answer.status == 404
+    assert f"{external_id}/stream" in answer.json()["error"]["message"]
+    event = gateway.build_event(request, "/jobs/{external_id}", gateway.match(request.path).params)
+    assert event["path"] == f"/jobs/{external_id}%2Fstream"  # REST keeps the path as sent
+    assert event["pathParameters"] == {"external_id": f"{external_id}/stream"}
+
+
+def test_liveness_is_answered_on_the_calling_thread_without_the_pools(make_gateway):
+    gateway = make_gateway()
+    gateway.close()  # no worker is left: only an inline call can answer
+    answer = gateway.handle_inline(GatewayRequest(method="GET", path="/healthz"))
+    assert answer.status == 200 and answer.json() == {"status": "ok"}

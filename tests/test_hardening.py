@@ -25,7 +25,7 @@ class BrokenProvider:
 
 
 def test_a_job_that_keeps_failing_is_dead_lettered_and_failed_with_its_reason(api, make_services, run_consumer,
-                                                                              redis_client):
+                                                                              redis_client, caplog):
     external_id = api.create(section_count=1)
     api.post(f"/jobs/{external_id}/start")
     # Each failed run is retried when its message is reclaimed, a lease's length later.
@@ -36,7 +36,11 @@ def test_a_job_that_keeps_failing_is_dead_lettered_and_failed_with_its_reason(ap
 
     job = api.get(f"/jobs/{external_id}").json_body
     assert job["status"] == "failed"
-    assert "gave up after 3 failed runs" in job["error"] and "the provider hung up" in job["error"]
+    assert job["status_reason"] == "gave_up"
+    assert "Gave up after 3 failed runs" in job["error"] and "connection was lost" in job["error"]
+    # What the exception said is for the operator: in the log, not in the tenant's job.
+    assert "the provider hung up" not in job["error"]
+    assert "the provider hung up" in caplog.text
     [(_, dead)] = redis_client.xrange(DEAD_LETTERS)
     assert dead["externalId"] == external_id
     assert [j["externalId"] for j in api.get("/jobs?status=failed").json_body["jobs"]] == [external_id]

@@ -27,6 +27,7 @@ import pytest
 import yaml
 from conftest import API_KEY, consumer_env, parse_sse
 
+from rtqcc.errors import ConfigError
 from rtqcc.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -342,6 +343,7 @@ def test_terraform_output_is_complete_and_consistent(packaged):
 @pytest.fixture
 def stream_env(base_settings, settings, s3_endpoint) -> dict[str, str]:
     return consumer_env(settings, s3_endpoint, RTQCC_API_KEYS=f"{API_KEY}:tenant-a",
+                        RTQCC_STREAM_TOKEN_SECRET=settings.stream_token_secret,
                         RTQCC_SSE_HEARTBEAT_S="0.5")
 
 
@@ -413,7 +415,8 @@ def test_container_gateway_serves_the_handlers_and_refuses_to_guess_service_urls
     gateway = _load_module(INFRA / "docker" / "gateway.py", "rtqcc_container_gateway")
     with pytest.raises(ConfigError, match="REDIS_URL and DATABASE_URL"):
         gateway.build_app({})
-    with TestClient(gateway.build_app(stream_env)) as client:
+    # The gateway answers loopback names and RTQCC_ALLOWED_HOSTS only (not TestClient's "testserver").
+    with TestClient(gateway.build_app(stream_env), base_url="http://127.0.0.1") as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
@@ -426,13 +429,21 @@ def test_container_gateway_serves_the_handlers_and_refuses_to_guess_service_urls
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 APP_IMAGE = "rtqcc:local"
 APP_SERVICES = sorted(name for name, s in COMPOSE["services"].items() if s.get("image") == APP_IMAGE)
-INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
+INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}")
+
+
+class ComposeRefuses(Exception):
+    """`${VAR:?message}` with VAR unset or empty: compose stops with the message."""
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR-default}; $$ is a literal $."""
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default} and ${VAR:?error}; $$ is a literal $."""
     def one(match: re.Match) -> str:
         name, op, default = match["name"], match["op"], match["default"] or ""
+        if op == ":?":
+            if not env.get(name):
+                raise ComposeRefuses(default)
+            return env[name]
         if op == ":-":
             return env.get(name) or default
         if op == "-":
@@ -479,7 +490,9 @@ def test_compose_variables_agree_with_env_example_and_the_settings():
     text = (ROOT / "docker-compose.yml").read_text()
     for match in INTERPOLATION.finditer(text):
         assert match["name"] in ENV_EXAMPLE, f"${{{match['name']}}} is not in .env.example"
-        if match["op"]:
+        if match["op"] == ":?":
+            assert ENV_EXAMPLE[match["name"]] == "", f"{match['name']} is required: .env.example must not fill it"
+        elif match["op"]:
             assert match["default"] == ENV_EXAMPLE[match["name"]], \
                 f"${{{match['name']}}} defaults to {match['default']!r} but .env.example says {ENV_EXAMPLE[match['name']]!r}"
     for name in APP_SERVICES:
@@ -488,15 +501,41 @@ def test_compose_variables_agree_with_env_example_and_the_settings():
         assert {"path": ".env", "required": False} in service["env_file"], name
         unread = set(service["environment"]) - SETTINGS_READS
         assert not unread, f"{name} sets variables the code does not read: {sorted(unread)}"
-        for dotenv in (ENV_EXAMPLE, {}):  # after `cp .env.example .env`, and with no .env at all
-            resolved = {**dotenv, **{key: interpolate(str(value), dotenv) for key, value in service["environment"].items()}}
-            settings = Settings.from_env(resolved)
-            assert urlsplit(settings.redis_url).hostname == "redis"
-            assert urlsplit(settings.database_url).hostname == "postgres"
-            assert urlsplit(settings.s3_endpoint_url).hostname == "minio"
-            assert settings.api_keys, f"{name}: no API key, the gateway would refuse every call"
+        # After `cp .env.example .env` with the two required secrets set, as the README says.
+        dotenv = {**ENV_EXAMPLE, **FILLED_SECRETS}
+        resolved = {**dotenv, **{key: interpolate(str(value), dotenv) for key, value in service["environment"].items()}}
+        settings = Settings.from_env(resolved)
+        settings.check_serving()
+        assert urlsplit(settings.redis_url).hostname == "redis"
+        assert urlsplit(settings.database_url).hostname == "postgres"
+        assert urlsplit(settings.s3_endpoint_url).hostname == "minio"
+        assert settings.api_keys, f"{name}: no API key, the gateway would refuse every call"
     unused = set(ENV_EXAMPLE) - SETTINGS_READS - {m["name"] for m in INTERPOLATION.finditer(text)}
     assert not unused, f".env.example variables neither the app nor compose uses: {sorted(unused)}"
+
+
+FILLED_SECRETS = {"RTQCC_API_KEYS": "9f2c4a7e1b8d3f6a0c5e9b2d7a4f1c8e6b3d0a9f:default",
+                  "RTQCC_STREAM_TOKEN_SECRET": "4e7b1d9a3c6f0e2b8d5a7c1f4e9b3d6a0c8f2e5b7d1a9c3f"}
+
+
+@pytest.mark.parametrize("dotenv", [{}, ENV_EXAMPLE, {**ENV_EXAMPLE, "RTQCC_STREAM_TOKEN_SECRET": "x" * 40}],
+                         ids=["no .env", "a plain copy of .env.example", "no API key"])
+def test_compose_ships_no_usable_key_and_refuses_to_start_without_one(dotenv):
+    """Attack item: the gateway used to start with the known key dev-key-change-me."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "change-me" not in text.lower()
+    environment = COMPOSE["services"]["gateway"]["environment"]
+    with pytest.raises(ComposeRefuses, match="RTQCC_"):
+        {key: interpolate(str(value), dotenv) for key, value in environment.items()}
+    assert "RTQCC_DEV_API_KEY" not in environment
+
+
+def test_compose_publishes_every_port_on_127_0_0_1_only():
+    """Attack item: the gateway was published on every interface."""
+    for name, service in COMPOSE["services"].items():
+        for entry in service.get("ports", []):
+            assert interpolate(entry, ENV_EXAMPLE).startswith("127.0.0.1:"), f"{name} publishes {entry} beyond this host"
+            assert interpolate(entry, {}).startswith("127.0.0.1:"), f"{name} publishes {entry} beyond this host"
 
 
 def _published(service: str) -> dict[int, int]:
@@ -714,4 +753,9 @@ def test_configmap_and_secret_hold_settings_the_code_reads_and_no_real_secret():
     assert {"REDIS_URL", "DATABASE_URL"} <= set(secret)
     for name, value in secret.items():
         assert value == "" or "CHANGE-ME" in value, f"{name} must be a placeholder"
-    Settings.from_env({**config, **secret})
+    # Applied unchanged, the placeholders stop the pods at start, naming what to replace.
+    with pytest.raises(ConfigError, match="RTQCC_STREAM_TOKEN_SECRET.*placeholder"):
+        Settings.from_env({**config, **secret})
+    filled = {**secret, "RTQCC_API_KEYS": FILLED_SECRETS["RTQCC_API_KEYS"],
+              "RTQCC_STREAM_TOKEN_SECRET": FILLED_SECRETS["RTQCC_STREAM_TOKEN_SECRET"]}
+    Settings.from_env({**config, **filled}).check_serving()

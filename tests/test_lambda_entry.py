@@ -30,6 +30,7 @@ def function_env(base_settings, settings, s3_endpoint, monkeypatch):
         "S3_ENDPOINT_URL": s3_endpoint,
         "S3_BUCKET": base_settings.s3_bucket,
         "RTQCC_API_KEYS": f"{API_KEY}:tenant-a,{OTHER_KEY}:tenant-b",
+        "RTQCC_STREAM_TOKEN_SECRET": base_settings.stream_token_secret,
         "RTQCC_FAKE_TOKENS_PER_S": "0",
         "RTQCC_CONSUMER_IDLE_EXIT_MS": "200",
         "RTQCC_CONSUMER_SAFETY_MARGIN_MS": "100",
@@ -68,8 +69,8 @@ def test_api_gateway_events_drive_a_job_through_both_functions(function_env):
 
 
 def test_an_unhandled_error_is_a_generic_500_without_a_traceback(function_env, monkeypatch):
-    api = _load(ROOT / "functions" / "api" / "app.py", "api_function_broken")
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/nowhere")
+    api = _load(ROOT / "functions" / "api" / "app.py", "api_function_broken")
     event = _event("create_job.json")
     answer = api.app(event, TimeBudget(30))
     assert answer["statusCode"] == 503
@@ -83,3 +84,32 @@ def test_the_sample_create_event_body_is_what_it_claims(function_env):
     body = json.loads(base64.b64decode(_event("create_job.json")["body"]))
     assert body == {"title": "From an API Gateway event", "brief": "Prove the Lambda entry point works.",
                     "section_count": 2}
+
+
+@pytest.mark.parametrize("secret, complaint", [
+    (None, "RTQCC_STREAM_TOKEN_SECRET must be set"),
+    ("too-short-3f9a", "at least 32 bytes"),
+    ("CHANGE-ME-CHANGE-ME-CHANGE-ME-CHANGE-ME", "placeholder"),
+])
+def test_a_serving_function_without_a_real_stream_token_secret_serves_nothing(function_env, monkeypatch, capsys,
+                                                                              secret, complaint):
+    if secret is None:
+        monkeypatch.delenv("RTQCC_STREAM_TOKEN_SECRET")
+    else:
+        monkeypatch.setenv("RTQCC_STREAM_TOKEN_SECRET", secret)
+    api = _load(ROOT / "functions" / "api" / "app.py", "api_function_without_secret")
+    answer = api.app(_event("create_job.json"), TimeBudget(30))
+    assert answer["statusCode"] == 500 and "RTQCC_STREAM_TOKEN_SECRET" not in answer["body"]
+    stream = _load(ROOT / "functions" / "stream" / "stream_function.py", "stream_function_without_secret")
+    assert stream.handler({"pathParameters": {"external_id": "RTQCC-01J00000000000000000000000"}}, None).status == 500
+    assert complaint in capsys.readouterr().err  # the operator is told which variable to set (JSON logs)
+
+
+def test_production_refuses_the_development_key(function_env, monkeypatch, capsys):
+    monkeypatch.setenv("RTQCC_DEV_API_KEY", "dev-a-key-someone-could-guess")
+    api = _load(ROOT / "functions" / "api" / "app.py", "api_function_dev_key")
+    assert api.app(_event("create_job.json"), TimeBudget(30))["statusCode"] == 500
+    assert "RTQCC_DEV_API_KEY is for the local stack" in capsys.readouterr().err
+    monkeypatch.setenv("RTQCC_ENV", "local")
+    api = _load(ROOT / "functions" / "api" / "app.py", "api_function_local")
+    assert api.app(_event("create_job.json"), TimeBudget(30))["statusCode"] == 201

@@ -157,16 +157,25 @@ def test_no_quota_fails_the_job_with_a_clear_reason(api, run_consumer, make_open
     assert run_consumer(services=services).failed == 1
 
     job = api.get(f"/jobs/{external_id}").json_body
-    assert job["status"] == "failed" and "insufficient_quota" in job["error"]
+    assert job["status"] == "failed" and job["status_reason"] == "provider_quota_exceeded"
+    assert "no quota left" in job["error"]
     done = [e for e in job_events(redis_client, external_id) if e["event"] == "done"]
     assert done[-1]["data"]["status"] == "failed"
     assert len(llm.requests) == 1
 
 
 def test_a_model_without_a_price_or_our_tokenizer_shows_both_counts_and_no_cost(
-        api, run_consumer, make_openai_services, llm, redis_client):
+        api, run_consumer, make_openai_services, make_services, llm, redis_client):
+    from chalice.test import Client
+    from conftest import API_KEY, ApiClient
+
+    from rtqcc.api import create_app
+
     services = make_openai_services()
-    external_id = api.create(outline=OUTLINE[:1], params=PARAMS, model="llama-3.1-8b-instruct")
+    allowing = make_services(allowed_models=frozenset({"llama-3.1-8b-instruct"}))  # unpriced: allowed by name
+    with Client(create_app(lambda: allowing)) as client:
+        external_id = ApiClient(client, API_KEY).create(outline=OUTLINE[:1], params=PARAMS,
+                                                        model="llama-3.1-8b-instruct")
     api.post(f"/jobs/{external_id}/start")
 
     assert run_consumer(services=services).completed == 1

@@ -8,7 +8,7 @@ import json
 import logging
 
 import pytest
-from conftest import wait_for
+from conftest import METRICS_TOKEN, wait_for
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,7 +41,7 @@ def test_answers_match_the_documented_models(api, run_consumer):
 
 
 def _scrape(api) -> dict:
-    response = api.get("/metrics")
+    response = api.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     samples = {}
@@ -52,7 +52,7 @@ def _scrape(api) -> dict:
 
 
 def test_metrics_follow_a_job_while_it_runs(api, start_consumer):
-    external_id = api.create(section_count=2, params={"max_tokens_per_section": 80}, model="gpt-test")
+    external_id = api.create(section_count=2, params={"max_tokens_per_section": 80}, model="gpt-4o-mini")
     api.post(f"/jobs/{external_id}/start")
     before = _scrape(api)
     assert before[("rtqcc_jobs", (("status", "queued"),))] == 1
@@ -65,11 +65,11 @@ def test_metrics_follow_a_job_while_it_runs(api, start_consumer):
 
     after = _scrape(api)
     assert after[("rtqcc_jobs", (("status", "completed"),))] == 1
-    assert after[("rtqcc_sections_completed_total", (("model", "gpt-test"),))] == 2
-    assert after[("rtqcc_tokens_total", (("kind", "completion"), ("model", "gpt-test")))] > 0
-    streams = after[("rtqcc_provider_stream_seconds_count", (("model", "gpt-test"), ("provider", "fake")))]
+    assert after[("rtqcc_sections_completed_total", (("model", "gpt-4o-mini"),))] == 2
+    assert after[("rtqcc_tokens_total", (("kind", "completion"), ("model", "gpt-4o-mini")))] > 0
+    streams = after[("rtqcc_provider_stream_seconds_count", (("model", "gpt-4o-mini"), ("provider", "fake")))]
     assert streams == 3  # the outline and two sections
-    assert after[("rtqcc_provider_first_token_seconds_count", (("model", "gpt-test"), ("provider", "fake")))] == 3
+    assert after[("rtqcc_provider_first_token_seconds_count", (("model", "gpt-4o-mini"), ("provider", "fake")))] == 3
 
 
 def test_abort_latency_is_measured_when_a_job_is_cancelled(api, start_consumer, redis_client):

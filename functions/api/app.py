@@ -24,8 +24,16 @@ def _services() -> Services:
     return Services(Settings.from_env())
 
 
+def _api_services() -> Services:
+    # Checked when the first request builds the clients (not at import, which `chalice package`
+    # does too): a deployment missing a secret serves nothing and logs the variable to set.
+    settings = Settings.from_env()
+    settings.check_serving()
+    return Services(settings)
+
+
 configure_logging()  # JSON lines carrying externalId and requestId, for CloudWatch
-app = create_app(_services)
+app = create_app(_api_services)
 
 # Each is built on its first invocation: the API function's containers never import or open them.
 _drain: list = []

@@ -5,5 +5,12 @@ from rtqcc.logs import configure_logging
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 
+
+def _services() -> Services:
+    settings = Settings.from_env()
+    settings.check_serving()  # a deployment missing a secret serves nothing and logs what to set
+    return Services(settings)
+
+
 configure_logging()
-handler = create_stream_handler(lambda: Services(Settings.from_env()))
+handler = create_stream_handler(_services)

@@ -5,6 +5,12 @@ Unlike `rtqcc up`, it starts no embedded service and no consumer scheduler: Redi
 are configured (REDIS_URL, DATABASE_URL, S3_*) and the consumers are containers of their own
 (`rtqcc consume --loop`). The schema is applied beforehand by `rtqcc migrate`.
 
+As `rtqcc up` does, it serves live SSE tails from one async event hub (no thread per client), and
+answers only the Host names it is meant for: loopback's, and those in RTQCC_ALLOWED_HOSTS (the
+names clients use: the Service's DNS name, the ingress host); `/healthz` and `/readyz` answer any
+Host, since Kubernetes probes send the pod's IP. The client address the functions see is the
+connection's peer, or the X-Forwarded-For entry added by a proxy listed in RTQCC_TRUSTED_PROXIES.
+
     python infra/docker/gateway.py --port 8080 [--sse streaming|buffered]
 """
 
@@ -18,30 +24,38 @@ from typing import Mapping
 from starlette.applications import Starlette
 
 from rtqcc.api import create_app
-from rtqcc.api.streaming import create_stream_handler
+from rtqcc.api.streaming import create_stream_handler, create_stream_opener
 from rtqcc.errors import ConfigError
 from rtqcc.logs import configure_logging
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 from rtqcc_emulator.gateway import Gateway, GatewayConfig
+from rtqcc_emulator.hub import EventHub
 from rtqcc_emulator.server import create_http_app
 
 # Their defaults point at 127.0.0.1, which in a container is the container itself.
 REQUIRED = ("REDIS_URL", "DATABASE_URL")
+# uvicorn's own X-Forwarded-For handling stays off (it trusts 127.0.0.1 by default): the app
+# believes the header from RTQCC_TRUSTED_PROXIES only. Logs are the app's JSON lines.
+UVICORN_OPTIONS = {"log_config": None, "proxy_headers": False, "timeout_graceful_shutdown": 10}
 
 
 def build_app(environ: Mapping[str, str], *, streaming: bool = True, integration_timeout_s: float = 29.0) -> Starlette:
     missing = [name for name in REQUIRED if not environ.get(name)]
     if missing:
         raise ConfigError(f"{' and '.join(missing)} must be set for the gateway container")
-    services = Services(Settings.from_env(environ))
+    settings = Settings.from_env(environ)
+    settings.check_serving()  # no stream token secret, a placeholder or a dev key: refuse to start
+    services = Services(settings)
     gateway = Gateway(
         create_app(lambda: services),
         stream_handler=create_stream_handler(lambda: services),
+        stream_opener=create_stream_opener(lambda: services),
         config=GatewayConfig(streaming=streaming, integration_timeout_s=integration_timeout_s),
     )
-    # No API key in the page: anyone who can load it would get one.
-    return create_http_app(gateway, page_config={})
+    hub = EventHub(settings.redis_url, max_connections=settings.hub_redis_connections)
+    return create_http_app(gateway, hub=hub, allowed_hosts=settings.allowed_hosts,
+                           trusted_proxies=settings.trusted_proxies)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rtqcc-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, proxy_headers=True,
-                forwarded_allow_ips="*", timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=args.host, port=args.port, **UVICORN_OPTIONS)
     return 0
 
 

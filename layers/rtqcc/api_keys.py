@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -10,10 +11,20 @@ from dataclasses import dataclass
 from .db import Database
 
 KEY_PREFIX = "rtq_"
+KEY_REF_CHARS = 16  # the start of the hash that names a key in `rtqcc keys list` and in stream tokens
+_HEX = re.compile(r"[0-9a-f]+\Z")
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_ref(key: str) -> str:
+    return hash_key(key)[:KEY_REF_CHARS]
+
+
+class AmbiguousKeyPrefix(ValueError):
+    """A revocation prefix that names no key, or more than one."""
 
 
 @dataclass(frozen=True)
@@ -37,10 +48,19 @@ class ApiKeyStore:
         return IssuedKey(key=key, tenant=tenant, key_hash=digest)
 
     def revoke(self, key_hash_prefix: str) -> int:
-        if len(key_hash_prefix) < 8:
-            raise ValueError("give at least 8 characters of the key's hash")
-        return self.db.run("UPDATE api_keys SET revoked_at = now() WHERE key_hash LIKE :p AND revoked_at IS NULL",
-                           p=key_hash_prefix + "%")
+        """Revoke the one live key whose hash starts with this (compared as text: no pattern)."""
+        prefix = key_hash_prefix.strip().lower()
+        if len(prefix) < 8 or not _HEX.match(prefix):
+            raise AmbiguousKeyPrefix("give at least 8 hexadecimal characters of the key's hash "
+                                     "(as `rtqcc keys list` shows it)")
+        with self.db.transaction() as tx:
+            matches = tx.rows("SELECT key_hash FROM api_keys WHERE left(key_hash, :n) = :p AND revoked_at IS NULL"
+                              " FOR UPDATE", n=len(prefix), p=prefix)
+            if len(matches) > 1:
+                raise AmbiguousKeyPrefix(f"{prefix} starts the hash of {len(matches)} live keys; give more characters")
+            if not matches:
+                return 0
+            return tx.run("UPDATE api_keys SET revoked_at = now() WHERE key_hash = :h", h=matches[0]["key_hash"])
 
     def list(self) -> list[dict]:
         return self.db.rows("SELECT key_hash, tenant, label, created_at, revoked_at FROM api_keys ORDER BY created_at")
@@ -48,14 +68,22 @@ class ApiKeyStore:
     def tenant_for(self, key: str) -> str | None:
         """The tenant of a live key, cached briefly per warm container (a revocation takes effect
         within `cache_ttl_s`)."""
-        digest = hash_key(key)
-        cached = self._cache.get(digest)
+        return self.tenant_for_ref(key_ref(key), digest=hash_key(key))
+
+    def tenant_for_ref(self, ref: str, *, digest: str | None = None) -> str | None:
+        """The tenant of the live key this ref (or, when given, this full digest) names."""
+        cache_key = digest or ref
+        cached = self._cache.get(cache_key)
         now = self.clock()
         if cached and now - cached[0] < self.cache_ttl_s:
             return cached[1]
-        row = self.db.row("SELECT tenant FROM api_keys WHERE key_hash = :h AND revoked_at IS NULL", h=digest)
+        if digest is not None:
+            row = self.db.row("SELECT tenant FROM api_keys WHERE key_hash = :h AND revoked_at IS NULL", h=digest)
+        else:
+            row = self.db.row("SELECT tenant FROM api_keys WHERE left(key_hash, :n) = :r AND revoked_at IS NULL",
+                              n=KEY_REF_CHARS, r=ref)
         tenant = row["tenant"] if row else None
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[digest] = (now, tenant)
+        self._cache[cache_key] = (now, tenant)
         return tenant

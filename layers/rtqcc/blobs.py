@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Protocol
 
 from .errors import ServiceUnavailable
+from .redact import redact_urls
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def _make_client(settings: Settings) -> Any:
@@ -19,11 +23,14 @@ def _make_client(settings: Settings) -> Any:
         s3={"addressing_style": "path"} if settings.s3_endpoint_url or settings.localstack_host else None,
     )
     if settings.localstack_host and not settings.s3_endpoint_url:
-        # LocalStack's own client session finds its endpoint and test credentials.
+        # LocalStack's own client session finds its endpoint, and its test credentials unless some are set
+        # (an S3 server playing LocalStack's edge may accept only its own).
         from localstack_client.session import Session
 
-        return Session(localstack_host=settings.localstack_host, region_name=settings.s3_region).client(
-            "s3", config=config)
+        configured = {"aws_access_key_id": settings.aws_access_key_id,
+                      "aws_secret_access_key": settings.aws_secret_access_key}
+        return Session(localstack_host=settings.localstack_host, region_name=settings.s3_region,
+                       **{name: value for name, value in configured.items() if value}).client("s3", config=config)
     return boto3.client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
@@ -47,6 +54,10 @@ class BlobStore(Protocol):
     def put(self, key: str, body: bytes, content_type: str = "text/markdown; charset=utf-8") -> None: ...
 
     def get(self, key: str) -> bytes: ...
+
+    def read_at_most(self, key: str, limit_bytes: int | None) -> bytes | None: ...
+
+    def presigned_get(self, key: str, *, expires_s: int = 300) -> str: ...
 
     def ping(self) -> None: ...
 
@@ -94,20 +105,40 @@ class S3BlobStore:
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
         except (BotoCoreError, ClientError) as exc:
-            raise ServiceUnavailable(f"Could not store {key} in S3 bucket {self.bucket}: {exc}",
-                                     headers={"Retry-After": "2"}) from exc
+            raise _unavailable("store", key, exc) from exc
 
     def get(self, key: str) -> bytes:
+        body = self.read_at_most(key, None)
+        assert body is not None
+        return body
+
+    def read_at_most(self, key: str, limit_bytes: int | None) -> bytes | None:
+        """The object's bytes, or None when it is larger than `limit_bytes` (then not downloaded)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            found = self.client.get_object(Bucket=self.bucket, Key=key)
+            if limit_bytes is not None and found["ContentLength"] > limit_bytes:
+                found["Body"].close()
+                return None
+            return found["Body"].read()
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise BlobMissing(key) from exc
-            raise ServiceUnavailable(f"Could not read {key} from S3: {exc}", headers={"Retry-After": "2"}) from exc
+            raise _unavailable("read", key, exc) from exc
         except BotoCoreError as exc:
-            raise ServiceUnavailable(f"Could not read {key} from S3: {exc}", headers={"Retry-After": "2"}) from exc
+            raise _unavailable("read", key, exc) from exc
+
+    def presigned_get(self, key: str, *, expires_s: int = 300) -> str:
+        """A URL that downloads the object without credentials until it expires."""
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                  ExpiresIn=expires_s)
 
     def ping(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
+
+
+def _unavailable(verb: str, key: str, exc: Exception) -> ServiceUnavailable:
+    # The tenant learns that storage is away; the endpoint and the error's details go to the log.
+    log.warning("S3 could not %s %s: %s", verb, key, redact_urls(str(exc)))
+    return ServiceUnavailable("Storage is unavailable; try again shortly.", headers={"Retry-After": "2"})

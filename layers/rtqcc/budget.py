@@ -1,69 +1,97 @@
-"""A job's optional spending limit, `budget.max_tokens` and/or `budget.max_cost_usd`, watched while
-the provider streams so the job pauses the moment it would pass it (status_reason
-`budget_exceeded`). Resume continues under the budget stored on the job, so raising it there
-first is what lets a paused job go on.
+"""Spending limits watched while the provider streams, so a job pauses the moment it would pass
+one: its own budget (`budget.max_tokens` / `budget.max_cost_usd`, status_reason
+`budget_exceeded`) and its tenant's daily quota (tokens / cost per UTC day, status_reason
+`quota_exceeded`, see quotas.py). Resume continues under the limits then in force, so raising the
+job's stored budget (or waiting for the quota to reset) is what lets a paused job go on.
 
 Tokens are billed tokens (the provider's figures where it reported them, else our count). Within
 a call the meter counts the prompt when the call starts and each delta as it arrives; what a
 provider spends on its own retries of a cut stream is counted when it is recorded, so the next
-section's check sees it. A cost limit needs the model's price; without one it is not enforced
-(and the usage says the cost is unknown)."""
+call's check sees it. A cost limit needs the model's price: the API refuses a cost limit on an
+unpriced model, and should one reach a run anyway (a price removed since), the meter fails
+closed: the call does not start."""
 
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 from .pricing import Price
 
 log = logging.getLogger(__name__)
 
 BUDGET_EXCEEDED = "budget_exceeded"
+QUOTA_EXCEEDED = "quota_exceeded"
+# Reasons a run stops itself by pausing its job (the orchestrator owns the transition).
+SELF_PAUSES = frozenset({BUDGET_EXCEEDED, QUOTA_EXCEEDED})
 
 
-class BudgetMeter:
-    """The spending of one provider call on top of what the job had spent before it."""
+@dataclass(frozen=True)
+class Limit:
+    """One spending limit, what was spent under it before this call, and the reason a run
+    stops with when it would pass it."""
 
-    def __init__(self, budget: Mapping[str, object], *, spent_tokens: int, spent_cost_usd: float | None,
-                 price: Price | None, model: str):
-        self.max_tokens = _limit(budget.get("max_tokens"))
-        self.max_cost_usd = _limit(budget.get("max_cost_usd"))
-        if self.max_cost_usd is not None and (price is None or spent_cost_usd is None):
-            log.warning("budget.max_cost_usd is not enforced: no price for model %s", model)
-            self.max_cost_usd = None
-        self._spent_tokens = spent_tokens
-        self._spent_cost = spent_cost_usd or 0.0
-        self._price = price
-        self._prompt = 0
-        self._completion = 0
+    reason: str
+    max_tokens: float | None
+    max_cost_usd: float | None
+    spent_tokens: int
+    spent_cost_usd: float | None  # None: unknown (an attempt without a price)
 
     @property
     def limited(self) -> bool:
         return self.max_tokens is not None or self.max_cost_usd is not None
 
-    def start_call(self, prompt_tokens: int) -> bool:
-        """Count the prompt of a call about to start; True if the call would pass the budget
-        with its first token, so it must not start."""
-        self._prompt, self._completion = prompt_tokens, 0
-        return self._over(extra_tokens=1)
 
-    def add_output(self, tokens: int) -> bool:
-        """Count output as it arrives; True once the next token would pass the budget."""
+def job_limit(budget: Mapping[str, object], *, spent_tokens: int, spent_cost_usd: float | None) -> Limit:
+    """A job's stored budget as a Limit."""
+    return Limit(BUDGET_EXCEEDED, _number(budget.get("max_tokens")), _number(budget.get("max_cost_usd")),
+                 spent_tokens, spent_cost_usd)
+
+
+class BudgetMeter:
+    """The spending of one provider call on top of what each limit had seen spent before it."""
+
+    def __init__(self, limits: Iterable[Limit], *, price: Price | None, model: str):
+        self.limits = [limit for limit in limits if limit.limited]
+        self._price = price
+        self._prompt = 0
+        self._completion = 0
+        # A cost limit we cannot price is not silently dropped: it stops the run before it spends.
+        self._unenforceable = next((limit.reason for limit in self.limits if limit.max_cost_usd is not None
+                                    and (price is None or limit.spent_cost_usd is None)), None)
+        if self._unenforceable:
+            log.warning("a cost limit (%s) cannot be enforced for model %s: no price known; not calling it",
+                        self._unenforceable, model)
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.limits)
+
+    def start_call(self, prompt_tokens: int) -> str | None:
+        """Count the prompt of a call about to start; the reason of the limit the call would pass
+        with its first token (so it must not start), else None."""
+        self._prompt, self._completion = prompt_tokens, 0
+        return self._unenforceable or self._over(extra_tokens=1)
+
+    def add_output(self, tokens: int) -> str | None:
+        """Count output as it arrives; the reason of the limit the next token would pass, else None."""
         self._completion += tokens
         return self._over(extra_tokens=1)
 
-    def _over(self, *, extra_tokens: int) -> bool:
-        tokens = self._spent_tokens + self._prompt + self._completion + extra_tokens
-        if self.max_tokens is not None and tokens > self.max_tokens:
-            return True
-        if self.max_cost_usd is not None and self._price is not None:
-            cost = self._spent_cost + self._price.cost(self._prompt, self._completion + extra_tokens)
-            if cost > self.max_cost_usd:
-                return True
-        return False
+    def _over(self, *, extra_tokens: int) -> str | None:
+        for limit in self.limits:
+            tokens = limit.spent_tokens + self._prompt + self._completion + extra_tokens
+            if limit.max_tokens is not None and tokens > limit.max_tokens:
+                return limit.reason
+            if limit.max_cost_usd is not None and self._price is not None:
+                cost = (limit.spent_cost_usd or 0.0) + self._price.cost(self._prompt, self._completion + extra_tokens)
+                if cost > limit.max_cost_usd:
+                    return limit.reason
+        return None
 
 
-def _limit(value: object) -> float | None:
+def _number(value: object) -> float | None:
     if value is None or isinstance(value, bool):
         return None
     return float(value) if isinstance(value, (int, float)) else None

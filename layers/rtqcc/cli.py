@@ -111,6 +111,7 @@ def _up(args: argparse.Namespace) -> int:
     try:
         print(f"RTQCC local stack at {stack.base_url} (SSE {args.sse}, {args.consumers} consumers)")
         print(f"API key: {stack.api_key}")
+        print(f"metrics: curl -H 'Authorization: Bearer {stack.metrics_token}' {stack.base_url}/metrics")
         print("ready", flush=True)
         stopping.wait()
         print("stopping ...", flush=True)
@@ -142,7 +143,7 @@ def _consume(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     import re
 
-    from .api_keys import ApiKeyStore
+    from .api_keys import AmbiguousKeyPrefix, ApiKeyStore
     from .db import Database
     from .settings import Settings
 
@@ -161,7 +162,11 @@ def _keys(args: argparse.Namespace) -> int:
                 state = f"revoked {row['revoked_at']:%Y-%m-%d}" if row["revoked_at"] else "active"
                 print(f"{row['key_hash'][:16]}  {row['tenant']:<20} {state:<18} {row['label']}")
         elif args.verb == "revoke":
-            revoked = store.revoke(args.hash_prefix)
+            try:
+                revoked = store.revoke(args.hash_prefix)
+            except AmbiguousKeyPrefix as exc:
+                print(f"rtqcc: {exc}", file=sys.stderr)
+                return 2
             print(f"revoked {revoked} key(s)")
             return 0 if revoked else 1
     finally:

@@ -11,19 +11,19 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from pg8000.exceptions import InterfaceError
-from redis.exceptions import RedisError
 
 from .abort import AbortSignal
-from .budget import BUDGET_EXCEEDED
-from .errors import LeaseLost, ProviderError, ServiceUnavailable
+from .budget import SELF_PAUSES
+from .errors import LeaseLost, ProviderError, StreamCut
+from .failures import OUTAGE_ERRORS, describe_failure, gave_up
 from .failpoints import Failpoints
 from .ids import is_external_id
 from .job_watch import JobWatch
 from .jobs import Job, Lease
 from .logs import configure_logging, log_context
-from .metrics import MeasuredProvider, MetricsRecorder
-from .orchestrator import ManuscriptOrchestrator, RunOutcome, StreamCut
+from .metrics import MeasuredProvider, MetricsRecorder, ModelLabels
+from .orchestrator import ManuscriptOrchestrator, RunOutcome
+from .quotas import QuotaStore
 from .services import Services
 from .status import JobStatus
 from .work_queue import Delivery
@@ -31,10 +31,7 @@ from .work_queue import Delivery
 log = logging.getLogger(__name__)
 
 # Failures of a service that will come back: the consumer waits them out instead of crashing.
-TRANSIENT_ERRORS = (ServiceUnavailable, RedisError, OSError, InterfaceError)
-# Of those, the ones that are our storage being away (not the provider, not a bug): a job
-# interrupted by them is retried without counting toward its poison limit.
-OUTAGE_ERRORS = (ServiceUnavailable, RedisError, InterfaceError)
+TRANSIENT_ERRORS = (*OUTAGE_ERRORS, OSError)
 
 
 @dataclass
@@ -80,10 +77,12 @@ class Consumer:
         self._running: AbortSignal | None = None
         self.orchestrator = ManuscriptOrchestrator(
             jobs=services.jobs, blobs=services.blobs, events=services.events,
-            provider=MeasuredProvider(services.provider, MetricsRecorder(services.redis)),
+            provider=MeasuredProvider(services.provider, MetricsRecorder(services.redis),
+                                      model_label=ModelLabels(services.settings)),
             delta_flush_ms=self.settings.delta_flush_ms,
             failpoints=self.failpoints,
             prices=self.settings.prices,
+            quotas=QuotaStore(services.db, self.settings),
         )
 
     @property
@@ -179,10 +178,10 @@ class Consumer:
             return
 
         if lease.failures >= self.settings.consumer_max_deliveries:
-            reason = (f"gave up after {lease.failures} failed runs; the last: {lease.last_error or 'unknown'}")
-            log.error("job %s is poison: %s", job.external_id, reason)
-            self.orchestrator.fail(job, lease, reason)
-            queue.dead_letter_then_ack(job.external_id, delivery.message_id, reason)
+            failure = gave_up(lease.failures, lease.last_error)
+            log.error("job %s is poison: %s", job.external_id, failure.message)
+            self.orchestrator.fail(job, lease, failure)
+            queue.dead_letter_then_ack(job.external_id, delivery.message_id, failure.message)
             result.failed += 1
             result.processed += 1
             return
@@ -200,7 +199,8 @@ class Consumer:
             with watch:
                 outcome = self.orchestrator.run(job, lease, abort)
         except ProviderError as exc:
-            self.orchestrator.fail(job, lease, str(exc))
+            log.warning("job %s failed: %s", job.external_id, exc)
+            self.orchestrator.fail(job, lease, describe_failure(exc))
             queue.ack(delivery.message_id)
             result.failed += 1
             result.processed += 1
@@ -217,8 +217,7 @@ class Consumer:
             level = logging.INFO if isinstance(exc, StreamCut) else logging.WARNING if outage else logging.ERROR
             log.log(level, "job %s interrupted, retried later: %s", job.external_id, exc,
                     exc_info=level == logging.ERROR)
-            self._hand_back(job, lease, delivery, result, error=f"{type(exc).__name__}: {exc}"[:1000],
-                            failed=not outage)
+            self._hand_back(job, lease, delivery, result, error=describe_failure(exc).message, failed=not outage)
             return
         finally:
             self._running = None
@@ -233,8 +232,8 @@ class Consumer:
             queue.ack(delivery.message_id)
             result.completed += 1
             result.processed += 1
-        elif outcome.stopped_by in ("pause", "cancel", "control", BUDGET_EXCEEDED):
-            # budget_exceeded: the orchestrator has paused the job itself and let the lease go.
+        elif outcome.stopped_by in ("pause", "cancel", "control", *SELF_PAUSES):
+            # budget_exceeded, quota_exceeded: the orchestrator has paused the job itself and let the lease go.
             status_after = jobs.release_lease(lease)
             if status_after == JobStatus.QUEUED:  # resumed while we were stopping: run it again
                 queue.requeue_then_ack(job.external_id, delivery.message_id)

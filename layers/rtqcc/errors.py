@@ -72,6 +72,13 @@ class TooManyRequests(ApiError):
     code = "rate_limited"
 
 
+class QuotaExceeded(ApiError):
+    """A tenant's quota (tokens or cost today, jobs queued or running at once) is used up."""
+
+    status = 429
+    code = "quota_exceeded"
+
+
 class ServiceUnavailable(ApiError):
     status = 503
     code = "service_unavailable"
@@ -87,3 +94,7 @@ class ProviderError(RtqccError):
 
 class OutlineInvalid(ProviderError):
     """The provider's outline did not match the required structure."""
+
+
+class StreamCut(RtqccError):
+    """The provider's stream ended without a finish reason and nobody asked it to stop."""

@@ -19,7 +19,10 @@ redis.call('PUBLISH', KEYS[1], '{"id":"' .. id .. '","type":"' .. ARGV[2] .. '",
 return id
 """
 
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+# ASCII digits only (\d takes any script's), nothing after (`$` lets a newline through), and each
+# part within the 64 bits Redis keeps.
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}\Z")
+_MAX_ID_PART = 2**64 - 1
 EVENTS_TTL_S = 7 * 24 * 3600
 
 
@@ -32,7 +35,7 @@ def control_channel(external_id: str) -> str:
 
 
 def is_stream_id(value: str) -> bool:
-    return bool(_STREAM_ID.match(value))
+    return bool(_STREAM_ID.match(value)) and max(stream_id_tuple(value)) <= _MAX_ID_PART
 
 
 def stream_id_tuple(value: str) -> tuple[int, int]:

@@ -38,9 +38,12 @@ def check_key(key: str) -> str:
 
 
 class IdempotencyStore:
-    def __init__(self, db: Database, *, wait_s: float = 10.0, poll_s: float = 0.05, clock=time.monotonic,
-                 sleep=time.sleep):
+    def __init__(self, db: Database, *, in_progress_ttl_s: float = 60.0, wait_s: float = 10.0, poll_s: float = 0.05,
+                 clock=time.monotonic, sleep=time.sleep):
         self.db = db
+        # A claim older than this with no answer is a request that died mid-way (a killed
+        # function): it no longer holds the key, so the client's retry does the work.
+        self.in_progress_ttl_s = in_progress_ttl_s
         self.wait_s = wait_s
         self.poll_s = poll_s
         self.clock = clock
@@ -63,9 +66,16 @@ class IdempotencyStore:
                                        "use a new key for a new request.")
             if row["response_status"] is not None:
                 return Answer(row["response_status"], row["response_body"], replayed=True)
+            if self._free_if_abandoned(tenant, key):
+                continue
             if self.clock() >= deadline:
                 raise InvalidTransition("A request with this Idempotency-Key is still being handled; retry shortly.")
             self.sleep(self.poll_s)
+
+    def _free_if_abandoned(self, tenant: str, key: str) -> bool:
+        return self.db.run("DELETE FROM idempotency_keys WHERE tenant = :t AND key = :k AND response_status IS NULL"
+                           " AND created_at < now() - make_interval(secs => :ttl)",
+                           t=tenant, k=key, ttl=float(self.in_progress_ttl_s)) == 1
 
     def _first(self, tenant: str, key: str, action: Callable[[], Answer]) -> Answer:
         try:

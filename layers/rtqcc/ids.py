@@ -7,7 +7,7 @@ import re
 from ulid import ULID
 
 PREFIX = "RTQCC-"
-_PATTERN = re.compile(r"^RTQCC-[0-9A-HJKMNP-TV-Z]{26}$")
+_PATTERN = re.compile(r"RTQCC-[0-9A-HJKMNP-TV-Z]{26}\Z")  # \Z: `$` would let a trailing newline in
 
 
 def new_external_id() -> str:

@@ -244,9 +244,11 @@ class JobStore:
 
     # ---- control: conditional transitions ---------------------------------------------------
 
-    def transition(self, tenant: str, external_id: str, verb: str, *, reason: str | None = None) -> TransitionResult:
+    def transition(self, tenant: str, external_id: str, verb: str, *, reason: str | None = None,
+                   conn: Connection | None = None) -> TransitionResult:
+        """`conn`: inside the caller's transaction (quotas.py checks a quota and transitions under one lock)."""
         sources, target = TRANSITIONS[verb]
-        row = self.db.row(
+        row = (conn or self.db).row(
             "WITH before AS (SELECT id, status FROM jobs WHERE external_id = :e AND tenant = :t FOR UPDATE)"
             f" UPDATE jobs SET status = :target, status_reason = :reason, updated_at = now(),"
             # A retried job starts with a clean slate: no error, no failed runs counted.

@@ -11,6 +11,8 @@ from typing import Iterator
 
 from pythonjsonlogger.json import JsonFormatter
 
+from .redact import redact_urls
+
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("rtqcc_log_context", default={})
 
 
@@ -23,6 +25,14 @@ def log_context(**fields: str | None) -> Iterator[None]:
         _context.reset(token)
 
 
+class _RedactingJsonFormatter(JsonFormatter):
+    """Every line is redacted as a whole, tracebacks included: a credential in a URL that some
+    library put in its exception message never reaches the log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_urls(super().format(record))
+
+
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in _context.get().items():
@@ -33,7 +43,7 @@ class _ContextFilter(logging.Filter):
 def configure_logging(level: str = "INFO", stream=None) -> None:
     """JSON lines on stderr (what CloudWatch and `kubectl logs` want), once per process."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter(
+    handler.setFormatter(_RedactingJsonFormatter(
         "{asctime}{levelname}{name}{message}", style="{", rename_fields={"levelname": "level", "asctime": "time"}))
     handler.addFilter(_ContextFilter())
     root = logging.getLogger()

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from redis import Redis
 
 from .abort import AbortSignal
+from .model_policy import allowed_models
 from .providers.base import GenerationRequest, GenerationResult, Provider
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,31 @@ class MetricsRecorder:
             yield family
 
 
+OTHER_MODEL = "other"
+
+
+class ModelLabels:
+    """Model names as label values: the models this deployment names (allowed or priced, and the
+    default), every other as `other` (dated snapshots too, which a tenant could vary without
+    end), so no one can grow the series or the Redis hashes behind them."""
+
+    def __init__(self, settings):
+        self.known = frozenset(allowed_models(settings))
+
+    def __call__(self, model: str | None) -> str:
+        return model if model in self.known else OTHER_MODEL
+
+
 class MeasuredProvider:
     """Wraps a provider to time its first token, its whole stream, and how fast it stops on abort."""
 
-    def __init__(self, inner: Provider, recorder: MetricsRecorder, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, inner: Provider, recorder: MetricsRecorder, clock: Callable[[], float] = time.monotonic,
+                 *, model_label: Callable[[str], str] = lambda model: model):
         self.inner = inner
         self.name = inner.name
         self.recorder = recorder
         self.clock = clock
+        self.model_label = model_label
 
     def stream(self, request: GenerationRequest, abort: AbortSignal,
                on_delta: Callable[[str], None]) -> GenerationResult:
@@ -87,7 +105,7 @@ class MeasuredProvider:
 
         result = self.inner.stream(request, abort, tap)
         ended = self.clock()
-        labels = {"provider": self.name, "model": request.model}
+        labels = {"provider": self.name, "model": self.model_label(request.model)}
         if first:
             self.recorder.observe("provider_first_token_seconds", first[0] - started, **labels)
         self.recorder.observe("provider_stream_seconds", ended - started, **labels)
@@ -102,24 +120,32 @@ class _Collector:
 
     def collect(self):
         s = self.services
+        label = ModelLabels(s.settings)
         jobs = GaugeMetricFamily("rtqcc_jobs", "Jobs by status", labels=["status"])
         for row in s.db.rows("SELECT status, COUNT(*)::int AS n FROM jobs GROUP BY status"):
             jobs.add_metric([row["status"]], row["n"])
         yield jobs
 
         sections = CounterMetricFamily("rtqcc_sections_completed", "Sections stored, by model", labels=["model"])
+        per_model: dict[str, int] = {}
         for row in s.db.rows("SELECT j.model, COUNT(*)::int AS n FROM sections x JOIN jobs j ON j.id = x.job_id"
                              " WHERE x.status = 'done' GROUP BY j.model"):
-            sections.add_metric([row["model"]], row["n"])
+            per_model[label(row["model"])] = per_model.get(label(row["model"]), 0) + row["n"]
+        for model, count in per_model.items():
+            sections.add_metric([model], count)
         yield sections
 
         tokens = CounterMetricFamily("rtqcc_tokens", "Billed tokens, by model and kind", labels=["model", "kind"])
+        per_kind: dict[tuple[str, str], int] = {}
         for row in s.db.rows(
                 "SELECT model, SUM(COALESCE(reported_prompt_tokens, counted_prompt_tokens))::bigint AS prompt,"
                 " SUM(COALESCE(reported_completion_tokens, counted_completion_tokens))::bigint AS completion"
                 " FROM generation_attempts GROUP BY model"):
-            tokens.add_metric([row["model"], "prompt"], row["prompt"])
-            tokens.add_metric([row["model"], "completion"], row["completion"])
+            for kind in ("prompt", "completion"):
+                series = (label(row["model"]), kind)
+                per_kind[series] = per_kind.get(series, 0) + (row[kind] or 0)
+        for (model, kind), count in per_kind.items():
+            tokens.add_metric([model, kind], count)
         yield tokens
 
         queue = s.queue

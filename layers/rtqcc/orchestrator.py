@@ -13,23 +13,21 @@ from typing import Callable, Mapping
 
 from .abort import AbortSignal
 from .blobs import BlobStore, manuscript_key, section_key
-from .budget import BUDGET_EXCEEDED, BudgetMeter
-from .errors import ProviderError
+from .budget import QUOTA_EXCEEDED, SELF_PAUSES, BudgetMeter, job_limit
+from .errors import ProviderError, StreamCut
+from .failures import PublicFailure
 from .events import EventLog
 from .failpoints import DISABLED, Failpoints
 from .jobs import DEFAULT_SECTION_COUNT, Attempt, Job, JobStore, Lease, Section
 from .pricing import DEFAULT_PRICES, Price, cost_usd, price_for
 from .prompts import outline_request, parse_outline, section_request
+from .quotas import QuotaStore
 from .providers.base import (CallUsage, GenerationRequest, GenerationResult, Provider, ProviderRefused,
                              chat_messages)
 from .status import JobStatus, SectionStatus
 from .text import strip_unstorable
 from .tokens import count_chat_tokens, count_tokens
 from .usage import money, public_job_usage, public_usage
-
-
-class StreamCut(Exception):
-    """The provider's stream ended without a finish reason and nobody asked it to stop."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +65,9 @@ class DeltaBuffer:
 class ManuscriptOrchestrator:
     def __init__(self, *, jobs: JobStore, blobs: BlobStore, events: EventLog, provider: Provider,
                  delta_flush_ms: int = 50, failpoints: Failpoints = DISABLED,
-                 prices: Mapping[str, Price] = DEFAULT_PRICES):
+                 prices: Mapping[str, Price] = DEFAULT_PRICES, quotas: QuotaStore | None = None):
         self.jobs = jobs
+        self.quotas = quotas  # the tenant's daily quotas, enforced live (None: none)
         self.blobs = blobs
         self.events = events
         self.provider = provider
@@ -114,17 +113,19 @@ class ManuscriptOrchestrator:
         return RunOutcome(status=JobStatus.COMPLETED, stopped_by=None, sections_written=written)
 
     def _stopped(self, job: Job, lease: Lease, abort: AbortSignal, written: int) -> RunOutcome:
-        if abort.reason != BUDGET_EXCEEDED:
-            return RunOutcome(status=None, stopped_by=abort.reason, sections_written=written)
+        reason = abort.reason
+        if reason not in SELF_PAUSES:
+            return RunOutcome(status=None, stopped_by=reason, sections_written=written)
         # Our own stop: pause the job (fenced: only if it is still running under our lease).
-        if not self.jobs.finish(lease, JobStatus.PAUSED, reason=BUDGET_EXCEEDED):
-            return RunOutcome(status=None, stopped_by=BUDGET_EXCEEDED, sections_written=written)
+        if not self.jobs.finish(lease, JobStatus.PAUSED, reason=reason):
+            return RunOutcome(status=None, stopped_by=reason, sections_written=written)
         tokens, cost = self.jobs.spent(job.id)
-        self.events.publish(job.external_id, "status", {
-            "status": JobStatus.PAUSED.value, "reason": BUDGET_EXCEEDED, "budget": job.budget,
-            "spent": {"total_tokens": tokens, "cost_usd": money(cost)},
-        })
-        return RunOutcome(status=JobStatus.PAUSED, stopped_by=BUDGET_EXCEEDED, sections_written=written)
+        paused = {"status": JobStatus.PAUSED.value, "reason": reason, "budget": job.budget,
+                  "spent": {"total_tokens": tokens, "cost_usd": money(cost)}}
+        if reason == QUOTA_EXCEEDED and self.quotas is not None:
+            paused["quota"] = self.quotas.standing(job.tenant, count_active=False).public()
+        self.events.publish(job.external_id, "status", paused)
+        return RunOutcome(status=JobStatus.PAUSED, stopped_by=reason, sections_written=written)
 
     def _announce_last_done(self, job: Job, sections: list[Section]) -> None:
         """A run that died between marking a section done and announcing it left watchers
@@ -136,13 +137,11 @@ class ManuscriptOrchestrator:
             self.events.publish(job.external_id, "section.completed", {
                 "index": done[-1].idx, "chars": done[-1].content_chars, "usage": public_usage(usage.get(done[-1].idx))})
 
-    def fail(self, job: Job, lease: Lease, reason: str) -> bool:
-        if not self.jobs.finish(lease, JobStatus.FAILED, error=reason):
+    def fail(self, job: Job, lease: Lease, failure: PublicFailure) -> bool:
+        if not self.jobs.finish(lease, JobStatus.FAILED, error=failure.message, reason=failure.code):
             return False
-        self.events.publish_many(job.external_id, [
-            ("status", {"status": JobStatus.FAILED.value, "error": reason}),
-            ("done", {"status": JobStatus.FAILED.value, "error": reason}),
-        ])
+        data = {"status": JobStatus.FAILED.value, "error": failure.message, "code": failure.code}
+        self.events.publish_many(job.external_id, [("status", data), ("done", data)])
         return True
 
     # ---- steps ------------------------------------------------------------------------------
@@ -216,18 +215,23 @@ class ManuscriptOrchestrator:
         return text
 
     def _meter(self, job: Job, request: GenerationRequest, abort: AbortSignal) -> BudgetMeter | None:
-        """The job's budget for this call (None without one). Raises `budget_exceeded` on the
-        abort signal, instead of calling, when the call would pass it with its first token."""
-        if not job.budget:
-            return None
-        tokens, cost = self.jobs.spent(job.id)
-        meter = BudgetMeter(job.budget, spent_tokens=tokens, spent_cost_usd=cost,
-                            price=price_for(request.model, self.prices), model=request.model)
+        """The job's budget and its tenant's daily quota for this call (None without either).
+        Raises the limit's reason (`budget_exceeded`, `quota_exceeded`) on the abort signal,
+        instead of calling, when the call would pass it with its first token."""
+        limits = []
+        if job.budget:
+            tokens, cost = self.jobs.spent(job.id)
+            limits.append(job_limit(job.budget, spent_tokens=tokens, spent_cost_usd=cost))
+        if self.quotas is not None:  # one query per call: the tenant's spend today
+            daily = self.quotas.standing(job.tenant, measure=False, count_active=False).daily_limit()
+            if daily is not None:
+                limits.append(daily)
+        meter = BudgetMeter(limits, price=price_for(request.model, self.prices), model=request.model)
         if not meter.limited:
             return None
         # A chat provider's prompt, framing included: what a provider that counts calls records.
-        if meter.start_call(count_chat_tokens(chat_messages(request, request.prefix), request.model)):
-            abort.abort(BUDGET_EXCEEDED)
+        if reason := meter.start_call(count_chat_tokens(chat_messages(request, request.prefix), request.model)):
+            abort.abort(reason)
         return meter
 
     def _generate(self, job: Job, idx: int | None, request: GenerationRequest, abort: AbortSignal,
@@ -235,8 +239,8 @@ class ManuscriptOrchestrator:
         """One answer from the provider, metered against the budget, every call it made recorded."""
         def metered(text: str) -> None:
             on_delta(text)
-            if meter.add_output(count_tokens(text, request.model)):
-                abort.abort(BUDGET_EXCEEDED)  # the next token would pass the budget: stop the stream now
+            if reason := meter.add_output(count_tokens(text, request.model)):
+                abort.abort(reason)  # the next token would pass a limit: stop the stream now
 
         try:
             result = self.provider.stream(request, abort, metered if meter is not None else on_delta)

@@ -46,7 +46,7 @@ DEFAULT_PRICES: Mapping[str, Price] = {
     "gpt-3.5-turbo": Price(0.50, 1.50),
 }
 
-_SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+_SNAPSHOT = re.compile(r"-[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
 
 
 def price_for(model: str, prices: Mapping[str, Price]) -> Price | None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, ValidationError
 from .errors import OutlineInvalid
 from .jobs import DEFAULT_SECTION_COUNT, Job, OutlineItem, Section
 from .providers.base import GenerationRequest
+from .text import strip_unstorable
 
 SYSTEM = (
     "You write long, well-structured documents one section at a time. Write in clear prose, "
@@ -74,7 +75,10 @@ def parse_outline(text: str, expected_count: int) -> list[OutlineItem]:
         raise OutlineInvalid(
             f"The provider's outline has {len(outline.sections)} sections; {expected_count} were asked for."
         )
-    return [OutlineItem(title=entry.title.strip(), brief=entry.brief.strip()) for entry in outline.sections]
+    # A NUL or lone surrogate in the model's JSON would make Postgres refuse the outline, and the
+    # job pay for it again on every retry: drop what cannot be stored, as from section text.
+    return [OutlineItem(title=strip_unstorable(entry.title).strip(), brief=strip_unstorable(entry.brief).strip())
+            for entry in outline.sections]
 
 
 def section_request(job: Job, sections: list[Section], section: Section, previous_text: str) -> GenerationRequest:

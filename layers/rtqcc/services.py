@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from redis import Redis
 
@@ -13,9 +14,13 @@ from .errors import ConfigError
 from .events import EventLog
 from .jobs import JobStore
 from .providers.base import Provider
-from .rate_limit import TenantRateLimiter
+from .rate_limit import FailedAuthThrottle, TenantRateLimiter
 from .settings import Settings
+from .stream_slots import StreamSlots
 from .work_queue import WorkQueue
+
+if TYPE_CHECKING:
+    from .api.auth import Authenticator
 
 
 REDIS_SOCKET_TIMEOUT_S = 60.0
@@ -78,11 +83,23 @@ class Services:
 
     @cached_property
     def api_keys(self) -> ApiKeyStore:
-        return ApiKeyStore(self.db)
+        return ApiKeyStore(self.db, cache_ttl_s=self.settings.api_key_cache_s)
+
+    @cached_property
+    def auth(self) -> "Authenticator":
+        from .api.auth import Authenticator
+
+        throttle = FailedAuthThrottle(self.redis, limit=self.settings.auth_failures_per_min)
+        return Authenticator(self.settings.api_keys, self.api_keys, throttle)
 
     @cached_property
     def rate_limiter(self) -> TenantRateLimiter:
         return TenantRateLimiter(self.redis, limit=self.settings.rate_limit_per_min)
+
+    @cached_property
+    def stream_slots(self) -> StreamSlots:
+        return StreamSlots(self.redis, per_tenant=self.settings.max_streams_per_tenant,
+                           per_key=self.settings.max_streams_per_key)
 
     @cached_property
     def queue(self) -> WorkQueue:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from .errors import ConfigError
+from .redact import redact_urls
 from .pricing import DEFAULT_PRICES, Price, load_prices
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -60,8 +63,67 @@ def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[
         return None
     scheme = raw.split("://", 1)[0] if "://" in raw else ""
     if scheme not in schemes:
-        raise ConfigError(f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}, got {raw!r}")
+        raise ConfigError(f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}, "
+                          f"got {redact_urls(raw)!r}")
     return raw
+
+
+MIN_SECRET_BYTES = 32
+_PLACEHOLDER_MARKS = ("change-me", "changeme", "change_me", "replace-me", "example", "placeholder", "secret")
+
+
+def looks_like_placeholder(value: str) -> bool:
+    """A value someone copied from documentation instead of generating one."""
+    lowered = value.lower()
+    return any(mark in lowered for mark in _PLACEHOLDER_MARKS) or value.strip(".* x") == "" or len(set(value)) < 8
+
+
+def _secret(env: Mapping[str, str], name: str) -> str | None:
+    """A random secret of at least 32 bytes, or None when unset; a short or placeholder value
+    fails at start naming the variable, rather than weakening what it protects."""
+    raw = env.get(name) or None
+    if raw is None:
+        return None
+    hint = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    if looks_like_placeholder(raw):
+        raise ConfigError(f"{name} looks like a placeholder, not a random secret; {hint}")
+    if len(raw.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(f"{name} must be a random secret of at least {MIN_SECRET_BYTES} bytes, "
+                          f"got {len(raw.encode())}; {hint}")
+    return raw
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(filter(None, (part.strip() for part in env.get(name, "").split(","))))
+
+
+_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def _host_names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Host names (or `*.example.com` for its subdomains, or IP addresses), without port."""
+    names = []
+    for item in _list(env, name):
+        host = item.lower().strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(host):
+                raise ConfigError(f"{name} entries must be host names without scheme or port "
+                                  f"(like api.example.com or *.example.com), got {item!r}") from None
+        names.append(host)
+    return tuple(names)
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """IP addresses or networks (CIDR)."""
+    for item in _list(env, name):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{name} entries must be IP addresses or networks like 10.0.0.0/8, "
+                              f"got {item!r}") from None
+    return _list(env, name)
 
 
 def _api_keys(env: Mapping[str, str]) -> dict[str, str]:
@@ -78,12 +140,20 @@ def _api_keys(env: Mapping[str, str]) -> dict[str, str]:
     return keys
 
 
+def _environment(env: Mapping[str, str]) -> str:
+    value = (env.get("RTQCC_ENV") or "production").strip().lower()
+    if value not in ("production", "local"):
+        raise ConfigError(f"RTQCC_ENV must be 'production' or 'local', got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = DEFAULT_REDIS_URL
-    database_url: str = DEFAULT_DATABASE_URL
+    # repr=False: URLs carry passwords, and a Settings in a log line or traceback must not.
+    redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     db_pool_size: int = 10
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = field(default=None, repr=False)
     s3_bucket: str = "rtqcc"
     s3_region: str = "us-east-1"
     s3_create_bucket: bool = False
@@ -95,7 +165,7 @@ class Settings:
 
     provider: str = "fake"
     openai_api_key: str | None = field(default=None, repr=False)
-    openai_base_url: str | None = None
+    openai_base_url: str | None = field(default=None, repr=False)
     default_model: str = "gpt-4o-mini"
     fake_tokens_per_s: float = 200.0
     fake_first_token_ms: int = 0
@@ -110,10 +180,27 @@ class Settings:
     prices: Mapping[str, Price] = field(default_factory=lambda: dict(DEFAULT_PRICES))
 
     api_keys: dict[str, str] = field(default_factory=dict)
-    stream_token_secret: str | None = None
+    # "production" (the default: deployed stages) or "local" (`rtqcc up`, which makes its own secrets)
+    environment: str = "production"
+    # Signs stream tokens; the previous secret is still accepted, so a rotation breaks no open page.
+    stream_token_secret: str | None = field(default=None, repr=False)
+    stream_token_previous_secret: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)  # GET /metrics needs it; unset: off
+    api_key_cache_s: float = 30.0          # how soon a revoked key (and its stream tokens) stops working
     max_sections: int = 100
     rate_limit_per_min: int = 600
+    auth_failures_per_min: int = 30        # per client address; past it, keys are not even looked up
+    max_streams_per_tenant: int = 200      # open SSE streams at once
+    max_streams_per_key: int = 100
+    idempotency_in_progress_s: float = 60.0  # a request that died mid-way frees its key after this
+    max_inline_manuscript_bytes: int = 5 * 1024 * 1024  # larger: a redirect to a presigned S3 URL
     max_body_bytes: int = 256 * 1024
+    # The HTTP front (`rtqcc up`, the container gateway): Host names answered besides loopback's,
+    # proxies whose X-Forwarded-For is believed (none: the peer is the client), and the Redis
+    # connections of the live-tail hub.
+    allowed_hosts: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    hub_redis_connections: int = 200
 
     lease_ttl_s: float = 30.0
     control_poll_s: float = 1.0
@@ -129,6 +216,15 @@ class Settings:
     consumer_idle_exit_ms: int = 1000
     consumer_safety_margin_ms: int = 2000
     consumer_max_deliveries: int = 5
+    # cost controls (see quotas.py and model_policy.py); None: no limit
+    allowed_models: frozenset[str] | None = None  # None: every priced model, and default_model
+    quota_tokens_per_day: int | None = None        # per tenant, per UTC day
+    quota_cost_usd_per_day: float | None = None
+    quota_active_jobs: int | None = None           # jobs queued or running at once, per tenant
+    job_default_max_tokens: int | None = None      # the budget of a job that gives none
+    job_default_max_cost_usd: float | None = None
+    job_max_tokens: int | None = None              # the most any job's budget may be
+    job_max_cost_usd: float | None = None
     crash_at: str | None = None  # fault tests only: see failpoints.py
 
     @classmethod
@@ -168,10 +264,23 @@ class Settings:
             openai_backoff_max_s=_float(env, "RTQCC_OPENAI_BACKOFF_MAX_S", 20.0),
             prices=load_prices(env),
             api_keys=_api_keys(env),
-            stream_token_secret=env.get("RTQCC_STREAM_TOKEN_SECRET") or None,
+            environment=_environment(env),
+            stream_token_secret=_secret(env, "RTQCC_STREAM_TOKEN_SECRET"),
+            stream_token_previous_secret=_secret(env, "RTQCC_STREAM_TOKEN_PREVIOUS_SECRET"),
+            metrics_token=_secret(env, "RTQCC_METRICS_TOKEN"),
+            api_key_cache_s=_float(env, "RTQCC_API_KEY_CACHE_S", 30.0),
             max_sections=_int(env, "RTQCC_MAX_SECTIONS", 100, minimum=1),
             rate_limit_per_min=_int(env, "RTQCC_RATE_LIMIT_PER_MIN", 600),
+            auth_failures_per_min=_int(env, "RTQCC_AUTH_FAILURES_PER_MIN", 30),
+            max_streams_per_tenant=_int(env, "RTQCC_MAX_STREAMS_PER_TENANT", 200, minimum=1),
+            max_streams_per_key=_int(env, "RTQCC_MAX_STREAMS_PER_KEY", 100, minimum=1),
+            idempotency_in_progress_s=_float(env, "RTQCC_IDEMPOTENCY_IN_PROGRESS_S", 60.0, minimum=1.0),
+            max_inline_manuscript_bytes=_int(env, "RTQCC_MAX_INLINE_MANUSCRIPT_BYTES", 5 * 1024 * 1024,
+                                             minimum=1024),
             max_body_bytes=_int(env, "RTQCC_MAX_BODY_BYTES", 256 * 1024, minimum=1024),
+            allowed_hosts=_host_names(env, "RTQCC_ALLOWED_HOSTS"),
+            trusted_proxies=_networks(env, "RTQCC_TRUSTED_PROXIES"),
+            hub_redis_connections=_int(env, "RTQCC_HUB_REDIS_CONNECTIONS", 200, minimum=4),
             # Blocking Redis reads last up to lease_ttl/2 and the heartbeat: keep both under the
             # client's socket timeout (services.REDIS_SOCKET_TIMEOUT_S).
             lease_ttl_s=_float(env, "RTQCC_LEASE_TTL_S", 30.0, minimum=0.2, maximum=100.0),
@@ -186,8 +295,38 @@ class Settings:
             consumer_idle_exit_ms=_int(env, "RTQCC_CONSUMER_IDLE_EXIT_MS", 1000),
             consumer_safety_margin_ms=_int(env, "RTQCC_CONSUMER_SAFETY_MARGIN_MS", 2000),
             consumer_max_deliveries=_int(env, "RTQCC_CONSUMER_MAX_DELIVERIES", 5, minimum=1),
+            # cost controls
+            allowed_models=frozenset(m.strip() for m in env.get("RTQCC_ALLOWED_MODELS", "").split(",")
+                                     if m.strip()) or None,
+            quota_tokens_per_day=_int(env, "RTQCC_QUOTA_TOKENS_PER_DAY", None, minimum=0),
+            quota_cost_usd_per_day=_float(env, "RTQCC_QUOTA_COST_USD_PER_DAY", None, minimum=0.0),
+            quota_active_jobs=_int(env, "RTQCC_QUOTA_ACTIVE_JOBS", None, minimum=0),
+            job_default_max_tokens=_int(env, "RTQCC_JOB_DEFAULT_MAX_TOKENS", None, minimum=1),
+            job_default_max_cost_usd=_float(env, "RTQCC_JOB_DEFAULT_MAX_COST_USD", None, minimum=0.0),
+            job_max_tokens=_int(env, "RTQCC_JOB_MAX_TOKENS", None, minimum=1),
+            job_max_cost_usd=_float(env, "RTQCC_JOB_MAX_COST_USD", None, minimum=0.0),
             crash_at=env.get("RTQCC_CRASH_AT") or None,
         )
+
+    @property
+    def is_local(self) -> bool:
+        return self.environment == "local"
+
+    def check_serving(self) -> None:
+        """What an API or streaming function needs before it serves anyone: called at start, so a
+        deployment missing a secret fails at once, naming the variable, instead of at first use."""
+        if not self.stream_token_secret:
+            raise ConfigError("RTQCC_STREAM_TOKEN_SECRET must be set: a random secret of at least "
+                              f"{MIN_SECRET_BYTES} bytes that signs stream tokens (`rtqcc up` makes its own)")
+        if self.environment == "production":
+            dev_keys = [key for key, tenant in self.api_keys.items() if tenant == "dev"]
+            if dev_keys:
+                raise ConfigError("RTQCC_DEV_API_KEY is for the local stack; in production create keys with "
+                                  "`rtqcc keys create` or set RTQCC_API_KEYS (or set RTQCC_ENV=local)")
+            weak = [tenant for key, tenant in self.api_keys.items() if looks_like_placeholder(key)]
+            if weak:
+                raise ConfigError(f"RTQCC_API_KEYS holds a placeholder key (tenant {weak[0]!r}); "
+                                  "replace it with a random key")
 
     def with_overrides(self, **changes: object) -> "Settings":
         return replace(self, **changes)

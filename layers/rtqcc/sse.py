@@ -9,6 +9,7 @@ happen, with heartbeats while idle, until `done`. `long_poll()` is for a bufferi
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -16,6 +17,7 @@ from .errors import BadRequest
 from .events import Event, EventLog, is_stream_id
 from .jobs import Job, JobStore
 from .status import JobStatus
+from .stream_slots import REFRESH_S, StreamSlot
 from .views import job_document
 
 HEARTBEAT = ": keep-alive\n\n"
@@ -26,9 +28,9 @@ def format_event(event_id: str, event_type: str, data: dict) -> str:
 
 
 def parse_last_event_id(value: str | None) -> str | None:
-    if value is None or value.strip() == "":
+    if value is None or value.strip(" \t") == "":
         return None
-    value = value.strip()
+    value = value.strip(" \t")  # HTTP's optional whitespace; a newline is no part of an id
     if not is_stream_id(value):
         raise BadRequest(f"Last-Event-ID {value!r} is not an event id from this stream (expected like 1700000000000-0).")
     return value
@@ -41,12 +43,27 @@ class LongPollAnswer:
 
 
 class JobEventStream:
-    def __init__(self, events: EventLog, jobs: JobStore, job: Job, last_event_id: str | None):
+    """One client's stream of one job. It holds the client's stream slot (if given) until
+    `close()`; whoever serves it calls `touch()` at least every `slot_refresh_s` while it is open."""
+
+    slot_refresh_s = REFRESH_S
+
+    def __init__(self, events: EventLog, jobs: JobStore, job: Job, last_event_id: str | None,
+                 *, slot: StreamSlot | None = None):
         self.events = events
         self.jobs = jobs
         self.job = job
         self.ext = job.external_id
         self.last_event_id = last_event_id
+        self.slot = slot
+
+    def touch(self) -> None:
+        if self.slot is not None:
+            self.slot.refresh()
+
+    def close(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
 
     def seen_the_end(self) -> bool:
         """The client's Last-Event-ID is at the end of a finished job: nothing more will come."""
@@ -56,6 +73,13 @@ class JobEventStream:
             self.ext, self.last_event_id, count=1)
 
     def frames(self, *, heartbeat_s: float) -> Iterator[str]:
+        try:
+            yield from self._frames(heartbeat_s)
+        finally:
+            self.close()
+
+    def _frames(self, heartbeat_s: float) -> Iterator[str]:
+        touched = time.monotonic()
         cursor, opening, finished = self.opening()
         yield from opening
         if finished:
@@ -63,7 +87,10 @@ class JobEventStream:
         block_ms: int | None = None  # first look without waiting: a finished job ends at once
         while True:
             batch = self.events.read_after(self.ext, cursor, block_ms=block_ms)
-            block_ms = int(heartbeat_s * 1000)
+            block_ms = int(min(heartbeat_s, self.slot_refresh_s) * 1000)
+            if time.monotonic() - touched >= self.slot_refresh_s:
+                self.touch()
+                touched = time.monotonic()
             if batch:
                 for event in batch:
                     yield _frame(event)
@@ -78,6 +105,12 @@ class JobEventStream:
             yield HEARTBEAT
 
     def long_poll(self, *, wait_s: float, retry_ms: int) -> LongPollAnswer:
+        try:
+            return self._long_poll(wait_s, retry_ms)
+        finally:
+            self.close()
+
+    def _long_poll(self, wait_s: float, retry_ms: int) -> LongPollAnswer:
         if self.seen_the_end():
             return LongPollAnswer(status=204, body="")
         parts = [f"retry: {retry_ms}\n\n"]
@@ -121,4 +154,6 @@ def _done_data(job: Job) -> dict:
     data: dict = {"status": job.status.value}
     if job.status == JobStatus.FAILED and job.error:
         data["error"] = job.error
+        if job.status_reason:
+            data["code"] = job.status_reason
     return data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -22,16 +23,45 @@ from ..services import Services
 from ..status import JobStatus
 from ..views import job_document, job_links, job_summary
 from . import stream_tokens
-from .access import SSE_HEADERS, check_external_id, find_job, open_job_stream, stream_signing_key
-from .auth import tenant_for
+from .access import (SSE_HEADERS, authenticate, check_external_id, check_metrics_token, client_address, find_job,
+                     issue_stream_token, open_job_stream)
+from .auth import Caller
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 100
+MAX_SECTION_INDEX = 100_000
+
+
+class ThreadSafeChalice(Chalice):
+    """Chalice keeps the request in hand on the app object (`current_request`), which is right for
+    Lambda (one request per container at a time) and wrong for a gateway that invokes one app from
+    many threads at once: a view could read another caller's request, Authorization header
+    included. Here each thread sees its own."""
+
+    def __init__(self, *args, **kwargs):
+        self._per_thread = threading.local()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def current_request(self):  # type: ignore[override]
+        return getattr(self._per_thread, "request", None)
+
+    @current_request.setter
+    def current_request(self, request) -> None:
+        self._per_thread.request = request
+
+    @property
+    def lambda_context(self):  # type: ignore[override]
+        return getattr(self._per_thread, "context", None)
+
+    @lambda_context.setter
+    def lambda_context(self, context) -> None:
+        self._per_thread.context = context
 
 
 def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtqcc-api") -> Chalice:
-    app = Chalice(app_name=app_name)
+    app = ThreadSafeChalice(app_name=app_name)
     services: list[Services] = []
 
     def svc() -> Services:
@@ -58,11 +88,12 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
 
         return wrapped
 
+    def caller() -> Caller:
+        request = app.current_request
+        return authenticate(svc(), request.headers.get("authorization"), client_address(request.context))
+
     def tenant() -> str:
-        owner = tenant_for(app.current_request.headers.get("authorization"), svc().settings.api_keys,
-                           svc().api_keys)
-        svc().rate_limiter.check(owner)
-        return owner
+        return caller().tenant
 
     def load_job(external_id: str) -> Job:
         return find_job(svc(), tenant(), external_id)
@@ -91,7 +122,8 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         if key is None:
             return action()
         request_hash = fingerprint(request.method, request.path, request.raw_body or b"")
-        return IdempotencyStore(svc().db).run(owner, check_key(key), request_hash, action)
+        store = IdempotencyStore(svc().db, in_progress_ttl_s=svc().settings.idempotency_in_progress_s)
+        return store.run(owner, check_key(key), request_hash, action)
 
     # ---- jobs -----------------------------------------------------------------------------
 
@@ -102,23 +134,33 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         payload = json_body()
 
         def create() -> Answer:
-            from .models import parse_create_job  # pydantic stays off the cold path of other routes
+            # pydantic and the cost controls stay off the cold path of other routes
+            from ..model_policy import check_model
+            from ..pricing import price_for
+            from ..quotas import QuotaStore, job_budget
+            from .models import parse_create_job
 
-            spec = parse_create_job(payload, max_sections=svc().settings.max_sections)
-            job = svc().jobs.create(NewJob(
+            s = svc()
+            spec = parse_create_job(payload, max_sections=s.settings.max_sections)
+            model = spec.model or s.settings.default_model
+            check_model(model, s.settings)
+            standing = QuotaStore(s.db, s.settings).standing(owner)
+            budget = job_budget(spec.budget.model_dump(exclude_none=True), model, standing.quota, s.settings.prices)
+            standing.check_daily(price_for(model, s.settings.prices))
+            job = s.jobs.create(NewJob(
                 tenant=owner,
                 title=spec.title,
                 brief=spec.brief,
-                model=spec.model or svc().settings.default_model,
+                model=model,
                 outline=[OutlineItem(title=o.title, brief=o.brief) for o in spec.outline] if spec.outline else None,
                 section_count=spec.section_count,
                 params=spec.params.model_dump(exclude_none=True),
-                budget=spec.budget.model_dump(exclude_none=True),
+                budget=budget,
                 metadata=spec.metadata,
             ))
-            svc().events.publish(job.external_id, "status", {"status": job.status.value})
+            s.events.publish(job.external_id, "status", {"status": job.status.value})
             return Answer(201, {"externalId": job.external_id, "status": job.status.value,
-                                "links": job_links(job.external_id)})
+                                "links": job_links(job.external_id), "budget": budget, "quota": standing.public()})
 
         answer = idempotent(owner, create)
         return Response(body=answer.body, status_code=answer.status,
@@ -173,7 +215,12 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         owner = tenant()
         check_external_id(external_id)
         s = svc()
-        outcome = s.jobs.transition(owner, external_id, verb)
+        if verb in ("start", "resume", "retry"):
+            from ..quotas import QuotaStore  # into the queue only within the tenant's quotas
+
+            outcome = QuotaStore(s.db, s.settings).admit(owner, external_id, verb, s.jobs)
+        else:
+            outcome = s.jobs.transition(owner, external_id, verb)
         job = outcome.job
         if outcome.changed:
             # Published before the job is enqueued, so a fast consumer's "running" comes after it.
@@ -198,15 +245,17 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
     @edge
     def stream_job(external_id):
         request = app.current_request
-        stream = open_job_stream(svc(), request.headers, request.query_params or {}, external_id)
+        stream = open_job_stream(svc(), request.headers, request.query_params or {}, external_id,
+                                 client_address(request.context))
         answer = stream.long_poll(wait_s=svc().settings.sse_long_poll_s, retry_ms=svc().settings.sse_retry_ms)
         return Response(body=answer.body, status_code=answer.status, headers=SSE_HEADERS)
 
     @app.route("/jobs/{external_id}/stream-token", methods=["POST"], content_types=["*/*"])
     @edge
     def stream_token(external_id):
-        job = load_job(external_id)
-        token = stream_tokens.issue(stream_signing_key(svc()), job.tenant, job.external_id)
+        who = caller()
+        job = find_job(svc(), who.tenant, external_id)
+        token = issue_stream_token(svc(), who, job)
         return Response(body={"token": token, "expires_in": stream_tokens.TOKEN_TTL_S,
                               "stream_url": f"/jobs/{job.external_id}/stream?access_token={token}"}, status_code=201)
 
@@ -216,15 +265,21 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         job = load_job(external_id)
         if job.status != JobStatus.COMPLETED or not job.manuscript_key:
             raise NotReady(f"Job {external_id} is {job.status.value}; the manuscript exists once it is completed.")
-        body = svc().blobs.get(job.manuscript_key).decode("utf-8")
-        return Response(body=body, status_code=200, headers={"Content-Type": "text/markdown; charset=utf-8"})
+        s = svc()
+        body = s.blobs.read_at_most(job.manuscript_key, s.settings.max_inline_manuscript_bytes)
+        if body is None:
+            # Past what a function may answer (Lambda: 6 MB): the client downloads it from S3 directly.
+            return Response(body="", status_code=303,
+                            headers={"Location": s.blobs.presigned_get(job.manuscript_key), "Cache-Control": "no-store"})
+        return Response(body=body.decode("utf-8"), status_code=200,
+                        headers={"Content-Type": "text/markdown; charset=utf-8"})
 
     @app.route("/jobs/{external_id}/sections/{index}", methods=["GET"])
     @edge
     def get_section(external_id, index):
         job = load_job(external_id)
-        if not (index.isascii() and index.isdigit()):
-            raise BadRequest(f"The section index must be a whole number from 0, got {index!r}.")
+        if not is_whole_number(index, MAX_SECTION_INDEX):
+            raise BadRequest(f"The section index must be a whole number from 0, got {index[:40]!r}.")
         s = svc()
         sections = {section.idx: section for section in s.jobs.sections(job.id)}
         section = sections.get(int(index))
@@ -248,6 +303,8 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
 
         from ..metrics import render
 
+        check_metrics_token(svc(), app.current_request.headers.get("authorization"),
+                            client_address(app.current_request.context))
         return Response(body=render(svc()).decode(), status_code=200, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @app.route("/openapi.json", methods=["GET"])
@@ -275,7 +332,9 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
                 probe()
                 checks[name] = {"ok": True, "ms": round((time.perf_counter() - started) * 1000, 1)}
             except Exception as exc:
-                checks[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                # Unauthenticated: say what is down, never how it is reached (the log has that).
+                log.warning("readiness check of %s failed: %s: %s", name, type(exc).__name__, exc)
+                checks[name] = {"ok": False}
         ready = all(check["ok"] for check in checks.values())
         return Response(body={"status": "ready" if ready else "unavailable", "checks": checks},
                         status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
@@ -314,7 +373,12 @@ def _int_param(params: dict, name: str, *, default: int, lo: int, hi: int) -> in
     raw = params.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
-        raise BadRequest(f"{name} must be a whole number from {lo} to {hi}, got {raw!r}.")
+    if not is_whole_number(raw, hi) or not lo <= int(raw) <= hi:
+        raise BadRequest(f"{name} must be a whole number from {lo} to {hi}, got {raw[:40]!r}.")
     return int(raw)
+
+
+def is_whole_number(raw: str, most: int) -> bool:
+    """ASCII digits, and no more of them than `most` has: int() refuses strings past 4,300 digits."""
+    return raw.isascii() and raw.isdigit() and len(raw.lstrip("0")) <= len(str(most))
 

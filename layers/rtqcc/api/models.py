@@ -32,9 +32,13 @@ class CreateJobIn(_Strict):
     brief: str = Field(min_length=1, max_length=20_000)
     outline: list[OutlineEntryIn] | None = Field(default=None, min_length=1)
     section_count: int | None = Field(default=None, ge=1)
-    model: str | None = Field(default=None, min_length=1, max_length=100)
+    model: str | None = Field(default=None, min_length=1, max_length=100, description=(
+        "A model this deployment allows (RTQCC_ALLOWED_MODELS; by default every priced model and the default "
+        "model); another is refused with 422 validation_failed naming the allowed ones. Omitted: the default."))
     params: ParamsIn = Field(default_factory=ParamsIn)
-    budget: BudgetIn = Field(default_factory=BudgetIn)
+    budget: BudgetIn = Field(default_factory=BudgetIn, description=(
+        "The job pauses (status_reason budget_exceeded) the moment it would pass it. A field left out gets the "
+        "tenant's default, else its cap; a field above the cap, or max_cost_usd on a model without a price, is 422."))
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
 
 
@@ -110,10 +114,35 @@ class Links(_Out):
     manuscript: str
 
 
+class JobBudget(_Out):
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+
+
+class CountQuota(_Out):
+    limit: int | None = Field(description="null: no limit")
+    used: int | None
+
+
+class CostQuota(_Out):
+    limit: float | None = Field(description="null: no limit")
+    used: float
+
+
+class QuotaUse(_Out):
+    """The tenant's quotas beside their use; the daily ones reset at 00:00 UTC."""
+    resets_at: str
+    tokens_per_day: CountQuota
+    cost_usd_per_day: CostQuota
+    active_jobs: CountQuota = Field(description="Jobs queued or running at once")
+
+
 class JobCreated(_Out):
     externalId: str
     status: str
     links: Links
+    budget: JobBudget | None = Field(default=None, description="The budget the job runs under, defaults applied")
+    quota: QuotaUse | None = Field(default=None, description="The tenant's quotas and their use when it was created")
 
 
 class JobSummary(_Out):

@@ -26,15 +26,18 @@ class Operation:
 
 _ERRORS = {400: models.ErrorBody, 401: models.ErrorBody, 404: models.ErrorBody}
 _JOB = "/jobs/{external_id}"
+# Verbs that put a job in the queue are checked against the tenant's quotas (quota_exceeded).
+_QUEUEING = {verb: {429: models.ErrorBody} for verb in ("start", "resume", "retry")}
 
 OPERATIONS = (
     Operation("POST", "/jobs", "Create a job", {201: models.JobCreated, 413: models.ErrorBody, 415: models.ErrorBody,
-                                               422: models.ErrorBody, **_ERRORS}, body=models.CreateJobIn),
+                                               422: models.ErrorBody, 429: models.ErrorBody, **_ERRORS},
+              body=models.CreateJobIn),
     Operation("GET", "/jobs", "List jobs, newest first", {200: models.JobPage, **_ERRORS},
               query=("status", "limit", "cursor")),
     Operation("GET", _JOB, "Get a job", {200: models.JobDocument, **_ERRORS}),
     *(Operation("POST", f"{_JOB}/{verb}", f"{verb.capitalize()} a job",
-                {202: models.JobDocument, 409: models.ErrorBody, **_ERRORS})
+                {202: models.JobDocument, 409: models.ErrorBody, **_QUEUEING.get(verb, {}), **_ERRORS})
       for verb in ("start", "pause", "resume", "cancel", "retry")),
     Operation("GET", f"{_JOB}/stream", "Follow a job's events (Server-Sent Events)",
               {200: "text/event-stream", 204: "text/plain", **_ERRORS}, query=("lastEventId", "access_token")),
@@ -95,4 +98,8 @@ def _operation_id(op: Operation) -> str:
 def _describe(status: int) -> str:
     return {200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 400: "Bad request",
             401: "Missing or invalid API key", 404: "Not found", 409: "Conflict with the job's state",
-            413: "Body too large", 415: "Not JSON", 422: "Invalid body", 503: "A dependency is unavailable"}[status]
+            413: "Body too large", 415: "Not JSON", 422: "Invalid body (also: a model not allowed, a budget above the"
+            " tenant's cap, a cost limit on a model without a price)",
+            429: "A quota is used up (quota_exceeded: tokens or cost today, with Retry-After until 00:00 UTC; jobs"
+            " queued or running at once) or too many requests (rate_limited, with Retry-After)",
+            503: "A dependency is unavailable"}[status]

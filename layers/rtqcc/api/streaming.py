@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from ..errors import ApiError
 from ..services import Services
 from ..sse import JobEventStream
-from .access import SSE_HEADERS, open_job_stream
+from .access import SSE_HEADERS, client_address, open_job_stream
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,16 @@ def create_stream_opener(services_factory: Callable[[], Services]) -> Callable[[
     services: list[Services] = []
 
     def open_stream(event: dict) -> OpenedStream | StreamingAnswer:
-        if not services:
-            services.append(services_factory())
-        s = services[0]
         headers = CaseInsensitiveMapping(event.get("headers") or {})
         external_id = (event.get("pathParameters") or {}).get("external_id", "")
         try:
-            stream = open_job_stream(s, headers, event.get("queryStringParameters") or {}, external_id)
+            if not services:
+                services.append(services_factory())
+            s = services[0]
+            stream = open_job_stream(s, headers, event.get("queryStringParameters") or {}, external_id,
+                                     client_address(event))
             if stream.seen_the_end():
+                stream.close()
                 return StreamingAnswer(204, {}, iter(()))
         except ApiError as exc:
             return _error(exc.status, exc.code, exc.message, exc.headers)

@@ -66,9 +66,10 @@ class ProviderRefused(ProviderError):
     """The server refused the work in a way a retry will not fix (no quota, bad key, unknown model).
     `partial` holds what earlier calls of the same answer produced and cost, if any."""
 
-    def __init__(self, message: str, *, partial: GenerationResult | None = None):
-        super().__init__(message)
+    def __init__(self, message: str, *, partial: GenerationResult | None = None, status: int | None = None):
+        super().__init__(message)  # for the log: it may name the server and quote its answer
         self.partial = partial
+        self.status = status
 
 
 class QuotaExceeded(ProviderRefused):

@@ -364,7 +364,7 @@ class OpenAIProvider:
         if "insufficient_quota" in (code, kind):
             raise QuotaExceeded(
                 f"{self.server} refused {request.model}: insufficient_quota: the API key's account has no "
-                f"quota left ({message}). Check its plan and billing, then retry the job.")
+                f"quota left ({message}). Check its plan and billing, then retry the job.", status=status)
         if status in RETRYABLE_STATUS or status >= 500:
             raise _Retry(f"{self.server} answered {status} {code or kind}".rstrip(), _retry_after_s(exc.response))
         if fmt is not None and fmt != "none" and status in (400, 422) and _about_response_format(exc):
@@ -372,7 +372,8 @@ class OpenAIProvider:
             log.info("%s does not take response_format %s for %s; trying %s", self.server, fmt, request.model, following)
             self._formats[request.model] = following
             raise _Retry(f"response_format {fmt} not supported", 0.0)
-        raise ProviderRefused(f"{self.server} refused {request.model} ({status} {code or kind}): {message}")
+        raise ProviderRefused(f"{self.server} refused {request.model} ({status} {code or kind}): {message}",
+                              status=status)
 
 
 def _result(kept: list[str], finish: str | None, calls: list[CallUsage], aborted: str | None) -> GenerationResult:
