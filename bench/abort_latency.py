@@ -11,10 +11,10 @@ from __future__ import annotations
 import threading
 import time
 
-from rtqcc.abort import AbortSignal
-from rtqcc.providers.base import GenerationRequest
-from rtqcc.providers.fake import FakeProvider
-from rtqcc.providers.openai import OpenAIProvider
+from rtqcc.writing.abort import AbortSignal
+from rtqcc.writing.providers.base import GenerationRequest
+from rtqcc.writing.providers.fake import FakeProvider
+from rtqcc.writing.providers.openai import OpenAIProvider
 from rtqcc_emulator.openai_server import OpenAIServer
 
 from .stack import summary_ms

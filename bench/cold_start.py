@@ -17,8 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from rtqcc.api import create_app
-from rtqcc.consumer import Consumer, TimeBudget
-from rtqcc.jobs import NewJob, OutlineItem
+from rtqcc.run.consumer import Consumer, TimeBudget
+from rtqcc.store.jobs import NewJob, OutlineItem
 from rtqcc.settings import Settings
 from rtqcc_emulator.gateway import STREAM_RESOURCE, Gateway, GatewayRequest
 

@@ -11,8 +11,8 @@ import httpx
 
 from rtqcc.api import create_app
 from rtqcc.api.streaming import create_stream_handler
-from rtqcc.consumer import Consumer, TimeBudget
-from rtqcc.providers.fake import FakeProvider
+from rtqcc.run.consumer import Consumer, TimeBudget
+from rtqcc.writing.providers.fake import FakeProvider
 from rtqcc_emulator.embedded import free_port
 from rtqcc_emulator.gateway import Gateway
 from rtqcc_emulator.server import ServerThread, create_http_app

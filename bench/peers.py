@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from rtqcc.consumer import Consumer, TimeBudget
-from rtqcc.jobs import NewJob, OutlineItem
+from rtqcc.run.consumer import Consumer, TimeBudget
+from rtqcc.store.jobs import NewJob, OutlineItem
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 

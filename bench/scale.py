@@ -19,7 +19,7 @@ import httpx
 from rtqcc.ids import new_external_id
 from rtqcc.services import Services
 from rtqcc.settings import Settings
-from rtqcc.work_queue import GROUP, STREAM
+from rtqcc.bus.work_queue import GROUP, STREAM
 
 
 from .stack import BENCH_KEY, fresh_services, percentile, service_env

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from rtqcc.db import Database
-from rtqcc.migrate import ensure_database, migrate
+from rtqcc.store.db import Database
+from rtqcc.store.migrate import ensure_database, migrate
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 from rtqcc_emulator.embedded import SeaweedS3

@@ -10,10 +10,10 @@ import sys
 import threading
 import time
 
-from rtqcc.consumer import Consumer, TimeBudget
-from rtqcc.jobs import NewJob, OutlineItem
-from rtqcc.providers.base import GenerationRequest
-from rtqcc.providers.fake import FakeProvider
+from rtqcc.run.consumer import Consumer, TimeBudget
+from rtqcc.store.jobs import NewJob, OutlineItem
+from rtqcc.writing.providers.base import GenerationRequest
+from rtqcc.writing.providers.fake import FakeProvider
 from rtqcc.services import Services
 
 from .stack import fresh_services, service_env

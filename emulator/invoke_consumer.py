@@ -9,7 +9,7 @@ import json
 import signal
 import sys
 
-from rtqcc.consumer import Consumer, TimeBudget
+from rtqcc.run.consumer import Consumer, TimeBudget
 from rtqcc.logs import configure_logging
 from rtqcc.services import Services
 from rtqcc.settings import Settings

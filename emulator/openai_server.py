@@ -47,9 +47,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from rtqcc.providers.base import GenerationRequest
-from rtqcc.providers.fake import FakeProvider
-from rtqcc.tokens import Tokenizer, encoding, tokenizer_for
+from rtqcc.writing.providers.base import GenerationRequest
+from rtqcc.writing.providers.fake import FakeProvider
+from rtqcc.writing.tokens import Tokenizer, encoding, tokenizer_for
 
 from .embedded import free_port
 from .server import ServerThread

@@ -31,11 +31,11 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rtqcc.api.access import SSE_HEADERS
 from rtqcc.api.streaming import OpenedStream
-from rtqcc.sse import JobEventStream
+from rtqcc.streaming.stream import JobEventStream
 
 from .gateway import Gateway, GatewayRequest, GatewayResponse, too_large
 from .guards import AllowedHosts, SecurityHeaders, redact_access_log
-from .hub import EventHub
+from rtqcc.streaming.hub import EventHub
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ from typing import Mapping
 
 from rtqcc.api import create_app
 from rtqcc.api.streaming import create_stream_handler, create_stream_opener
-from rtqcc.db import Database
-from rtqcc.migrate import ensure_database, migrate
+from rtqcc.store.db import Database
+from rtqcc.store.migrate import ensure_database, migrate
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 
 from .embedded import PRIVATE_UMASK, LocalServices, free_port
 from .gateway import Gateway, GatewayConfig
-from .hub import EventHub
+from rtqcc.streaming.hub import EventHub
 from .local_secrets import private_folder
 from .scheduler import ConsumerScheduler
 from .server import ServerThread, create_http_app

@@ -13,11 +13,11 @@ from typing import Callable, Iterator
 import pytest
 from redis import Redis
 
-from rtqcc.blobs import S3BlobStore
-from rtqcc.consumer import Consumer, DrainResult, TimeBudget
-from rtqcc.db import Database
-from rtqcc.migrate import ensure_database, migrate
-from rtqcc.providers.fake import FakeProvider
+from rtqcc.store.blobs import S3BlobStore
+from rtqcc.run.consumer import Consumer, DrainResult, TimeBudget
+from rtqcc.store.db import Database
+from rtqcc.store.migrate import ensure_database, migrate
+from rtqcc.writing.providers.fake import FakeProvider
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 from rtqcc_emulator.embedded import EmbeddedPostgres, EmbeddedRedis, SeaweedS3
@@ -86,7 +86,7 @@ def _release_redis_db(db: int, token: str) -> None:
 def _drop_database(database_url: str) -> None:
     import pg8000.native
 
-    from rtqcc.db import connect_kwargs
+    from rtqcc.store.db import connect_kwargs
 
     name = connect_kwargs(database_url)["database"]
     admin = pg8000.native.Connection(**{**connect_kwargs(database_url), "database": "postgres"})
@@ -365,7 +365,7 @@ def start_gateway(services):
     from rtqcc.api import create_app
     from rtqcc.api.streaming import create_stream_handler, create_stream_opener
     from rtqcc_emulator.embedded import free_port
-    from rtqcc_emulator.hub import EventHub
+    from rtqcc.streaming.hub import EventHub
     from rtqcc_emulator.gateway import Gateway, GatewayConfig
     from rtqcc_emulator.server import ServerThread, create_http_app
 

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from redis import Redis
 from redis.exceptions import ResponseError
 
-from rtqcc.blobs import BlobMissing, manuscript_key, section_key
-from rtqcc.db import Database
-from rtqcc.jobs import JobStore
-from rtqcc.orchestrator import assemble
-from rtqcc.prompts import section_request
-from rtqcc.providers.fake import FakeProvider
+from rtqcc.store.blobs import BlobMissing, manuscript_key, section_key
+from rtqcc.store.db import Database
+from rtqcc.store.jobs import JobStore
+from rtqcc.run.orchestrator import assemble
+from rtqcc.writing.prompts import section_request
+from rtqcc.writing.providers.fake import FakeProvider
 from rtqcc.status import JobStatus, SectionStatus
-from rtqcc.work_queue import GROUP, STREAM
+from rtqcc.bus.work_queue import GROUP, STREAM
 
 SETTLED = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED, JobStatus.QUEUED}
 

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from rtqcc.providers.openai import OpenAIProvider
+from rtqcc.writing.providers.openai import OpenAIProvider
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 from rtqcc_emulator.openai_server import OpenAIServer

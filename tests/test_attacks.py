@@ -15,7 +15,7 @@ import pytest
 from conftest import API_KEY, OTHER_KEY, ApiClient
 
 from rtqcc.api import stream_tokens
-from rtqcc.api_keys import key_ref
+from rtqcc.store.api_keys import key_ref
 from rtqcc.api.openapi import OPERATIONS
 
 VALID = {"title": "T", "brief": "B"}

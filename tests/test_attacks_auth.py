@@ -15,7 +15,7 @@ from conftest import API_KEY, METRICS_TOKEN, OTHER_KEY, ApiClient
 from test_attacks import expect_error
 
 from rtqcc.api import create_app, stream_tokens
-from rtqcc.api_keys import AmbiguousKeyPrefix, ApiKeyStore
+from rtqcc.store.api_keys import AmbiguousKeyPrefix, ApiKeyStore
 from rtqcc.errors import ConfigError
 from rtqcc.logs import configure_logging
 from rtqcc.settings import Settings

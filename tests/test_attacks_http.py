@@ -330,7 +330,7 @@ def test_rtqcc_ups_access_log_shows_no_stream_token(services, start_gateway):
     from rtqcc.api import create_app
     from rtqcc.api.streaming import create_stream_handler, create_stream_opener
     from rtqcc_emulator.gateway import Gateway
-    from rtqcc_emulator.hub import EventHub
+    from rtqcc.streaming.hub import EventHub
     from rtqcc_emulator.server import ServerThread, create_http_app
 
     gateway = Gateway(create_app(lambda: services), stream_handler=create_stream_handler(lambda: services),
@@ -426,7 +426,7 @@ def small_hub_gateway(services):
     from rtqcc.api import create_app
     from rtqcc.api.streaming import create_stream_handler, create_stream_opener
     from rtqcc_emulator.gateway import Gateway
-    from rtqcc_emulator.hub import EventHub
+    from rtqcc.streaming.hub import EventHub
     from rtqcc_emulator.server import ServerThread, create_http_app
 
     gateway = Gateway(create_app(lambda: services), stream_handler=create_stream_handler(lambda: services),

@@ -14,9 +14,9 @@ from conftest import ApiClient
 from test_attacks import expect_error
 
 from rtqcc.api import create_app
-from rtqcc.blobs import manuscript_key
+from rtqcc.store.blobs import manuscript_key
 from rtqcc.errors import InvalidTransition
-from rtqcc.idempotency import Answer, IdempotencyStore, fingerprint
+from rtqcc.store.idempotency import Answer, IdempotencyStore, fingerprint
 
 HUGE = "9" * 4301
 

@@ -113,7 +113,7 @@ def test_storage_errors_reach_the_tenant_without_the_endpoint(api, settings, red
     from chalice.test import Client
 
     from rtqcc.api import create_app
-    from rtqcc.blobs import S3BlobStore
+    from rtqcc.store.blobs import S3BlobStore
     from rtqcc.services import Services
 
     external_id = api.create(outline=OUTLINE)

@@ -9,7 +9,7 @@ from conftest import API_KEY, OTHER_KEY, ApiClient, parse_sse
 
 from rtqcc.api import create_app
 from rtqcc.api.access import open_job_stream
-from rtqcc.api_keys import ApiKeyStore, key_ref
+from rtqcc.store.api_keys import ApiKeyStore, key_ref
 from rtqcc.errors import TooManyRequests
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from rtqcc.blobs import BlobMissing, S3BlobStore, manuscript_key, section_key
+from rtqcc.store.blobs import BlobMissing, S3BlobStore, manuscript_key, section_key
 from rtqcc.settings import Settings
 
 import pytest

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import job_events
 
-from rtqcc.consumer import Consumer, TimeBudget
+from rtqcc.run.consumer import Consumer, TimeBudget
 from rtqcc.errors import LeaseLost
-from rtqcc.work_queue import GROUP, STREAM
+from rtqcc.bus.work_queue import GROUP, STREAM
 
 
 def _sections(database, external_id):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import job_events, section_texts, wait_for
 
-from rtqcc.tokens import count_tokens
+from rtqcc.writing.tokens import count_tokens
 
 OUTLINE = [{"title": "Beginnings", "brief": "how it started"}, {"title": "Endings", "brief": "how it ends"}]
 SLOW = {"fake_tokens_per_s": 150.0}

@@ -20,14 +20,14 @@ from conftest import API_KEY, ApiClient, consumer_env, job_events, parse_sse, wa
 from fault_oracle import TALLY, check_job, has_waiting_message
 from redis import Redis
 
-from rtqcc.blobs import S3BlobStore, section_key
-from rtqcc.db import connect_kwargs
+from rtqcc.store.blobs import S3BlobStore, section_key
+from rtqcc.store.db import connect_kwargs
 from rtqcc.errors import ServiceUnavailable
-from rtqcc.failpoints import POINTS
-from rtqcc.providers.fake import FakeProvider
+from rtqcc.run.failpoints import POINTS
+from rtqcc.writing.providers.fake import FakeProvider
 from rtqcc.services import Services
-from rtqcc.sweeper import sweep
-from rtqcc.work_queue import GROUP, STREAM
+from rtqcc.run.sweeper import sweep
+from rtqcc.bus.work_queue import GROUP, STREAM
 from rtqcc_emulator.embedded import EmbeddedRedis, SeaweedS3
 
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -472,7 +472,7 @@ def terminate_connections(database_url: str) -> int:
 
 def test_postgres_connections_cut_mid_job_the_job_still_completes(settings, database, blob_store, redis_client,
                                                                     start_consumer, oracle):
-    from rtqcc.db import Database
+    from rtqcc.store.db import Database
 
     consumer_db = Database(settings.database_url)  # the consumer's own pool, as in its own process
     services = own_services(settings, consumer_db, blob_store, tokens_per_s=150)

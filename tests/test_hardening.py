@@ -8,9 +8,9 @@ import threading
 import pytest
 from conftest import API_KEY, ApiClient
 
-from rtqcc.api_keys import ApiKeyStore, hash_key
-from rtqcc.providers.fake import FakeProvider
-from rtqcc.work_queue import DEAD_LETTERS
+from rtqcc.store.api_keys import ApiKeyStore, hash_key
+from rtqcc.writing.providers.fake import FakeProvider
+from rtqcc.bus.work_queue import DEAD_LETTERS
 
 BODY = {"title": "T", "brief": "B", "section_count": 1}
 

@@ -119,7 +119,7 @@ def test_layer_holds_the_project_and_its_dependencies_built_for_the_lambda_runti
         unpacked = sum(info.file_size for info in archive.infolist())
     top = {name.split("/")[1] for name in names}
     assert all(name.startswith("python/") for name in names)
-    assert {"python/rtqcc/__init__.py", "python/rtqcc/migrations/0001_initial.sql",
+    assert {"python/rtqcc/__init__.py", "python/rtqcc/store/migrations/0001_initial.sql",
             "python/rtqcc/api/app.py"} <= set(names)
     abi = "cpython-" + build_layer.LAMBDA_PYTHON_VERSION.replace(".", "")
     assert f"python/pydantic_core/_pydantic_core.{abi}-x86_64-linux-gnu.so" in names, \
@@ -291,7 +291,7 @@ SCHEDULED_EVENT = {
 
 def test_app_py_scheduled_and_plain_functions_run_the_library(stream_env, monkeypatch, api):
     """What the template's Consumer, Sweeper and Migrate invoke: app.consumer, app.sweeper, app.migrate."""
-    from rtqcc.consumer import TimeBudget
+    from rtqcc.run.consumer import TimeBudget
 
     for name, value in {**stream_env, "RTQCC_CONSUMER_IDLE_EXIT_MS": "200"}.items():
         monkeypatch.setenv(name, value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from rtqcc.blobs import manuscript_key, section_key
+from rtqcc.store.blobs import manuscript_key, section_key
 
 
 def test_a_job_runs_from_create_to_manuscript(api, run_consumer, blob_store):

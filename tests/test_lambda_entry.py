@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import API_KEY, EVENTS_DIR, OTHER_KEY
 
-from rtqcc.consumer import TimeBudget
+from rtqcc.run.consumer import TimeBudget
 
 ROOT = Path(__file__).parents[1]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from conftest import job_events, section_texts, wait_for
 
-from rtqcc.pricing import DEFAULT_PRICES
-from rtqcc.tokens import count_tokens
+from rtqcc.writing.pricing import DEFAULT_PRICES
+from rtqcc.writing.tokens import count_tokens
 
 OUTLINE = [{"title": "Beginnings", "brief": "how it started"}, {"title": "Endings", "brief": "how it ends"}]
 PARAMS = {"max_tokens_per_section": 200}

@@ -14,11 +14,11 @@ import httpx
 import pytest
 from conftest import wait_for
 
-from rtqcc.abort import AbortSignal
-from rtqcc.prompts import outline_schema, parse_outline
-from rtqcc.providers.base import GenerationRequest, ProviderRefused, ProviderUnavailable, QuotaExceeded
-from rtqcc.providers.openai import CONTINUE_INSTRUCTION
-from rtqcc.tokens import count_chat_tokens, count_tokens
+from rtqcc.writing.abort import AbortSignal
+from rtqcc.writing.prompts import outline_schema, parse_outline
+from rtqcc.writing.providers.base import GenerationRequest, ProviderRefused, ProviderUnavailable, QuotaExceeded
+from rtqcc.writing.providers.openai import CONTINUE_INSTRUCTION
+from rtqcc.writing.tokens import count_chat_tokens, count_tokens
 from rtqcc_emulator.embedded import free_port
 
 REQUEST = GenerationRequest(model="gpt-4o-mini", system="You write.", prompt="Write about durable queues.",
@@ -313,7 +313,7 @@ def test_the_server_runs_standalone(tmp_path):
                 return False
 
         wait_for(ready, timeout_s=15, interval_s=0.05, what="the standalone server")
-        from rtqcc.providers.openai import OpenAIProvider
+        from rtqcc.writing.providers.openai import OpenAIProvider
 
         provider = OpenAIProvider(api_key="anything", base_url=f"http://127.0.0.1:{port}/v1", timeout_s=5)
         try:

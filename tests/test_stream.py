@@ -6,8 +6,8 @@ import threading
 
 from conftest import job_events, parse_sse, wait_for
 
-from rtqcc.jobs import NewJob
-from rtqcc.sse import HEARTBEAT, JobEventStream
+from rtqcc.store.jobs import NewJob
+from rtqcc.streaming.stream import HEARTBEAT, JobEventStream
 
 
 def _finished_job(api, run_consumer, **fields):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rtqcc.sweeper import sweep
+from rtqcc.run.sweeper import sweep
 
 
 def test_after_redis_loses_everything_the_sweeper_requeues_runnable_jobs(api, services, redis_client, run_consumer):

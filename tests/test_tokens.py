@@ -12,9 +12,9 @@ import textwrap
 import pytest
 
 from rtqcc.errors import ConfigError
-from rtqcc.pricing import DEFAULT_PRICES, Price, cost_usd, load_prices, price_for
+from rtqcc.writing.pricing import DEFAULT_PRICES, Price, cost_usd, load_prices, price_for
 from rtqcc.settings import Settings
-from rtqcc.tokens import count_chat_tokens, count_tokens, encoding, estimate_tokens, tokenizer_for
+from rtqcc.writing.tokens import count_chat_tokens, count_tokens, encoding, estimate_tokens, tokenizer_for
 
 
 def test_openai_models_are_counted_exactly_with_their_encoding():
@@ -74,7 +74,7 @@ def test_the_tokenizer_never_touches_the_network(tmp_path):
                 attempts.append(event)
                 raise RuntimeError(f"network attempted: {event}")
         sys.addaudithook(guard)
-        from rtqcc.tokens import count_tokens, tokenizer_for
+        from rtqcc.writing.tokens import count_tokens, tokenizer_for
         counts = {m: count_tokens("hello world, offline", m) for m in ("gpt-4o-mini", "gpt-4", "gpt-5")}
         print(json.dumps({"counts": counts, "names": [tokenizer_for(m).name for m in counts], "attempts": attempts}))
     """)
@@ -149,7 +149,7 @@ def test_bad_provider_settings_name_the_variable(env, message):
 
 
 def test_make_provider_builds_the_openai_provider_from_settings():
-    from rtqcc.providers.openai import OpenAIProvider
+    from rtqcc.writing.providers.openai import OpenAIProvider
     from rtqcc.services import make_provider
 
     provider = make_provider(Settings.from_env({"RTQCC_PROVIDER": "openai", "OPENAI_API_KEY": "sk-x",

@@ -2,9 +2,9 @@
 
 Besides the HTTP routes it declares the scheduled functions, so `chalice package` puts them, their
 schedules, timeouts and reserved concurrency into the same template:
-- `consumer`: `rtqcc.consumer.lambda_handler`, the same handler functions/consumer/consumer_function.py
+- `consumer`: `rtqcc.run.consumer.lambda_handler`, the same handler functions/consumer/consumer_function.py
   exposes as a plain entry module; each invocation drains `jobs:pending` until its time is nearly spent.
-- `sweeper`: `rtqcc.sweeper.sweep`, which re-enqueues the jobs Postgres says should run (after Redis
+- `sweeper`: `rtqcc.run.sweeper.sweep`, which re-enqueues the jobs Postgres says should run (after Redis
   lost data, or a lease expired with nobody to reclaim it).
 And `migrate`, invoked by hand after a deploy (`aws lambda invoke`), since only the functions'
 VPC reaches the database: it applies the schema migrations the database lacks (`rtqcc migrate`)."""
@@ -44,7 +44,7 @@ _sweeper_services: list[Services] = []
               description="Drains jobs:pending until the invocation's time budget is nearly spent")
 def consumer(event):
     if not _drain:
-        from rtqcc.consumer import lambda_handler
+        from rtqcc.run.consumer import lambda_handler
 
         _drain.append(lambda_handler(_services))
     return _drain[0](event.to_dict(), event.context)
@@ -53,20 +53,20 @@ def consumer(event):
 @app.schedule(Rate(5, unit=Rate.MINUTES), name="sweeper",
               description="Re-enqueues the jobs Postgres says should run")
 def sweeper(event):
-    from rtqcc.sweeper import sweep
+    from rtqcc.run.sweeper import sweep
 
     if not _sweeper_services:
         _sweeper_services.append(_services())
     result = sweep(_sweeper_services[0])
     summary = {"requeued": len(result.requeued), "queue_was_lost": result.queue_was_lost}
-    logging.getLogger("rtqcc.sweeper").info("sweep finished %s", json.dumps(summary))
+    logging.getLogger("rtqcc.run.sweeper").info("sweep finished %s", json.dumps(summary))
     return summary
 
 
 @app.lambda_function(name="migrate")
 def migrate(event, context):
-    from rtqcc.db import Database
-    from rtqcc.migrate import migrate as apply_migrations
+    from rtqcc.store.db import Database
+    from rtqcc.store.migrate import migrate as apply_migrations
 
     db = Database(Settings.from_env().database_url)
     try:

@@ -1,6 +1,6 @@
 """Entry module of the consumer function, invoked on a schedule with a time budget."""
 
-from rtqcc.consumer import lambda_handler
+from rtqcc.run.consumer import lambda_handler
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 

@@ -30,7 +30,7 @@ from rtqcc.logs import configure_logging
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 from rtqcc_emulator.gateway import Gateway, GatewayConfig
-from rtqcc_emulator.hub import EventHub
+from rtqcc.streaming.hub import EventHub
 from rtqcc_emulator.server import create_http_app
 
 # Their defaults point at 127.0.0.1, which in a container is the container itself.

@@ -124,7 +124,7 @@ def _consume(args: argparse.Namespace) -> int:
     import json
     import signal
 
-    from .consumer import Consumer, TimeBudget
+    from .run.consumer import Consumer, TimeBudget
     from .logs import configure_logging
     from .services import Services
     from .settings import Settings
@@ -143,8 +143,8 @@ def _consume(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     import re
 
-    from .api_keys import AmbiguousKeyPrefix, ApiKeyStore
-    from .db import Database
+    from .store.api_keys import AmbiguousKeyPrefix, ApiKeyStore
+    from .store.db import Database
     from .settings import Settings
 
     db = Database(Settings.from_env().database_url)
@@ -177,7 +177,7 @@ def _keys(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from .services import Services
     from .settings import Settings
-    from .sweeper import sweep
+    from .run.sweeper import sweep
 
     services = Services(Settings.from_env())
     try:
@@ -223,8 +223,8 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .db import Database
-    from .migrate import ensure_database, migrate
+    from .store.db import Database
+    from .store.migrate import ensure_database, migrate
     from .settings import Settings
 
     settings = Settings.from_env()

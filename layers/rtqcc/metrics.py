@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from redis import Redis
 
-from .abort import AbortSignal
-from .model_policy import allowed_models
-from .providers.base import GenerationRequest, GenerationResult, Provider
+from .writing.abort import AbortSignal
+from .writing.model_policy import allowed_models
+from .writing.providers.base import GenerationRequest, GenerationResult, Provider
 
 log = logging.getLogger(__name__)
 

@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from .api_keys import ApiKeyStore
-from .blobs import BlobStore, S3BlobStore
-from .db import Database
+from .store.api_keys import ApiKeyStore
+from .store.blobs import BlobStore, S3BlobStore
+from .store.db import Database
 from .errors import ConfigError
-from .events import EventLog
-from .jobs import JobStore
-from .providers.base import Provider
-from .rate_limit import FailedAuthThrottle, TenantRateLimiter
+from .bus.events import EventLog
+from .store.jobs import JobStore
+from .writing.providers.base import Provider
+from .api.rate_limit import FailedAuthThrottle, TenantRateLimiter
 from .settings import Settings
-from .stream_slots import StreamSlots
-from .work_queue import WorkQueue
+from .streaming.slots import StreamSlots
+from .bus.work_queue import WorkQueue
 
 if TYPE_CHECKING:
     from .api.auth import Authenticator
@@ -29,11 +29,11 @@ REDIS_MAX_CONNECTIONS = 5000
 
 def make_provider(settings: Settings) -> Provider:
     if settings.provider == "fake":
-        from .providers.fake import FakeProvider
+        from .writing.providers.fake import FakeProvider
 
         return FakeProvider(tokens_per_s=settings.fake_tokens_per_s, first_token_ms=settings.fake_first_token_ms)
     if settings.provider == "openai":
-        from .providers.openai import OpenAIProvider  # the SDK is heavy: only where it is used
+        from .writing.providers.openai import OpenAIProvider  # the SDK is heavy: only where it is used
 
         return OpenAIProvider.from_settings(settings)
     raise ConfigError(f"RTQCC_PROVIDER must be 'fake' or 'openai', got {settings.provider!r}")

@@ -10,7 +10,7 @@ from typing import Mapping
 
 from .errors import ConfigError
 from .redact import redact_urls
-from .pricing import DEFAULT_PRICES, Price, load_prices
+from .writing.pricing import DEFAULT_PRICES, Price, load_prices
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/rtqcc"
@@ -216,7 +216,7 @@ class Settings:
     consumer_idle_exit_ms: int = 1000
     consumer_safety_margin_ms: int = 2000
     consumer_max_deliveries: int = 5
-    # cost controls (see quotas.py and model_policy.py); None: no limit
+    # cost controls (see writing/quotas.py and writing/model_policy.py); None: no limit
     allowed_models: frozenset[str] | None = None  # None: every priced model, and default_model
     quota_tokens_per_day: int | None = None        # per tenant, per UTC day
     quota_cost_usd_per_day: float | None = None
@@ -225,7 +225,7 @@ class Settings:
     job_default_max_cost_usd: float | None = None
     job_max_tokens: int | None = None              # the most any job's budget may be
     job_max_cost_usd: float | None = None
-    crash_at: str | None = None  # fault tests only: see failpoints.py
+    crash_at: str | None = None  # fault tests only: see run/failpoints.py
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":

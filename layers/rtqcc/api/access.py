@@ -8,9 +8,9 @@ from typing import Mapping
 
 from ..errors import JobNotFound, NotFound, Unauthorized
 from ..ids import is_external_id
-from ..jobs import Job
+from ..store.jobs import Job
 from ..services import Services
-from ..sse import JobEventStream, parse_last_event_id
+from ..streaming.stream import JobEventStream, parse_last_event_id
 from . import stream_tokens
 from .auth import Caller
 

@@ -13,15 +13,15 @@ from chalice import Chalice, Response
 from redis.exceptions import RedisError
 
 from ..errors import ApiError, BadRequest, NotFound, NotReady, PayloadTooLarge, UnsupportedMediaType
-from ..events import control_channel
+from ..bus.control import ControlCommand, send_control
 from ..ids import is_external_id
-from ..usage import public_usage
-from ..idempotency import Answer, IdempotencyStore, check_key, fingerprint
-from ..jobs import Job, NewJob, OutlineItem
+from ..store.usage import public_usage
+from ..store.idempotency import Answer, IdempotencyStore, check_key, fingerprint
+from ..store.jobs import Job, NewJob, OutlineItem
 from ..logs import log_context
 from ..services import Services
 from ..status import JobStatus
-from ..views import job_document, job_links, job_summary
+from ..store.views import job_document, job_links, job_summary
 from . import stream_tokens
 from .access import (SSE_HEADERS, authenticate, check_external_id, check_metrics_token, client_address, find_job,
                      issue_stream_token, open_job_stream)
@@ -30,6 +30,7 @@ from .auth import Caller
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 100
+STOP_COMMANDS = {"pause": ControlCommand.PAUSE, "cancel": ControlCommand.CANCEL}
 MAX_SECTION_INDEX = 100_000
 
 
@@ -135,9 +136,9 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
 
         def create() -> Answer:
             # pydantic and the cost controls stay off the cold path of other routes
-            from ..model_policy import check_model
-            from ..pricing import price_for
-            from ..quotas import QuotaStore, job_budget
+            from ..writing.model_policy import check_model
+            from ..writing.pricing import price_for
+            from ..writing.quotas import QuotaStore, job_budget
             from .models import parse_create_job
 
             s = svc()
@@ -216,7 +217,7 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
         check_external_id(external_id)
         s = svc()
         if verb in ("start", "resume", "retry"):
-            from ..quotas import QuotaStore  # into the queue only within the tenant's quotas
+            from ..writing.quotas import QuotaStore  # into the queue only within the tenant's quotas
 
             outcome = QuotaStore(s.db, s.settings).admit(owner, external_id, verb, s.jobs)
         else:
@@ -228,9 +229,9 @@ def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtq
             if job.status.terminal:
                 events.append(("done", {"status": job.status.value}))
             s.events.publish_many(external_id, events)
-            if outcome.previous == JobStatus.RUNNING and verb in ("pause", "cancel"):
-                # The consumer's watcher aborts the provider stream on this, within milliseconds.
-                s.redis.publish(control_channel(external_id), verb)
+            if outcome.previous == JobStatus.RUNNING and verb in STOP_COMMANDS:
+                # The consumer's lease keeper aborts the provider stream on this, within milliseconds.
+                send_control(s.redis, external_id, STOP_COMMANDS[verb])
         if verb in ("start", "resume", "retry") and job.status == JobStatus.QUEUED:
             # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
             s.queue.enqueue(external_id)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from ..api_keys import ApiKeyStore, key_ref
+from ..store.api_keys import ApiKeyStore, key_ref
 from ..errors import Unauthorized
-from ..rate_limit import FailedAuthThrottle
+from .rate_limit import FailedAuthThrottle
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 

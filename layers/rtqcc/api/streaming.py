@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from ..errors import ApiError
 from ..services import Services
-from ..sse import JobEventStream
+from ..streaming.stream import JobEventStream
 from .access import SSE_HEADERS, client_address, open_job_stream
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 import pg8000.native
 from pg8000.exceptions import DatabaseError, InterfaceError
 
-from .errors import ConfigError, ServiceUnavailable
+from ..errors import ConfigError, ServiceUnavailable
 
 Row = dict[str, Any]
 

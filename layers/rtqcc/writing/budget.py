@@ -17,14 +17,10 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from .abort import StopReason
 from .pricing import Price
 
 log = logging.getLogger(__name__)
-
-BUDGET_EXCEEDED = "budget_exceeded"
-QUOTA_EXCEEDED = "quota_exceeded"
-# Reasons a run stops itself by pausing its job (the orchestrator owns the transition).
-SELF_PAUSES = frozenset({BUDGET_EXCEEDED, QUOTA_EXCEEDED})
 
 
 @dataclass(frozen=True)
@@ -32,7 +28,7 @@ class Limit:
     """One spending limit, what was spent under it before this call, and the reason a run
     stops with when it would pass it."""
 
-    reason: str
+    reason: StopReason
     max_tokens: float | None
     max_cost_usd: float | None
     spent_tokens: int
@@ -45,7 +41,7 @@ class Limit:
 
 def job_limit(budget: Mapping[str, object], *, spent_tokens: int, spent_cost_usd: float | None) -> Limit:
     """A job's stored budget as a Limit."""
-    return Limit(BUDGET_EXCEEDED, _number(budget.get("max_tokens")), _number(budget.get("max_cost_usd")),
+    return Limit(StopReason.BUDGET_EXCEEDED, _number(budget.get("max_tokens")), _number(budget.get("max_cost_usd")),
                  spent_tokens, spent_cost_usd)
 
 
@@ -68,18 +64,18 @@ class BudgetMeter:
     def limited(self) -> bool:
         return bool(self.limits)
 
-    def start_call(self, prompt_tokens: int) -> str | None:
+    def start_call(self, prompt_tokens: int) -> StopReason | None:
         """Count the prompt of a call about to start; the reason of the limit the call would pass
         with its first token (so it must not start), else None."""
         self._prompt, self._completion = prompt_tokens, 0
         return self._unenforceable or self._over(extra_tokens=1)
 
-    def add_output(self, tokens: int) -> str | None:
+    def add_output(self, tokens: int) -> StopReason | None:
         """Count output as it arrives; the reason of the limit the next token would pass, else None."""
         self._completion += tokens
         return self._over(extra_tokens=1)
 
-    def _over(self, *, extra_tokens: int) -> str | None:
+    def _over(self, *, extra_tokens: int) -> StopReason | None:
         for limit in self.limits:
             tokens = limit.spent_tokens + self._prompt + self._completion + extra_tokens
             if limit.max_tokens is not None and tokens > limit.max_tokens:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from ..abort import AbortSignal
-from ..errors import ProviderError, RtqccError
+from ...errors import ProviderError, RtqccError
 
 
 @dataclass(frozen=True)

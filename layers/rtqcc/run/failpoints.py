@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 POINTS = (
     "mid_token",      # inside a section's stream, after the given number of deltas

@@ -11,23 +11,22 @@ import time
 
 from redis import Redis
 
-from .abort import AbortSignal
-from .events import control_channel
-from .jobs import JobStore, Lease
-from .status import JobStatus
-from .work_queue import WorkQueue
+from ..bus.control import ControlCommand, ControlListener
+from ..bus.work_queue import WorkQueue
+from ..status import JobStatus
+from ..store.jobs import JobStore, Lease
+from ..writing.abort import AbortSignal, StopReason
 
 log = logging.getLogger(__name__)
 
-_WAKE = "wake"
-_STOPPING_STATES = {JobStatus.PAUSED: "pause", JobStatus.CANCELLED: "cancel"}
+_STOPPING_STATES = {JobStatus.PAUSED: StopReason.PAUSE, JobStatus.CANCELLED: StopReason.CANCEL}
+_COMMANDS = {ControlCommand.PAUSE: StopReason.PAUSE, ControlCommand.CANCEL: StopReason.CANCEL}
 
 
-class JobWatch:
+class LeaseKeeper:
     def __init__(self, *, redis: Redis, jobs: JobStore, queue: WorkQueue, lease: Lease, message_id: str,
                  consumer: str, abort: AbortSignal, lease_ttl_s: float, poll_s: float, deadline: float,
                  clock=time.monotonic):
-        self._redis = redis
         self._jobs = jobs
         self._queue = queue
         self._lease = lease
@@ -39,33 +38,30 @@ class JobWatch:
         self._deadline = deadline
         self._clock = clock
         self._stopped = threading.Event()
-        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
-        self._thread = threading.Thread(target=self._watch, name=f"watch-{lease.external_id}", daemon=True)
+        self._control = ControlListener(redis, lease.external_id)
+        self._thread = threading.Thread(target=self._keep, name=f"lease-{lease.external_id}", daemon=True)
 
-    def __enter__(self) -> "JobWatch":
-        self._pubsub.subscribe(control_channel(self._lease.external_id))
+    def __enter__(self) -> "LeaseKeeper":
+        self._control.__enter__()
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._stopped.set()
-        try:  # wake the watcher now rather than at its next poll
-            self._redis.publish(control_channel(self._lease.external_id), _WAKE)
+        try:  # wake the keeper now rather than at its next poll
+            self._control.wake()
         except Exception:
             pass
         self._thread.join(timeout=self._poll_s + 5)
-        try:
-            self._pubsub.close()
-        except Exception:
-            pass
+        self._control.__exit__(*exc_info)
 
-    def _watch(self) -> None:
+    def _keep(self) -> None:
         next_poll = 0.0  # poll at once: a pause may have come before we subscribed
         next_touch = self._clock() + self._ttl_s / 3
         while not self._stopped.is_set() and not self._abort.aborted:
             now = self._clock()
             if now >= self._deadline:
-                self._abort.abort("budget")
+                self._abort.abort(StopReason.BUDGET)
                 return
             if now >= next_poll:
                 self._poll_postgres()
@@ -75,15 +71,13 @@ class JobWatch:
                 next_touch = now + self._ttl_s / 3
             wait = max(0.0, min(next_poll, self._deadline) - self._clock())
             try:
-                message = self._pubsub.get_message(timeout=wait)
+                command = self._control.wait(wait)
             except Exception as exc:  # Redis gone: Postgres polling still works
                 log.warning("control channel of %s unavailable: %s", self._lease.external_id, exc)
                 self._stopped.wait(wait)
                 continue
-            if message and message.get("type") == "message":
-                action = message["data"]
-                if action in ("pause", "cancel"):
-                    self._abort.abort(action)
+            if command in _COMMANDS:
+                self._abort.abort(_COMMANDS[command])
 
     def _poll_postgres(self) -> None:
         try:
@@ -92,7 +86,7 @@ class JobWatch:
             log.warning("could not renew the lease of %s: %s", self._lease.external_id, exc)
             return
         if status is None:
-            self._abort.abort("lease_lost")
+            self._abort.abort(StopReason.LEASE_LOST)
         elif status in _STOPPING_STATES:
             self._abort.abort(_STOPPING_STATES[status])
 

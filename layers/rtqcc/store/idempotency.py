@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .db import Database
-from .errors import BadRequest, InvalidTransition, ValidationFailed
+from ..errors import BadRequest, InvalidTransition, ValidationFailed
 
 MAX_KEY_CHARS = 255
 

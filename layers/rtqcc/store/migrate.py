@@ -18,7 +18,7 @@ class Migration:
 
 
 def available_migrations() -> list[Migration]:
-    folder = resources.files("rtqcc") / "migrations"
+    folder = resources.files("rtqcc.store") / "migrations"
     found = [
         Migration(version=entry.name.removesuffix(".sql"), sql=entry.read_text(encoding="utf-8"))
         for entry in folder.iterdir()

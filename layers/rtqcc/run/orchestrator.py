@@ -11,32 +11,31 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from .abort import AbortSignal
-from .blobs import BlobStore, manuscript_key, section_key
-from .budget import QUOTA_EXCEEDED, SELF_PAUSES, BudgetMeter, job_limit
-from .errors import ProviderError, StreamCut
+from ..writing.abort import AbortSignal, StopReason
+from ..store.blobs import BlobStore, manuscript_key, section_key
+from ..writing.budget import BudgetMeter, job_limit
+from ..errors import ProviderError, StreamCut
 from .failures import PublicFailure
-from .events import EventLog
+from ..bus.events import EventLog
 from .failpoints import DISABLED, Failpoints
-from .jobs import DEFAULT_SECTION_COUNT, Attempt, Job, JobStore, Lease, Section
-from .pricing import DEFAULT_PRICES, Price, cost_usd, price_for
-from .prompts import outline_request, parse_outline, section_request
-from .quotas import QuotaStore
-from .providers.base import (CallUsage, GenerationRequest, GenerationResult, Provider, ProviderRefused,
+from ..store.jobs import DEFAULT_SECTION_COUNT, Attempt, Job, JobStore, Lease, Section
+from ..writing.pricing import DEFAULT_PRICES, Price, cost_usd, price_for
+from ..writing.prompts import outline_request, parse_outline, section_request
+from ..writing.quotas import QuotaStore
+from ..writing.providers.base import (CallUsage, GenerationRequest, GenerationResult, Provider, ProviderRefused,
                              chat_messages)
-from .status import JobStatus, SectionStatus
-from .text import strip_unstorable
-from .tokens import count_chat_tokens, count_tokens
-from .usage import money, public_job_usage, public_usage
+from ..status import JobStatus, SectionStatus
+from ..text import strip_unstorable
+from ..writing.tokens import count_chat_tokens, count_tokens
+from ..store.usage import money, public_job_usage, public_usage
 
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How a run ended. `stopped_by` is the abort reason (pause, cancel, budget, lease_lost, ...)
-    when the run was interrupted, else None."""
+    """How a run ended: `stopped_by` says why, when the run was interrupted."""
 
     status: JobStatus | None   # the state the run moved the job to, if it moved it
-    stopped_by: str | None
+    stopped_by: StopReason | None
     sections_written: int
 
 
@@ -105,7 +104,8 @@ class ManuscriptOrchestrator:
         self.blobs.put(key, body.encode("utf-8"))
         if not self.jobs.finish(lease, JobStatus.COMPLETED, manuscript_key=key):
             # Paused or cancelled after the last section: the control handler owns that story.
-            return RunOutcome(status=None, stopped_by=abort.reason or "control", sections_written=written)
+            return RunOutcome(status=None, stopped_by=abort.reason or StopReason.STATE_CHANGED,
+                              sections_written=written)
         self.events.publish_many(ext, [
             ("status", {"status": JobStatus.COMPLETED.value}),
             ("done", {"status": JobStatus.COMPLETED.value}),
@@ -114,7 +114,7 @@ class ManuscriptOrchestrator:
 
     def _stopped(self, job: Job, lease: Lease, abort: AbortSignal, written: int) -> RunOutcome:
         reason = abort.reason
-        if reason not in SELF_PAUSES:
+        if reason is None or not reason.pauses_the_job_itself:
             return RunOutcome(status=None, stopped_by=reason, sections_written=written)
         # Our own stop: pause the job (fenced: only if it is still running under our lease).
         if not self.jobs.finish(lease, JobStatus.PAUSED, reason=reason):
@@ -122,7 +122,7 @@ class ManuscriptOrchestrator:
         tokens, cost = self.jobs.spent(job.id)
         paused = {"status": JobStatus.PAUSED.value, "reason": reason, "budget": job.budget,
                   "spent": {"total_tokens": tokens, "cost_usd": money(cost)}}
-        if reason == QUOTA_EXCEEDED and self.quotas is not None:
+        if reason == StopReason.QUOTA_EXCEEDED and self.quotas is not None:
             paused["quota"] = self.quotas.standing(job.tenant, count_active=False).public()
         self.events.publish(job.external_id, "status", paused)
         return RunOutcome(status=JobStatus.PAUSED, stopped_by=reason, sections_written=written)

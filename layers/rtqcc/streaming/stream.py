@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from .errors import BadRequest
-from .events import Event, EventLog, is_stream_id
-from .jobs import Job, JobStore
-from .status import JobStatus
-from .stream_slots import REFRESH_S, StreamSlot
-from .views import job_document
+from ..errors import BadRequest
+from ..bus.events import Event, EventLog, is_stream_id
+from ..store.jobs import Job, JobStore
+from ..status import JobStatus
+from .slots import REFRESH_S, StreamSlot
+from ..store.views import job_document
 
 HEARTBEAT = ": keep-alive\n\n"
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from .errors import OutlineInvalid
-from .jobs import DEFAULT_SECTION_COUNT, Job, OutlineItem, Section
+from ..errors import OutlineInvalid
+from ..store.jobs import DEFAULT_SECTION_COUNT, Job, OutlineItem, Section
 from .providers.base import GenerationRequest
-from .text import strip_unstorable
+from ..text import strip_unstorable
 
 SYSTEM = (
     "You write long, well-structured documents one section at a time. Write in clear prose, "

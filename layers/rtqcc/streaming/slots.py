@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 
-from .errors import TooManyRequests
+from ..errors import TooManyRequests
 
 SLOT_TTL_S = 60.0
 REFRESH_S = SLOT_TTL_S / 3

@@ -9,9 +9,9 @@ is a model nobody can hold to a cost limit, so only known models run:
 
 from __future__ import annotations
 
-from .errors import ValidationFailed
+from ..errors import ValidationFailed
 from .pricing import price_for
-from .settings import Settings
+from ..settings import Settings
 
 _LISTED_AT_MOST = 30  # names spelled out in a refusal; the rest are counted
 

@@ -19,13 +19,14 @@ from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from typing import Mapping
 
-from .budget import QUOTA_EXCEEDED, Limit
-from .db import Connection, Database
-from .errors import QuotaExceeded, ValidationFailed
-from .jobs import JobStore, TransitionResult
+from .abort import StopReason
+from .budget import Limit
+from ..store.db import Connection, Database
+from ..errors import QuotaExceeded, ValidationFailed
+from ..store.jobs import JobStore, TransitionResult
 from .pricing import Price, price_for
-from .settings import Settings
-from .status import TRANSITIONS, JobStatus
+from ..settings import Settings
+from ..status import TRANSITIONS, JobStatus
 
 # pg_advisory_xact_lock(namespace, hashtext(tenant)): a tenant's admissions queue behind each other
 # (two tenants whose names hash alike merely share a queue). The migration lock uses the one-key
@@ -91,7 +92,7 @@ class Standing:
         """The daily quota as a live limit for the BudgetMeter (None without one)."""
         if not self.quota.daily:
             return None
-        return Limit(QUOTA_EXCEEDED, self.quota.tokens_per_day, self.quota.cost_usd_per_day,
+        return Limit(StopReason.QUOTA_EXCEEDED, self.quota.tokens_per_day, self.quota.cost_usd_per_day,
                      self.tokens_today, self.cost_today_usd)
 
     def check_daily(self, price: Price | None) -> None:

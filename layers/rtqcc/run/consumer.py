@@ -12,21 +12,20 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 
-from .abort import AbortSignal
-from .budget import SELF_PAUSES
-from .errors import LeaseLost, ProviderError, StreamCut
+from ..writing.abort import AbortSignal, StopReason
+from ..errors import LeaseLost, ProviderError, StreamCut
 from .failures import OUTAGE_ERRORS, describe_failure, gave_up
 from .failpoints import Failpoints
-from .ids import is_external_id
-from .job_watch import JobWatch
-from .jobs import Job, Lease
-from .logs import configure_logging, log_context
-from .metrics import MeasuredProvider, MetricsRecorder, ModelLabels
+from ..ids import is_external_id
+from .lease_keeper import LeaseKeeper
+from ..store.jobs import Job, Lease
+from ..logs import configure_logging, log_context
+from ..metrics import MeasuredProvider, MetricsRecorder, ModelLabels
 from .orchestrator import ManuscriptOrchestrator, RunOutcome
-from .quotas import QuotaStore
-from .services import Services
-from .status import JobStatus
-from .work_queue import Delivery
+from ..writing.quotas import QuotaStore
+from ..services import Services
+from ..status import JobStatus
+from ..bus.work_queue import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ class Consumer:
         self._shutting_down.set()
         running = self._running
         if running is not None:
-            running.abort("shutdown")
+            running.abort(StopReason.SHUTDOWN)
 
     def drain(self, remaining_ms: Callable[[], int]) -> DrainResult:
         """Work until the budget reported by `remaining_ms` (a Lambda context's
@@ -187,16 +186,16 @@ class Consumer:
             return
 
         abort = AbortSignal()
-        watch = JobWatch(
+        keeper = LeaseKeeper(
             redis=self.services.redis, jobs=jobs, queue=queue, lease=lease, message_id=delivery.message_id,
             consumer=self.name, abort=abort, lease_ttl_s=self.settings.lease_ttl_s,
             poll_s=self.settings.control_poll_s, deadline=deadline, clock=self.clock,
         )
         self._running = abort
         if self._shutting_down.is_set():
-            abort.abort("shutdown")
+            abort.abort(StopReason.SHUTDOWN)
         try:
-            with watch:
+            with keeper:
                 outcome = self.orchestrator.run(job, lease, abort)
         except ProviderError as exc:
             log.warning("job %s failed: %s", job.external_id, exc)
@@ -232,8 +231,9 @@ class Consumer:
             queue.ack(delivery.message_id)
             result.completed += 1
             result.processed += 1
-        elif outcome.stopped_by in ("pause", "cancel", "control", *SELF_PAUSES):
-            # budget_exceeded, quota_exceeded: the orchestrator has paused the job itself and let the lease go.
+        elif outcome.stopped_by is not None and (outcome.stopped_by.asked_by_the_tenant
+                                                 or outcome.stopped_by.pauses_the_job_itself):
+            # A budget or quota: the orchestrator has paused the job itself and let the lease go.
             status_after = jobs.release_lease(lease)
             if status_after == JobStatus.QUEUED:  # resumed while we were stopping: run it again
                 queue.requeue_then_ack(job.external_id, delivery.message_id)
@@ -241,7 +241,7 @@ class Consumer:
                 queue.ack(delivery.message_id)
             result.stopped += 1
             result.processed += 1
-        elif outcome.stopped_by == "lease_lost":
+        elif outcome.stopped_by == StopReason.LEASE_LOST:
             queue.ack(delivery.message_id)
             result.skipped += 1
             result.processed += 1

@@ -20,8 +20,8 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 
-from rtqcc.events import events_key, stream_id_tuple
-from rtqcc.sse import HEARTBEAT
+from ..bus.events import events_key, stream_id_tuple
+from .stream import HEARTBEAT
 
 log = logging.getLogger(__name__)
 

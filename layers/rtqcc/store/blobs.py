@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Protocol
 
-from .errors import ServiceUnavailable
-from .redact import redact_urls
-from .settings import Settings
+from ..errors import ServiceUnavailable
+from ..redact import redact_urls
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 

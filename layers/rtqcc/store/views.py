@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .jobs import DEFAULT_SECTION_COUNT, Job, JobStore
 from .usage import public_job_usage, public_usage
-from .status import SectionStatus
+from ..status import SectionStatus
 
 
 def job_links(external_id: str) -> dict[str, str]:

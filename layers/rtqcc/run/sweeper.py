@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .idempotency import IdempotencyStore
-from .services import Services
+from ..store.idempotency import IdempotencyStore
+from ..services import Services
 
 IDEMPOTENCY_KEEP_S = 24 * 3600
 ALIVE_MARKER = "rtqcc:sweeper:alive"

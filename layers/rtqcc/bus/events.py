@@ -30,10 +30,6 @@ def events_key(external_id: str) -> str:
     return f"job:{external_id}:events"
 
 
-def control_channel(external_id: str) -> str:
-    return f"job:{external_id}:control"
-
-
 def is_stream_id(value: str) -> bool:
     return bool(_STREAM_ID.match(value)) and max(stream_id_tuple(value)) <= _MAX_ID_PART
 

@@ -117,7 +117,7 @@ def _build_encoding(name: str):
     import tiktoken
 
     filename, sha256, pattern, special_tokens = _ENCODINGS[name]
-    data = gzip.decompress((resources.files("rtqcc") / "encodings" / filename).read_bytes())
+    data = gzip.decompress((resources.files("rtqcc.writing") / "encodings" / filename).read_bytes())
     if hashlib.sha256(data).hexdigest() != sha256:
         raise RuntimeError(f"the shipped BPE file {filename} is damaged: its SHA-256 is not {sha256}")
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}

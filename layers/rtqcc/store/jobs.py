@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .db import Connection, Database, Row
-from .errors import InvalidTransition, JobNotFound, LeaseLost
-from .ids import new_external_id
-from .status import TRANSITIONS, JobStatus, SectionStatus
+from ..errors import InvalidTransition, JobNotFound, LeaseLost
+from ..ids import new_external_id
+from ..status import TRANSITIONS, JobStatus, SectionStatus
 
 
 DEFAULT_SECTION_COUNT = 5  # when the client gives neither an outline nor a section count
@@ -246,7 +246,7 @@ class JobStore:
 
     def transition(self, tenant: str, external_id: str, verb: str, *, reason: str | None = None,
                    conn: Connection | None = None) -> TransitionResult:
-        """`conn`: inside the caller's transaction (quotas.py checks a quota and transitions under one lock)."""
+        """`conn`: inside the caller's transaction (writing/quotas.py checks a quota and transitions under one lock)."""
         sources, target = TRANSITIONS[verb]
         row = (conn or self.db).row(
             "WITH before AS (SELECT id, status FROM jobs WHERE external_id = :e AND tenant = :t FOR UPDATE)"

@@ -5,7 +5,29 @@ from __future__ import annotations
 
 import threading
 import time
+from enum import StrEnum
 from typing import Callable
+
+
+class StopReason(StrEnum):
+    """Why a run was stopped (stored as the text of an aborted attempt)."""
+
+    PAUSE = "pause"                      # the tenant paused the job
+    CANCEL = "cancel"                    # the tenant cancelled the job
+    BUDGET = "budget"                    # the invocation's time is nearly spent: checkpoint, hand back
+    SHUTDOWN = "shutdown"                # the consumer process is stopping: checkpoint, hand back
+    LEASE_LOST = "lease_lost"            # another consumer holds the job now
+    BUDGET_EXCEEDED = "budget_exceeded"  # the job's own token or cost limit: the job pauses itself
+    QUOTA_EXCEEDED = "quota_exceeded"    # the tenant's daily quota: the job pauses itself
+    STATE_CHANGED = "state_changed"      # paused or cancelled in Postgres before the signal arrived
+
+    @property
+    def pauses_the_job_itself(self) -> bool:
+        return self in (StopReason.BUDGET_EXCEEDED, StopReason.QUOTA_EXCEEDED)
+
+    @property
+    def asked_by_the_tenant(self) -> bool:
+        return self in (StopReason.PAUSE, StopReason.CANCEL, StopReason.STATE_CHANGED)
 
 
 class AbortSignal:
@@ -13,14 +35,14 @@ class AbortSignal:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._closers: list[Callable[[], None]] = []
-        self.reason: str | None = None
+        self.reason: StopReason | None = None
         self.aborted_at: float | None = None  # time.monotonic() when raised, for latency figures
 
     @property
     def aborted(self) -> bool:
         return self._event.is_set()
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: StopReason) -> None:
         with self._lock:
             if self._event.is_set():
                 return

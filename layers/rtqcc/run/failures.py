@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pg8000.exceptions import InterfaceError
 from redis.exceptions import RedisError
 
-from .errors import OutlineInvalid, ServiceUnavailable, StreamCut
-from .providers.base import ProviderRefused, ProviderUnavailable, QuotaExceeded
+from ..errors import OutlineInvalid, ServiceUnavailable, StreamCut
+from ..writing.providers.base import ProviderRefused, ProviderUnavailable, QuotaExceeded
 
 
 @dataclass(frozen=True)

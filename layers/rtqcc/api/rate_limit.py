@@ -9,7 +9,7 @@ import time
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .errors import TooManyRequests
+from ..errors import TooManyRequests
 
 log = logging.getLogger(__name__)
 
