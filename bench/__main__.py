@@ -1,14 +1,17 @@
-"""`./dev bench`: run the benchmarks, print the figures, write them to bench/results.json."""
+"""`./dev bench`: run the benchmarks, print the figures, and keep them in
+bench/results/<YYYY-MM-DD>.json with the machine's description (`python -m bench.report` then
+regenerates the table in bench/README.md from the latest file)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import abort_latency, cold_start, control_latency, peers, scale, sse_delivery, throughput
+from .record import describe_machine, record, results_path
 from .stack import bench_settings
 
 BENCHES = {"throughput": throughput.run, "control": control_latency.run,
@@ -19,15 +22,18 @@ BENCHES = {"throughput": throughput.run, "control": control_latency.run,
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench")
     parser.add_argument("names", nargs="*", choices=[*BENCHES, []], help="which to run (default: all)")
-    parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
+    parser.add_argument("--output", type=Path, default=None,
+                        help="the results file (default: bench/results/<today, UTC>.json)")
     args = parser.parse_args()
-    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}}
+    output = args.output or results_path()
     with bench_settings() as settings:
+        machine = describe_machine(settings)
         for name in args.names or BENCHES:
-            results[name] = BENCHES[name](settings)
-            print(f"{name}: {json.dumps(results[name])}", flush=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {args.output}")
+            started, load_before = datetime.now(timezone.utc), os.getloadavg()[0]
+            figures = BENCHES[name](settings)
+            record(output, machine, name, figures, started=started, load_avg=[load_before, os.getloadavg()[0]])
+            print(f"{name}: {json.dumps(figures)}", flush=True)
+    print(f"written to {output}; `python -m bench.report` puts the latest figures into bench/README.md")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ so the ratio says what our per-job work costs against the queue alone."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -214,7 +213,6 @@ def baseline(services: Services, messages: int, batch: int) -> float:
 
 
 def run(settings: Settings, *, jobs: int = 10_000, budget_s: float = 300.0) -> dict:
-    load_before = os.getloadavg()[0]
     services = fresh_services(settings)
     services.blobs.put("bench/warm-up", b"warm")  # a fresh S3 server allocates its volumes on the first write
     services.queue.ensure_group()
@@ -246,5 +244,4 @@ def run(settings: Settings, *, jobs: int = 10_000, budget_s: float = 300.0) -> d
         "gateway": rounds,
         "baseline_xreadgroup_xack_per_s": round(base_rate, 1),
         "ratio_jobs_per_s_to_baseline": round(drained["jobs_per_s"] / base_rate, 4),
-        "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # a shared machine
     }

@@ -1,8 +1,12 @@
 """Live delivery: many concurrent SSE clients on running jobs, through the emulator's gateway
 (in its own process, with consumers in theirs), measuring each token event's latency from its
 publication (the time in its Redis stream id) to the client, and events per second delivered.
-Baseline in the same run: the same number of raw Redis pub/sub subscribers on the same events,
-the floor under any SSE server."""
+Baseline: as many raw Redis pub/sub subscribers on the same jobs' events, the floor under any SSE
+server. Both take turns on one supply of events (the same jobs, streaming from the same
+consumers), in windows ordered ours, baseline, baseline, ours, so that drift in the supply (or a
+busy moment on the machine) falls on both alike. Each window connects its own clients (ours from
+the job's latest event, as a reconnecting browser does, so nothing is replayed), lets them settle,
+then counts only the events published inside the measured part of the window."""
 
 from __future__ import annotations
 
@@ -19,13 +23,19 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
+from rtqcc.bus.events import events_key
 from rtqcc_emulator.embedded import free_port
 
 from .stack import BENCH_KEY, fresh_services, percentile
 
 JOBS = 10
-WARMUP_S = 4.0     # for every client to connect and catch up before the measured window
+TOKENS_PER_S = 40
+WARMUP_S = 4.0     # for every client to connect before the measured part of a window
 DURATION_S = 8.0
+ROUNDS = 2         # of (ours, baseline) windows per client count, in the order ABBA
+# Every job must stream through all the windows: 2 client counts x 2 rounds x 2 sides x 12 s,
+# plus connecting, is under 2 minutes; 12,000 tokens at 40/s is 5.
+TOKENS_PER_JOB = 12_000
 
 
 def _start_stack(settings, port: int, data_dir: Path) -> subprocess.Popen:
@@ -40,7 +50,7 @@ def _start_stack(settings, port: int, data_dir: Path) -> subprocess.Popen:
         # One tenant plays all 1,000 clients: lift its stream caps, or the bench measures the 429s.
         "RTQCC_MAX_STREAMS_PER_TENANT": "100000",
         "RTQCC_MAX_STREAMS_PER_KEY": "100000",
-        "RTQCC_FAKE_TOKENS_PER_S": "40",
+        "RTQCC_FAKE_TOKENS_PER_S": str(TOKENS_PER_S),
         "RTQCC_DELTA_FLUSH_MS": "0",
         "RTQCC_SSE_HEARTBEAT_S": "5",
     }
@@ -48,7 +58,7 @@ def _start_stack(settings, port: int, data_dir: Path) -> subprocess.Popen:
     with open(log_path, "w") as log:  # a file, not a pipe nobody drains: a full pipe would stall the server
         process = subprocess.Popen(
             [sys.executable, "-m", "rtqcc.cli", "up", "--port", str(port), "--data-dir", str(data_dir),
-             "--consumers", str(JOBS), "--consumer-budget-s", "120"],
+             "--consumers", str(JOBS), "--consumer-budget-s", "600"],
             env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
@@ -68,12 +78,30 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(5)
 
 
-async def _client(http: httpx.AsyncClient, external_id: str, until: float, latencies: list[float],
-                  window_start: float) -> int:
-    """Count the token events published after `window_start` (every client is connected by then:
-    what a late client catches up on is replay, not live delivery)."""
-    received = 0
-    async with http.stream("GET", f"/jobs/{external_id}/stream") as response:
+class Window:
+    """The measured part of a window: events published in [start, end), by the wall clock that
+    Redis stream ids carry; the clients listen until `until` (monotonic), a little after `end`."""
+
+    def __init__(self):
+        self.start = time.time() + WARMUP_S
+        self.end = self.start + DURATION_S
+        self.until = time.monotonic() + WARMUP_S + DURATION_S + 0.5
+        self.latencies: list[float] = []
+        self.events = 0
+
+    def saw(self, event_id: str, kind: str) -> None:
+        published_ms = int(event_id.split("-")[0])
+        if self.start * 1000 <= published_ms < self.end * 1000:
+            if kind == "section.delta":
+                self.latencies.append(time.time() * 1000 - published_ms)
+            self.events += 1
+
+
+async def _client(http: httpx.AsyncClient, external_id: str, after_id: str | None, window: Window) -> None:
+    headers = {"Last-Event-ID": after_id} if after_id else {}
+    async with http.stream("GET", f"/jobs/{external_id}/stream", headers=headers) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"the stream of {external_id} answered {response.status_code}")
         event_id, kind = None, None
         async for line in response.aiter_lines():
             if line.startswith("id: "):
@@ -81,59 +109,57 @@ async def _client(http: httpx.AsyncClient, external_id: str, until: float, laten
             elif line.startswith("event: "):
                 kind = line[7:]
             elif line == "" and kind:
-                published_ms = int(event_id.split("-")[0]) if event_id else 0
-                if published_ms >= window_start * 1000:
-                    if kind == "section.delta":
-                        latencies.append(time.time() * 1000 - published_ms)
-                    received += 1
+                if event_id:
+                    window.saw(event_id, kind)
                 kind = None
-            if time.monotonic() >= until:
+            if time.monotonic() >= window.until:
                 break
-    return received
 
 
-async def _ours(base_url: str, job_ids: list[str], clients: int) -> dict:
-    latencies: list[float] = []
+async def _ours(base_url: str, redis_url: str, job_ids: list[str], clients: int) -> Window:
+    # From each job's latest event: a client that connected at the job's start would first be sent
+    # the whole backlog (replay), which is not what live delivery measures.
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    latest = {}
+    for external_id in job_ids:
+        last = await redis.xrevrange(events_key(external_id), count=1)
+        latest[external_id] = last[0][0] if last else None
+    await redis.aclose()
+    window = Window()
     limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(30, read=None),
                                  headers={"Authorization": f"Bearer {BENCH_KEY}"}) as http:
-        until = time.monotonic() + WARMUP_S + DURATION_S
-        window_start = time.time() + WARMUP_S
-        counts = await asyncio.gather(*(_client(http, job_ids[n % len(job_ids)], until, latencies, window_start)
-                                        for n in range(clients)))
-    return _figures(latencies, sum(counts), DURATION_S)
+        await asyncio.gather(*(_client(http, job_ids[n % len(job_ids)], latest[job_ids[n % len(job_ids)]], window)
+                               for n in range(clients)))
+    return window
 
 
-async def _baseline(redis_url: str, job_ids: list[str], clients: int) -> dict:
-    latencies: list[float] = []
-    counts = [0] * clients
+async def _baseline(redis_url: str, job_ids: list[str], clients: int) -> Window:
+    window = Window()
     pool = aioredis.ConnectionPool.from_url(redis_url, max_connections=clients + 10, decode_responses=True)
 
-    async def subscriber(n: int, until: float, window_start: float):
+    async def subscriber(n: int):
         conn = aioredis.Redis(connection_pool=pool)
         pubsub = conn.pubsub()
-        await pubsub.subscribe(f"job:{job_ids[n % len(job_ids)]}:events")
-        while time.monotonic() < until:
+        await pubsub.subscribe(events_key(job_ids[n % len(job_ids)]))
+        while time.monotonic() < window.until:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
             if message:
                 payload = json.loads(message["data"])
-                published_ms = int(payload["id"].split("-")[0])
-                if published_ms >= window_start * 1000:
-                    if payload["type"] == "section.delta":
-                        latencies.append(time.time() * 1000 - published_ms)
-                    counts[n] += 1
+                window.saw(payload["id"], payload["type"])
         await pubsub.aclose()
 
-    until = time.monotonic() + WARMUP_S + DURATION_S
-    window_start = time.time() + WARMUP_S
-    await asyncio.gather(*(subscriber(n, until, window_start) for n in range(clients)))
+    await asyncio.gather(*(subscriber(n) for n in range(clients)))
     await pool.aclose()
-    return _figures(latencies, sum(counts), DURATION_S)
+    return window
 
 
-def _figures(latencies: list[float], events: int, elapsed: float) -> dict:
-    return {"token_events": len(latencies), "p50_ms": round(percentile(latencies, 50), 1),
-            "p99_ms": round(percentile(latencies, 99), 1), "events_per_s": round(events / elapsed)}
+def _figures(windows: list[Window]) -> dict:
+    latencies = [latency for window in windows for latency in window.latencies]
+    events = sum(window.events for window in windows)
+    return {"windows": len(windows), "token_events": len(latencies), "p50_ms": round(percentile(latencies, 50), 1),
+            "p99_ms": round(percentile(latencies, 99), 1), "events_per_s": round(events / (DURATION_S * len(windows))),
+            "p99_ms_per_window": [round(percentile(window.latencies, 99), 1) for window in windows]}
 
 
 def _start_jobs(base_url: str, count: int) -> list[str]:
@@ -141,7 +167,7 @@ def _start_jobs(base_url: str, count: int) -> list[str]:
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {BENCH_KEY}"}) as http:
         for n in range(count):
             body = {"title": f"Live {n}", "brief": "b", "outline": [{"title": "long"}],
-                    "params": {"max_tokens_per_section": 2000}}
+                    "params": {"max_tokens_per_section": TOKENS_PER_JOB}}
             external_id = http.post("/jobs", json=body).json()["externalId"]
             http.post(f"/jobs/{external_id}/start")
             ids.append(external_id)
@@ -149,17 +175,29 @@ def _start_jobs(base_url: str, count: int) -> list[str]:
 
 
 def run(settings, *, client_counts: tuple[int, ...] = (100, 1000)) -> dict:
-    fresh_services(settings)
+    fresh_services(settings).close()
     port = free_port()
     process = _start_stack(settings, port, Path(tempfile.mkdtemp(prefix="rtqcc-bench-sse-")))
     base_url = f"http://127.0.0.1:{port}"
-    results: dict = {"jobs": JOBS, "measured_window_s": DURATION_S}
+    results: dict = {"jobs": JOBS, "tokens_per_s_per_job": TOKENS_PER_S, "measured_s_per_window": DURATION_S,
+                     "order": "ours, baseline, baseline, ours (per client count)"}
     try:
         job_ids = _start_jobs(base_url, JOBS)
         for clients in client_counts:
+            windows: dict[str, list[Window]] = {"ours": [], "baseline": []}
+            for n in range(ROUNDS):
+                for side in (("ours", "baseline") if n % 2 == 0 else ("baseline", "ours")):
+                    window = asyncio.run(_ours(base_url, settings.redis_url, job_ids, clients) if side == "ours"
+                                         else _baseline(settings.redis_url, job_ids, clients))
+                    if not window.events:
+                        raise RuntimeError(f"no events reached the {side} clients in a window: did the jobs end?")
+                    windows[side].append(window)
+            ours, base = _figures(windows["ours"]), _figures(windows["baseline"])
             results[f"clients_{clients}"] = {
-                "ours": asyncio.run(_ours(base_url, job_ids, clients)),
-                "baseline_redis_pubsub": asyncio.run(_baseline(settings.redis_url, job_ids, clients)),
+                "ours": ours, "baseline_redis_pubsub": base,
+                "ratio_p50": round(ours["p50_ms"] / base["p50_ms"], 2),
+                "ratio_p99": round(ours["p99_ms"] / base["p99_ms"], 2),
+                "ratio_events_per_s": round(ours["events_per_s"] / base["events_per_s"], 3),
             }
         with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {BENCH_KEY}"}) as http:
             for external_id in job_ids:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -17,12 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from .local_secrets import (PRIVATE_FILE, CredentialsError, kept_credentials, private_folder, random_password,
                             write_private)
@@ -36,10 +37,70 @@ class EmbeddedServiceError(RuntimeError):
     """An embedded service could not be started; the message says which and why."""
 
 
+# How many ports a start tries when another process takes the one it chose before it binds.
+PORT_TRIES = 5
+_ADDRESS_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
+_LISTEN_ADDRESS = re.compile(r"127\.0\.0\.1:([0-9]{1,5})\b")
+_T = TypeVar("_T")
+
+
 def free_port() -> int:
+    """A port of 127.0.0.1 that was free a moment ago. Another process may take it before the
+    caller binds it: servers started here retry on a new port when that happens (see PORT_TRIES),
+    and in-process servers bind port 0 themselves instead (server.ServerThread)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class _PortTaken(Exception):
+    """One start found its port in use by another process (which took it after it was chosen)."""
+
+    def __init__(self, port: int | None):
+        super().__init__(port)
+        self.port = port
+
+
+def _start_on_free_ports(name: str, attempt: Callable[[], _T], *, new_ports: Callable[[], None],
+                         fixed_ports: tuple[int, ...]) -> _T:
+    """`attempt()` (one start, raising _PortTaken on a clash), again on newly chosen ports after a
+    clash, up to PORT_TRIES times. A port the caller fixed is not ours to change: a clash on it is
+    an error at once."""
+    for tries in range(1, PORT_TRIES + 1):
+        try:
+            return attempt()
+        except _PortTaken as clash:
+            where = f"127.0.0.1:{clash.port}" if clash.port else "one of its ports"
+            if clash.port in fixed_ports:
+                raise EmbeddedServiceError(f"{name} could not listen on {where}: another process has it") from None
+            if tries == PORT_TRIES:
+                raise EmbeddedServiceError(f"{name} could not listen on {where}: another process took each of the "
+                                           f"{PORT_TRIES} free ports chosen before it could bind them") from None
+            new_ports()
+    raise AssertionError("unreachable")
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _clash_in_log(log_path: Path, offset: int, port: int | None) -> _PortTaken | None:
+    """The clash a server logged since `offset` (logs are appended to across starts), naming the
+    port the log line names, else `port`; None if it logged none."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    line = next((line for line in text.splitlines() if _ADDRESS_IN_USE.search(line)), None)
+    if line is None:
+        return None
+    named = _LISTEN_ADDRESS.search(line)
+    return _PortTaken(int(named.group(1)) if named else port)
 
 
 def _spawn(command: list[str], log_path: Path, *, cwd: Path, env: Mapping[str, str] | None = None,
@@ -127,7 +188,22 @@ class SeaweedS3:
                              "secretKey": credentials["secret_access_key"]}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}, indent=2))
+        fixed = (self.port,) if self.port else ()
         self.port = self.port or free_port()
+        # In the environment, not on the command line every local user can read in /proc.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("WEED_")}
+        env.update(_weed_security_env(make_tls_files(self.data_dir / "tls")))
+        deadline = time.monotonic() + timeout_s
+
+        def new_ports() -> None:
+            if not fixed:
+                self.port = free_port()
+
+        return _start_on_free_ports("SeaweedFS", lambda: self._serve(env, credentials, deadline),
+                                    new_ports=new_ports, fixed_ports=fixed)
+
+    def _serve(self, env: dict[str, str], credentials: dict[str, str], deadline: float) -> "SeaweedS3":
+        """One start on the S3 port and fresh internal ports; _PortTaken if one was taken first."""
         ports = {name: free_port() for name in ("master", "volume", "filer")}
         grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         command = [
@@ -141,32 +217,42 @@ class SeaweedS3:
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={self.identities_path}",
         ]
-        # In the environment, not on the command line every local user can read in /proc.
-        env = {name: value for name, value in os.environ.items() if not name.startswith("WEED_")}
-        env.update(_weed_security_env(make_tls_files(self.data_dir / "tls")))
+        offset = _log_size(self.log_path)
         self.process = _spawn(command, self.log_path, cwd=self.data_dir, env=env)
-        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            clash = _clash_in_log(self.log_path, offset, None)
+            if clash is not None or self.process.poll() is not None:
+                self.stop()  # a part that could not bind may leave the others running
+                if clash is not None:
+                    raise clash
                 raise EmbeddedServiceError(
                     f"SeaweedFS exited with code {self.process.returncode}; see {self.log_path}{_tail(self.log_path)}")
-            if _answers_http(self.endpoint_url):
+            # Our identity, not just any answer: a server that took the S3 port first answers too.
+            if _accepts_identity(self.endpoint_url, credentials):
                 return self
             time.sleep(0.1)
         self.stop()
-        raise EmbeddedServiceError(f"SeaweedFS S3 did not answer on {self.endpoint_url} within {timeout_s:.0f}s")
+        raise EmbeddedServiceError(f"SeaweedFS S3 did not answer on {self.endpoint_url} in time; see {self.log_path}")
 
     def stop(self, *, grace_s: float = 2.0) -> None:
         _stop_process(self.process, signal.SIGTERM, grace_s=grace_s)
 
 
-def _answers_http(url: str) -> bool:
+def _accepts_identity(endpoint_url: str, credentials: dict[str, str]) -> bool:
+    """True once the S3 server answers a ListBuckets signed with `credentials` (SigV4) with 200:
+    it is serving, and it is the server that knows this identity."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    signed = AWSRequest(method="GET", url=endpoint_url + "/")
+    S3SigV4Auth(Credentials(credentials["access_key_id"], credentials["secret_access_key"]), "s3",
+                "us-east-1").add_auth(signed)
     try:
-        with urllib.request.urlopen(url, timeout=0.5):
-            return True
-    except urllib.error.HTTPError:
-        return True  # any HTTP answer means it is serving
-    except OSError:
+        with urllib.request.urlopen(urllib.request.Request(signed.url, headers=dict(signed.headers.items())),
+                                    timeout=0.5) as answer:
+            return answer.status == 200
+    except OSError:  # not listening yet, or an HTTPError: not ready, or not ours
         return False
 
 
@@ -257,21 +343,36 @@ class EmbeddedRedis:
     def start(self, *, timeout_s: float = 10.0) -> "EmbeddedRedis":
         private_folder(self.data_dir)
         password = self.password
+        fixed = (self.port,) if self.port else ()
         self.port = self.port or free_port()
-        write_private(self.config_path, self._config(password))
-        self.process = _spawn([find_redis_server(), str(self.config_path)], self.log_path, cwd=self.data_dir)
         deadline = time.monotonic() + timeout_s
+
+        def new_ports() -> None:
+            self.port = free_port()
+
+        return _start_on_free_ports("redis-server", lambda: self._serve(password, deadline),
+                                    new_ports=new_ports, fixed_ports=fixed)
+
+    def _serve(self, password: str, deadline: float) -> "EmbeddedRedis":
+        """One start on `port`; _PortTaken if another process had it."""
+        write_private(self.config_path, self._config(password))
+        offset = _log_size(self.log_path)
+        self.process = _spawn([find_redis_server(), str(self.config_path)], self.log_path, cwd=self.data_dir)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                clash = _clash_in_log(self.log_path, offset, self.port)
+                if clash is not None:
+                    raise clash
                 raise EmbeddedServiceError(
                     f"redis-server exited with code {self.process.returncode}; see {self.log_path}"
                     f"{_tail(self.log_path)}")
+            # PING with our password: a server that took the port first refuses it.
             if _answers_redis_ping(self.port, password):
                 return self
             time.sleep(0.05)
         self.stop()
         raise EmbeddedServiceError(
-            f"redis-server did not answer PING on 127.0.0.1:{self.port} within {timeout_s:.0f}s; see {self.log_path}")
+            f"redis-server did not answer PING on 127.0.0.1:{self.port} in time; see {self.log_path}")
 
     def _config(self, password: str) -> str:
         lines = [
@@ -379,18 +480,32 @@ class EmbeddedPostgres:
             shutil.rmtree(pgdata)  # an initdb that was interrupted: start it over
         pgdata.mkdir(mode=0o700, exist_ok=True)
         self.placement.give(pgdata)
+        fixed = (self.port,) if self.port else ()
         self.port = self.port or free_port()
-        socket_dir = self._socket_dir()
         if not (pgdata / "PG_VERSION").exists():
             self._initdb(credentials["password"], deadline)
         elif _trusts_anyone(pgdata):
-            self._require_password(credentials["password"], socket_dir, deadline)
+            self._require_password(credentials["password"], self._socket_dir(), deadline)
+
+        def new_ports() -> None:
+            self.port = free_port()
+
+        return _start_on_free_ports("postgres", lambda: self._serve(deadline), new_ports=new_ports,
+                                    fixed_ports=fixed)
+
+    def _serve(self, deadline: float) -> "EmbeddedPostgres":
+        """One start of the server on `port`; _PortTaken if another process had it."""
+        socket_dir = self._socket_dir()
+        offset = _log_size(self.log_path)
         self.process = self._postmaster(listen="127.0.0.1", socket_dir=socket_dir)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                clash = _clash_in_log(self.log_path, offset, self.port)
+                if clash is not None:
+                    raise clash  # it exits when it cannot bind 127.0.0.1: "could not create any TCP/IP sockets"
                 raise EmbeddedServiceError(
                     f"postgres exited with code {self.process.returncode}; see {self.log_path}{_tail(self.log_path)}")
-            connection = self._connect("postgres")
+            connection = self._connect("postgres", socket_dir)
             if connection is not None:
                 try:
                     self._ensure_database(connection)
@@ -400,7 +515,7 @@ class EmbeddedPostgres:
             time.sleep(0.1)
         self.stop()
         raise EmbeddedServiceError(
-            f"postgres did not accept connections on 127.0.0.1:{self.port} within {timeout_s:.0f}s; see {self.log_path}")
+            f"postgres did not accept connections on 127.0.0.1:{self.port} in time; see {self.log_path}")
 
     def _postmaster(self, *, listen: str, socket_dir: Path) -> subprocess.Popen:
         command = [
@@ -475,12 +590,15 @@ class EmbeddedPostgres:
             self.placement.give(self._socket_tmp)
         return self._socket_tmp
 
-    def _connect(self, database: str):
+    def _connect(self, database: str, socket_dir: Path):
+        """A connection through this server's own socket, in a folder only it and its owner enter: on
+        TCP, a server that took the port first would answer instead (and refuse our password)."""
         import pg8000.native
 
         try:
-            return pg8000.native.Connection("postgres", password=self.credentials["password"], host="127.0.0.1",
-                                            port=self.port, database=database, timeout=2)
+            return pg8000.native.Connection("postgres", password=self.credentials["password"],
+                                            unix_sock=str(socket_dir / f".s.PGSQL.{self.port}"), database=database,
+                                            timeout=2)
         except pg8000.native.DatabaseError as error:
             if _sqlstate(error) == _INVALID_PASSWORD:
                 raise EmbeddedServiceError(

@@ -273,3 +273,13 @@ def too_large() -> GatewayResponse:
 def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> GatewayResponse:
     return GatewayResponse(status=status, headers={"Content-Type": "application/json", **(headers or {})},
                            body=json.dumps(body).encode())
+
+
+def build_gateway(services, config: GatewayConfig = GatewayConfig(), **pools: int) -> Gateway:
+    """The gateway over this project's functions, as every gateway wires it: the API app, the
+    streaming function and its opener, all on `services` (an rtqcc Services)."""
+    from rtqcc.api import create_app
+    from rtqcc.api.streaming import create_stream_handler, create_stream_opener
+
+    return Gateway(create_app(lambda: services), stream_handler=create_stream_handler(lambda: services),
+                   stream_opener=create_stream_opener(lambda: services), config=config, **pools)

@@ -26,7 +26,8 @@ Control API (the same in-process through methods, and over HTTP for a standalone
   the client disconnected before the end (`disconnected_at`, `time.monotonic()` of this process).
 
 In-process: `OpenAIServer(...).start()` runs uvicorn in a thread on a free 127.0.0.1 port;
-`stop()` ends it. Standalone: `python -m rtqcc_emulator.openai_server --port 8400`."""
+`stop()` ends it. Standalone: `python -m rtqcc_emulator.openai_server --port 8400` (`--port 0`: a free
+port, named in the first line it prints)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import collections
 import json
 import logging
 import re
+import signal
 import threading
 import time
 import uuid
@@ -51,7 +53,6 @@ from rtqcc.writing.providers.base import GenerationRequest
 from rtqcc.writing.providers.fake import FakeProvider
 from rtqcc.writing.tokens import Tokenizer, encoding, tokenizer_for
 
-from .embedded import free_port
 from .server import ServerThread
 
 FAULT_KINDS = frozenset({
@@ -173,10 +174,12 @@ class OpenAIServer:
             self._records.clear()
 
     def start(self) -> "OpenAIServer":
-        self.port = self.port or free_port()
+        """Serve on `port`, or on a free one when it is None or 0 (bound here: see ServerThread)."""
         _uvicorn_log.addFilter(self._quiet)
-        self._thread = ServerThread(self.app, port=self.port, host=self.host).start()
+        self._thread = ServerThread(self.app, port=self.port or 0, host=self.host)
         self._thread.thread.name = "openai-emulator"
+        self._thread.start()
+        self.port = self._thread.port
         return self
 
     def stop(self) -> None:
@@ -432,18 +435,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rtqcc_emulator.openai_server",
                                      description="A local OpenAI-compatible server with fault injection.")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8400)
+    parser.add_argument("--port", type=int, default=8400, help="0: a free port (the first line printed names it)")
     parser.add_argument("--tokens-per-s", type=float, default=50.0, help="pace of the stream (0: as fast as possible)")
     parser.add_argument("--first-token-ms", type=int, default=200)
     parser.add_argument("--api-key", default=None, help="require this bearer key (default: accept any)")
     args = parser.parse_args(argv)
-    import uvicorn
-
-    server = OpenAIServer(tokens_per_s=args.tokens_per_s, first_token_ms=args.first_token_ms, api_key=args.api_key,
-                          host=args.host, port=args.port)
-    _uvicorn_log.addFilter(server._quiet)
-    print(f"OpenAI-compatible server on {server.base_url} (set OPENAI_BASE_URL to it)", flush=True)
-    uvicorn.run(server.app, host=args.host, port=args.port, log_level="warning")
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    with OpenAIServer(tokens_per_s=args.tokens_per_s, first_token_ms=args.first_token_ms, api_key=args.api_key,
+                      host=args.host, port=args.port) as server:
+        print(f"OpenAI-compatible server on {server.base_url} (set OPENAI_BASE_URL to it)", flush=True)
+        while not stopping.wait(1.0):
+            pass
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 from importlib import resources
 from typing import AsyncIterator, Sequence
@@ -31,7 +32,8 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rtqcc.api.access import SSE_HEADERS
 from rtqcc.api.streaming import OpenedStream
-from rtqcc.streaming.stream import JobEventStream
+from rtqcc.settings import Settings
+from rtqcc.streaming.stream import JobEventStream, retry_hint
 
 from .gateway import Gateway, GatewayRequest, GatewayResponse, too_large
 from .guards import AllowedHosts, SecurityHeaders, redact_access_log
@@ -113,6 +115,14 @@ def create_http_app(gateway: Gateway, *, hub: EventHub | None = None, allowed_ho
     )
 
 
+def build_http_app(gateway: Gateway, settings: Settings, *, live_tails: bool = True) -> Starlette:
+    """The HTTP face of `gateway` as every gateway serves it: live tails from a hub sized by the
+    settings (or, without, a thread per tail), their allowed hosts and trusted proxies."""
+    hub = EventHub(settings.redis_url, max_connections=settings.hub_redis_connections) if live_tails else None
+    return create_http_app(gateway, hub=hub, allowed_hosts=settings.allowed_hosts,
+                           trusted_proxies=settings.trusted_proxies)
+
+
 async def _read_body(request: Request, limit: int) -> bytes | None:
     """The body, counted as it arrives; None as soon as it is over `limit` (declared or sent)."""
     declared = request.headers.get("content-length")
@@ -170,7 +180,7 @@ async def _release(stream: JobEventStream, limiter: anyio.CapacityLimiter) -> No
 async def _follow(hub: EventHub, opened: OpenedStream, limiter: anyio.CapacityLimiter) -> AsyncIterator[bytes]:
     stream = opened.stream
     cursor, frames, finished = await anyio.to_thread.run_sync(stream.opening, limiter=limiter)
-    yield f"retry: {opened.retry_ms}\n\n".encode()
+    yield retry_hint(opened.retry_ms).encode()
     for frame in frames:
         yield frame.encode()
     if finished:
@@ -195,25 +205,49 @@ async def _follow(hub: EventHub, opened: OpenedStream, limiter: anyio.CapacityLi
 class ServerThread:
     """uvicorn in a background thread, for tests and for the demo; stopped with `stop()`.
     `options` are uvicorn.Config's; X-Forwarded-For is never believed here unless asked for
-    (create_http_app's `trusted_proxies` is the place for that)."""
+    (create_http_app's `trusted_proxies` is the place for that).
 
-    def __init__(self, app, *, port: int, host: str = "127.0.0.1", **options):
+    `port=0` takes a free port. Either way the listening socket is bound by `start()` itself and
+    handed to uvicorn, so no other start can take the port between choosing it and binding it;
+    `port` and `base_url` say where it listens once started."""
+
+    def __init__(self, app, *, port: int = 0, host: str = "127.0.0.1", **options):
         options = {"log_level": "warning", "timeout_graceful_shutdown": 1, "proxy_headers": False, **options}
+        self.host = host
+        self.port = port
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
-        self.thread = threading.Thread(target=self.server.run, name="gateway-http", daemon=True)
-        self.base_url = f"http://{host}:{port}"
+        self.thread = threading.Thread(target=self._serve, name="gateway-http", daemon=True)
+        self._socket: socket.socket | None = None
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> "ServerThread":
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            self._socket = socket.create_server((self.host, self.port), family=family)
+        except OSError as exc:
+            raise RuntimeError(f"the gateway cannot listen on {self.base_url}: {exc.strerror or exc}") from exc
+        self.port = self._socket.getsockname()[1]
         self.thread.start()
         deadline = threading.Event()
         waited = 0.0
-        while not self.server.started and waited < timeout_s:
+        while not self.server.started and waited < timeout_s and self.thread.is_alive():
             deadline.wait(0.02)
             waited += 0.02
         if not self.server.started:
+            self.stop()
             raise RuntimeError(f"the gateway did not start on {self.base_url} within {timeout_s}s")
         return self
 
+    def _serve(self) -> None:
+        self.server.run(sockets=[self._socket])
+
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(10)
+        if self.thread.is_alive():
+            self.thread.join(10)
+        if self._socket is not None:
+            self._socket.close()

@@ -9,19 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from rtqcc.api import create_app
-from rtqcc.api.streaming import create_stream_handler, create_stream_opener
-from rtqcc.store.db import Database
-from rtqcc.store.migrate import ensure_database, migrate
 from rtqcc.services import Services
 from rtqcc.settings import Settings
+from rtqcc.store.db import Database
+from rtqcc.store.migrate import ensure_database, migrate
 
-from .embedded import PRIVATE_UMASK, LocalServices, free_port
-from .gateway import Gateway, GatewayConfig
-from rtqcc.streaming.hub import EventHub
+from .embedded import PRIVATE_UMASK, LocalServices
+from .gateway import Gateway, GatewayConfig, build_gateway
 from .local_secrets import private_folder
 from .scheduler import ConsumerScheduler
-from .server import ServerThread, create_http_app
+from .server import ServerThread, build_http_app
 
 
 @dataclass(frozen=True)
@@ -43,7 +40,6 @@ class LocalStack:
         self.env: dict[str, str] = {}
         self.services: Services | None = None
         self.gateway: Gateway | None = None
-        self.hub: EventHub | None = None
         self.server: ServerThread | None = None
         self.scheduler: ConsumerScheduler | None = None
         self._umask_before: int | None = None
@@ -88,18 +84,11 @@ class LocalStack:
         services = Services(settings, db=db)
         services.blobs.ensure_bucket()
         self.services = services
-        self.gateway = Gateway(
-            create_app(lambda: services),
-            stream_handler=create_stream_handler(lambda: services),
-            stream_opener=create_stream_opener(lambda: services),
-            config=GatewayConfig(streaming=self.options.streaming,
-                                 integration_timeout_s=self.options.integration_timeout_s,
-                                 max_request_bytes=self.options.max_request_bytes),
-        )
-        self.hub = EventHub(settings.redis_url, max_connections=settings.hub_redis_connections)
-        http_app = create_http_app(self.gateway, hub=self.hub, allowed_hosts=settings.allowed_hosts,
-                                   trusted_proxies=settings.trusted_proxies)
-        self.server = ServerThread(http_app, port=self.options.port or free_port()).start()
+        self.gateway = build_gateway(services, GatewayConfig(
+            streaming=self.options.streaming, integration_timeout_s=self.options.integration_timeout_s,
+            max_request_bytes=self.options.max_request_bytes))
+        http_app = build_http_app(self.gateway, settings)
+        self.server = ServerThread(http_app, port=self.options.port).start()  # 0: a free one, bound at once
         if self.options.consumers:
             self.scheduler = ConsumerScheduler(
                 concurrency=self.options.consumers, budget_s=self.options.consumer_budget_s, env=env,

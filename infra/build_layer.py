@@ -2,12 +2,19 @@
 
     python infra/build_layer.py                 # infra/build/layer/python + infra/build/rtqcc-layer.zip
     python infra/build_layer.py --no-deps       # only the project itself (fast; for checks)
+    python infra/build_layer.py --bytecode-python /path/to/python3.13
+    python infra/build_layer.py --no-bytecode   # source only (each cold start compiles it again)
 
 The layer is what `pip install --target python/ <the project>` makes (no extras), for the Lambda
 runtime rather than for this machine: compiled dependencies (pydantic-core, ...) come as manylinux
 wheels for LAMBDA_PYTHON_VERSION. Dependencies published only as source (pure Python) are built
 into wheels here first, so the cross-platform install can take them. The zip is deterministic
 (sorted entries, fixed timestamps), so an unchanged layer uploads as an unchanged object.
+
+The layer ships its bytecode, compiled by an interpreter of the Lambda runtime's version (this
+one, `python3.13` on PATH, or one pyenv installed): Lambda's /opt is read-only, so CPython cannot
+cache what it compiles there, and without it every cold start compiles boto3, pydantic and the
+rest again (bench/cold_start.py measures both).
 """
 
 from __future__ import annotations
@@ -31,8 +38,13 @@ LAMBDA_RUNTIME = "python3.13"
 LAMBDA_PYTHON_VERSION = LAMBDA_RUNTIME.removeprefix("python")
 LAMBDA_PLATFORM = "manylinux2014_x86_64"
 # Lambda layers are unpacked under /opt; python/ is on the runtime's sys.path.
+LAYER_PATH_ON_LAMBDA = "/opt/python"
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 _SKIPPED_DIRS = {"__pycache__", "bin"}
+
+
+class NoRuntimePython(SystemExit):
+    """No interpreter of the Lambda runtime's version to compile the layer's bytecode with."""
 
 
 def _pip(*args: str) -> None:
@@ -71,13 +83,57 @@ def install(target: Path, *, deps: bool = True, python_version: str = LAMBDA_PYT
         shutil.rmtree(target / skipped, ignore_errors=True)
 
 
-def zip_layer(layer_dir: Path, zip_path: Path) -> Path:
-    """Zip `layer_dir` (which holds python/) deterministically."""
+def bytecode_tag(python_version: str = LAMBDA_PYTHON_VERSION) -> str:
+    """The cache tag of the runtime's bytecode files: `cpython-313` in `x.cpython-313.pyc`."""
+    return "cpython-" + python_version.replace(".", "")
+
+
+def _version_of(interpreter: str) -> str | None:
+    try:
+        done = subprocess.run([interpreter, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def find_runtime_python(python_version: str = LAMBDA_PYTHON_VERSION) -> str | None:
+    """An interpreter of `python_version`: this one, `pythonX.Y` on PATH, or the newest pyenv
+    install of it. Each is run once to check, since a pyenv shim is on PATH even when the version
+    it names is not active."""
+    candidates = [sys.executable, shutil.which(f"python{python_version}")]
+    pyenv = shutil.which("pyenv")
+    root = subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip() if pyenv else ""
+    if root:
+        installs = Path(root, "versions").glob(f"{python_version}.*")
+        newest_first = sorted(installs, key=lambda p: [int(n) if n.isdigit() else -1 for n in p.name.split(".")],
+                              reverse=True)
+        candidates += [str(p / "bin" / f"python{python_version}") for p in newest_first]
+    for candidate in filter(None, candidates):
+        if _version_of(candidate) == python_version:
+            return candidate
+    return None
+
+
+def compile_bytecode(python_dir: Path, interpreter: str) -> None:
+    """Compile every module of python_dir with `interpreter` (the runtime's version). Unchecked
+    hash-based files: a layer never changes under its bytecode, and a timestamp check would fail
+    against the zip's fixed times. Each file records /opt/python/... (where Lambda unpacks it) as
+    its source, so the bytes do not depend on the build folder."""
+    subprocess.run([interpreter, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
+                    "-s", str(python_dir), "-p", LAYER_PATH_ON_LAMBDA, str(python_dir)], check=True)
+
+
+def zip_layer(layer_dir: Path, zip_path: Path, *, python_version: str = LAMBDA_PYTHON_VERSION) -> Path:
+    """Zip `layer_dir` (which holds python/) deterministically, with the bytecode of the runtime's
+    version (any other an import on this machine left behind stays out)."""
     zip_path.parent.mkdir(parents=True, exist_ok=True)
+    runtime_bytecode = f".{bytecode_tag(python_version)}.pyc"
     files = []
     for root, dirs, names in os.walk(layer_dir):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS)
-        files.extend(Path(root) / name for name in names if not name.endswith(".pyc"))
+        dirs[:] = sorted(d for d in dirs if d != "bin")
+        files.extend(Path(root) / name for name in names
+                     if not name.endswith(".pyc") or name.endswith(runtime_bytecode))
     tmp_path = zip_path.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(files, key=lambda p: p.relative_to(layer_dir).as_posix()):
@@ -89,12 +145,32 @@ def zip_layer(layer_dir: Path, zip_path: Path) -> Path:
     return zip_path
 
 
+def runtime_python_or_exit(python_version: str = LAMBDA_PYTHON_VERSION) -> str:
+    found = find_runtime_python(python_version)
+    if found is None:
+        raise NoRuntimePython(
+            f"build_layer: the layer's bytecode must be compiled by Python {python_version} (the Lambda runtime's),"
+            f" and none was found (this interpreter is {sys.version_info[0]}.{sys.version_info[1]}; no working"
+            f" python{python_version} on PATH or under pyenv). Install one, pass --bytecode-python PATH,"
+            " or --no-bytecode to ship source only (every cold start then compiles it).")
+    return found
+
+
 def build_layer(out_dir: Path = BUILD_DIR, *, deps: bool = True, python_version: str = LAMBDA_PYTHON_VERSION,
-                platform: str = LAMBDA_PLATFORM) -> Path:
-    """Build out_dir/layer/python and zip it to out_dir/rtqcc-layer.zip; return the zip's path."""
+                platform: str = LAMBDA_PLATFORM, bytecode: bool = True, bytecode_python: str | None = None) -> Path:
+    """Build out_dir/layer/python, with its bytecode unless `bytecode` is false (compiled by
+    `bytecode_python`, else by an interpreter find_runtime_python finds), and zip it to
+    out_dir/rtqcc-layer.zip; return the zip's path."""
+    interpreter = None
+    if bytecode:  # found before the install, so a missing interpreter fails fast
+        interpreter = bytecode_python or runtime_python_or_exit(python_version)
+        if _version_of(interpreter) != python_version:
+            raise NoRuntimePython(f"build_layer: {interpreter} is not Python {python_version}, the Lambda runtime's")
     layer_dir = out_dir / "layer"
     install(layer_dir / "python", deps=deps, python_version=python_version, platform=platform)
-    return zip_layer(layer_dir, out_dir / LAYER_ZIP_NAME)
+    if interpreter:
+        compile_bytecode(layer_dir / "python", interpreter)
+    return zip_layer(layer_dir, out_dir / LAYER_ZIP_NAME, python_version=python_version)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,9 +180,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the project itself, without its dependencies (fast; not deployable alone)")
     parser.add_argument("--python-version", default=LAMBDA_PYTHON_VERSION)
     parser.add_argument("--platform", default=LAMBDA_PLATFORM)
+    parser.add_argument("--bytecode-python", default=None,
+                        help="the interpreter (of --python-version) that compiles the layer's bytecode (default: found)")
+    parser.add_argument("--no-bytecode", action="store_true",
+                        help="ship source only: slower cold starts, as nothing can cache bytecode under /opt")
     args = parser.parse_args(argv)
     zip_path = build_layer(args.out.resolve(), deps=not args.no_deps, python_version=args.python_version,
-                           platform=args.platform)
+                           platform=args.platform, bytecode=not args.no_bytecode,
+                           bytecode_python=args.bytecode_python)
     print(f"{zip_path} ({zip_path.stat().st_size // 1024} KiB)")
     return 0
 

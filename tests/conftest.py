@@ -362,21 +362,16 @@ class RunningGateway:
 @pytest.fixture
 def start_gateway(services):
     """The emulator's gateway over real HTTP on a free port, serving the real handlers."""
-    from rtqcc.api import create_app
-    from rtqcc.api.streaming import create_stream_handler, create_stream_opener
-    from rtqcc_emulator.embedded import free_port
-    from rtqcc.streaming.hub import EventHub
-    from rtqcc_emulator.gateway import Gateway, GatewayConfig
-    from rtqcc_emulator.server import ServerThread, create_http_app
+    from rtqcc_emulator.gateway import GatewayConfig, build_gateway
+    from rtqcc_emulator.server import ServerThread, build_http_app
 
     running: list[RunningGateway] = []
 
     def start(*, services_override: Services | None = None, hub: bool = True, **config) -> RunningGateway:
         s = services_override or services
-        gateway = Gateway(create_app(lambda: s), stream_handler=create_stream_handler(lambda: s),
-                          stream_opener=create_stream_opener(lambda: s), config=GatewayConfig(**config))
-        http_app = create_http_app(gateway, hub=EventHub(s.settings.redis_url) if hub else None)
-        server = ServerThread(http_app, port=free_port()).start()
+        gateway = build_gateway(s, GatewayConfig(**config))
+        http_app = build_http_app(gateway, s.settings, live_tails=hub)
+        server = ServerThread(http_app, port=0).start()  # it binds the free port itself: no race for it
         running.append(RunningGateway(server, gateway, API_KEY))
         return running[-1]
 

@@ -12,7 +12,7 @@ For each job it checks:
 - the job is completed, failed, cancelled, paused or queued, or running under a live lease or
   with a message still waiting for it: never stuck `running` with no one to finish it.
 
-`TALLY` adds up the jobs checked and the sections lost or duplicated across the suite."""
+`Tally.of(verdicts)` adds up the jobs checked and the sections lost or duplicated."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from rtqcc.run.orchestrator import assemble
 from rtqcc.writing.prompts import section_request
 from rtqcc.writing.providers.fake import FakeProvider
 from rtqcc.status import JobStatus, SectionStatus
+from rtqcc.bus.events import stream_id_tuple
 from rtqcc.bus.work_queue import GROUP, STREAM
 
 SETTLED = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED, JobStatus.QUEUED}
@@ -52,22 +53,18 @@ class Verdict:
                 f"duplicated {self.duplicated}, problems {self.problems}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tally:
-    jobs: int = 0
-    lost: int = 0
-    duplicated: int = 0
+    jobs: int
+    lost: int
+    duplicated: int
 
-    def add(self, verdict: Verdict) -> None:
-        self.jobs += 1
-        self.lost += len(verdict.lost)
-        self.duplicated += len(verdict.duplicated)
+    @classmethod
+    def of(cls, verdicts: list[Verdict]) -> "Tally":
+        return cls(len(verdicts), sum(len(v.lost) for v in verdicts), sum(len(v.duplicated) for v in verdicts))
 
     def line(self) -> str:
         return f"jobs {self.jobs}, sections lost {self.lost}, duplicated {self.duplicated}"
-
-
-TALLY = Tally()
 
 
 def has_waiting_message(redis: Redis, external_id: str) -> bool:
@@ -78,10 +75,11 @@ def has_waiting_message(redis: Redis, external_id: str) -> bool:
     except ResponseError:
         return False
     group = groups.get(GROUP)
-    last_delivered = _id(group["last-delivered-id"]) if group else (0, 0)
+    last_delivered = stream_id_tuple(group["last-delivered-id"]) if group else (0, 0)
     pending = {row["message_id"] for row in redis.xpending_range(STREAM, GROUP, min="-", max="+", count=100_000)} \
         if group else set()
-    return any(fields.get("externalId") == external_id and (entry_id in pending or _id(entry_id) > last_delivered)
+    return any(fields.get("externalId") == external_id
+               and (entry_id in pending or stream_id_tuple(entry_id) > last_delivered)
                for entry_id, fields in redis.xrange(STREAM))
 
 
@@ -144,7 +142,6 @@ def check_job(external_id: str, *, db: Database, blobs, redis: Redis, provider: 
 
     if job.status == JobStatus.COMPLETED and len(texts) == len(sections):
         _check_manuscript(verdict, job, sections, texts, blobs)
-    TALLY.add(verdict)
     return verdict
 
 
@@ -181,7 +178,3 @@ def _stray_objects(blobs, external_id: str, count: int) -> list[str]:
     found = client.list_objects_v2(Bucket=blobs.bucket, Prefix=f"manuscripts/{external_id}/")
     return sorted(obj["Key"] for obj in found.get("Contents", []) if obj["Key"] not in expected)
 
-
-def _id(value: str) -> tuple[int, int]:
-    ms, _, seq = value.partition("-")
-    return int(ms), int(seq or 0)

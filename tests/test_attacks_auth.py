@@ -187,9 +187,9 @@ def test_concurrent_callers_of_one_app_never_see_each_others_requests(services):
     tenant's jobs (found by the concurrency test of the cost quotas)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rtqcc_emulator.gateway import Gateway, GatewayRequest
+    from rtqcc_emulator.gateway import GatewayRequest, build_gateway
 
-    gateway = Gateway(create_app(lambda: services), workers=16)
+    gateway = build_gateway(services, workers=16)
     owners = {API_KEY: set(), OTHER_KEY: set()}
     for key in owners:
         for _ in range(2):

@@ -25,6 +25,7 @@ import httpx
 import pytest
 from conftest import API_KEY, OTHER_KEY, STREAM_TOKEN_SECRET, consumer_env, job_events, wait_for
 
+from rtqcc.bus.events import stream_id_tuple
 from rtqcc_emulator.client import RtqccClient
 from rtqcc_emulator.embedded import free_port
 
@@ -327,15 +328,11 @@ def _open_with_token(base_url: str, external_id: str, token: str) -> None:
 
 
 def test_rtqcc_ups_access_log_shows_no_stream_token(services, start_gateway):
-    from rtqcc.api import create_app
-    from rtqcc.api.streaming import create_stream_handler, create_stream_opener
-    from rtqcc_emulator.gateway import Gateway
-    from rtqcc.streaming.hub import EventHub
-    from rtqcc_emulator.server import ServerThread, create_http_app
+    from rtqcc_emulator.gateway import build_gateway
+    from rtqcc_emulator.server import ServerThread, build_http_app
 
-    gateway = Gateway(create_app(lambda: services), stream_handler=create_stream_handler(lambda: services),
-                      stream_opener=create_stream_opener(lambda: services))
-    server = ServerThread(create_http_app(gateway, hub=EventHub(services.settings.redis_url)), port=free_port())
+    gateway = build_gateway(services)
+    server = ServerThread(build_http_app(gateway, services.settings), port=0)
     # With the access log on (uvicorn's own format), as someone debugging would turn it on.
     access = logging.getLogger("uvicorn.access")
     level, records = access.level, _Records()
@@ -411,7 +408,7 @@ def test_a_flood_of_streams_holds_no_thread_each_and_starves_neither_health_nor_
             seen = await asyncio.wait_for(asyncio.to_thread(watch), WAIT_S * 2)
             published = [(e["id"], e["event"], e["data"]) for e in job_events(redis_client, other_job)]
             assert seen[0][1] == "snapshot" and seen[-1][2] == {"status": "completed"}
-            assert seen[1:] == [e for e in published if e[0] > seen[0][0]]
+            assert seen[1:] == [e for e in published if stream_id_tuple(e[0]) > stream_id_tuple(seen[0][0])]
             assert not any(s.closed for s in crowd)
         finally:
             for s in crowd:
@@ -423,16 +420,13 @@ def test_a_flood_of_streams_holds_no_thread_each_and_starves_neither_health_nor_
 @pytest.fixture
 def small_hub_gateway(services):
     """`rtqcc up`'s HTTP app whose event hub has only 8 Redis connections, on a free port."""
-    from rtqcc.api import create_app
-    from rtqcc.api.streaming import create_stream_handler, create_stream_opener
-    from rtqcc_emulator.gateway import Gateway
     from rtqcc.streaming.hub import EventHub
+    from rtqcc_emulator.gateway import build_gateway
     from rtqcc_emulator.server import ServerThread, create_http_app
 
-    gateway = Gateway(create_app(lambda: services), stream_handler=create_stream_handler(lambda: services),
-                      stream_opener=create_stream_opener(lambda: services))
+    gateway = build_gateway(services)
     hub = EventHub(services.settings.redis_url, max_connections=8)
-    server = ServerThread(create_http_app(gateway, hub=hub), port=free_port()).start()
+    server = ServerThread(create_http_app(gateway, hub=hub), port=0).start()
     try:
         yield server
     finally:
@@ -474,7 +468,7 @@ def test_one_tenant_following_many_jobs_cannot_exhaust_the_hubs_redis_connection
             seen = await asyncio.wait_for(asyncio.to_thread(watch), WAIT_S * 2)
             published = [(e["id"], e["event"], e["data"]) for e in job_events(redis_client, other_job)]
             assert seen[0][1] == "snapshot"
-            assert seen[1:] == [e for e in published if e[0] > seen[0][0]]
+            assert seen[1:] == [e for e in published if stream_id_tuple(e[0]) > stream_id_tuple(seen[0][0])]
             assert seen[-1][1] == "done"
 
             # The crowd's streams are all still open and still beating.

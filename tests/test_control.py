@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from conftest import job_events, section_texts, wait_for
@@ -145,14 +143,14 @@ def test_control_reaches_the_running_stream_through_redis_not_the_postgres_poll(
                                                                               database, verb):
     external_id = api.create(outline=OUTLINE, params={"max_tokens_per_section": 2000})
     api.post(f"/jobs/{external_id}/start")
-    consumer = start_consumer(fake_tokens_per_s=100.0, control_poll_s=30.0)  # the poll would take 30 s
+    # Postgres is polled once as the run starts, then an hour later: within the wait below, only
+    # the message on Redis can stop the stream.
+    consumer = start_consumer(fake_tokens_per_s=100.0, control_poll_s=3600.0)
     _first_delta(redis_client, external_id)
-    started = time.monotonic()
     api.post(f"/jobs/{external_id}/{verb}")
     wait_for(lambda: database.row(
         "SELECT COUNT(*)::int AS n FROM generation_attempts a JOIN jobs j ON j.id = a.job_id"
-        " WHERE j.external_id = :e AND a.aborted IS NOT NULL", e=external_id)["n"], timeout_s=5,
+        " WHERE j.external_id = :e AND a.aborted IS NOT NULL", e=external_id)["n"], timeout_s=20,
         what=f"the {verb} to stop the provider stream")
-    assert time.monotonic() - started < 1.0
     consumer.consumer.shut_down()
     consumer.join()

@@ -14,7 +14,8 @@ import pg8000.native
 import pytest
 from redis import Redis
 
-from rtqcc_emulator.embedded import EmbeddedPostgres, EmbeddedServiceError, LocalServices
+from rtqcc_emulator import embedded
+from rtqcc_emulator.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServiceError, LocalServices, SeaweedS3
 
 
 def _alive(pid: int) -> bool:
@@ -231,3 +232,40 @@ def test_a_cluster_an_older_version_made_with_trust_gets_a_password_and_keeps_it
         assert "trust" not in [word for line in hba.splitlines() for word in line.split("#", 1)[0].split()]
     finally:
         server.stop()
+
+
+# ---- a port another process takes between its choice and the bind ------------------------------
+
+SERVICES = [EmbeddedRedis, EmbeddedPostgres, SeaweedS3]
+
+
+@pytest.fixture
+def taken_port():
+    """A port of 127.0.0.1 someone else listens on (a socket of this process stands for them)."""
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize("service", SERVICES, ids=["redis", "postgres", "seaweedfs"])
+def test_a_service_whose_chosen_port_is_taken_before_it_binds_starts_on_another(tmp_path, taken_port, monkeypatch,
+                                                                                 service):
+    # The race, made certain: the port free_port chose first is taken before the server binds it.
+    choose = embedded.free_port
+    first_choice = iter([taken_port])
+    monkeypatch.setattr(embedded, "free_port", lambda: next(first_choice, None) or choose())
+    server = service(tmp_path / "data")
+    try:
+        server.start()
+        assert server.port != taken_port
+        assert _listening_on(server.port) == ["127.0.0.1"]
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("service", SERVICES, ids=["redis", "postgres", "seaweedfs"])
+def test_a_service_told_to_use_a_taken_port_says_which_and_leaves_no_process(tmp_path, taken_port, service):
+    server = service(tmp_path / "data", port=taken_port)
+    with pytest.raises(EmbeddedServiceError, match=f"127.0.0.1:{taken_port}: another process has it"):
+        server.start()
+    assert server.process is not None and server.process.poll() is not None

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import httpx
 import pytest
 from conftest import consumer_env, job_events, wait_for
 
+from rtqcc.bus.events import stream_id_tuple
 from rtqcc_emulator.scheduler import ConsumerScheduler
 
 
-def _follow(client, external_id):
-    """Every event with the time it arrived."""
-    return [(time.monotonic(), event) for event in client.events(external_id)]
+def _after(published: list[dict], event_id: str) -> list[dict]:
+    """The published events after `event_id`, by stream order ((ms, seq), not text)."""
+    return [e for e in published if stream_id_tuple(e["id"]) > stream_id_tuple(event_id)]
 
 
 def test_a_job_lives_its_whole_life_over_http(start_gateway, start_consumer):
@@ -24,7 +24,7 @@ def test_a_job_lives_its_whole_life_over_http(start_gateway, start_consumer):
         external_id = client.create(title="Over the wire", brief="b", section_count=2)["externalId"]
         assert client.control(external_id, "start")["status"] == "queued"
         start_consumer()
-        events = [event for _, event in _follow(client, external_id)]
+        events = list(client.events(external_id))
         assert events[0].type == "snapshot" and events[-1].type == "done"
         assert events[-1].data == {"status": "completed"}
         assert client.get(external_id)["progress"] == {"sections_total": 2, "sections_done": 2}
@@ -33,17 +33,19 @@ def test_a_job_lives_its_whole_life_over_http(start_gateway, start_consumer):
 
 
 @pytest.mark.parametrize("hub", [True, False], ids=["event-hub", "function-generator"])
-def test_streaming_mode_delivers_tokens_while_the_section_is_written(start_gateway, start_consumer, hub):
+def test_streaming_mode_delivers_tokens_while_the_section_is_written(start_gateway, start_consumer, redis_client,
+                                                                     hub):
     running = start_gateway(streaming=True, hub=hub)
     with running.client() as client:
         external_id = client.create(title="Live", brief="b", outline=[{"title": "One"}],
                                     params={"max_tokens_per_section": 150})["externalId"]
         client.control(external_id, "start")
         start_consumer(fake_tokens_per_s=150.0)  # about a second for the section
-        arrivals = _follow(client, external_id)
-    first_delta = next(at for at, event in arrivals if event.type == "section.delta")
-    completed = next(at for at, event in arrivals if event.type == "section.completed")
-    assert completed - first_delta > 0.5, "tokens arrived in one lump: the stream was buffered"
+        # For each token as it reaches the client: was its section still being written?
+        while_written = [not any(e["event"] == "section.completed" for e in job_events(redis_client, external_id))
+                         for event in client.events(external_id) if event.type == "section.delta"]
+    assert while_written and while_written[0], (
+        "no token reached the client before its section was completed: the stream was buffered")
 
 
 def test_buffered_mode_delivers_everything_through_reconnects_and_nothing_twice(start_gateway, start_consumer, redis_client):
@@ -53,10 +55,10 @@ def test_buffered_mode_delivers_everything_through_reconnects_and_nothing_twice(
                                     params={"max_tokens_per_section": 80})["externalId"]
         client.control(external_id, "start")
         start_consumer(fake_tokens_per_s=300.0)
-        received = [event for _, event in _follow(client, external_id)]
+        received = list(client.events(external_id))
     snapshot = received[0]
     assert snapshot.type == "snapshot"
-    published = [e for e in job_events(redis_client, external_id) if e["id"] > snapshot.id]
+    published = _after(job_events(redis_client, external_id), snapshot.id)
     assert [(e.id, e.type, e.data) for e in received[1:]] == [(e["id"], e["event"], e["data"]) for e in published]
     assert len({e.id for e in received[1:]}) == len(received) - 1
 
@@ -152,9 +154,29 @@ def test_many_clients_of_one_job_each_get_every_event_once_through_the_hub(start
     for events in seen:
         snapshot_id = events[0][0]
         assert events[0][1] == "snapshot"
-        assert events[1:] == [e for e in published if e[0] > snapshot_id]
+        assert events[1:] == [e for e in published if stream_id_tuple(e[0]) > stream_id_tuple(snapshot_id)]
 
     middle = published[len(published) // 2]
     with running.client() as client:
         resumed = [(e.id, e.type, e.data) for e in client.events(external_id, last_event_id=middle[0])]
     assert resumed == published[len(published) // 2 + 1:]
+
+
+def test_the_in_process_server_binds_its_free_port_itself_and_refuses_a_taken_one():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from rtqcc_emulator.server import ServerThread
+
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("here"))])
+    first, second = ServerThread(app).start(), ServerThread(app).start()
+    try:
+        # Each holds its socket from the moment it chose the port: no other start can get it.
+        assert 0 not in (first.port, second.port) and first.port != second.port
+        assert [httpx.get(s.base_url + "/", timeout=5).text for s in (first, second)] == ["here", "here"]
+        with pytest.raises(RuntimeError, match=f"cannot listen on http://127.0.0.1:{first.port}: Address already in use"):
+            ServerThread(app, port=first.port).start()
+    finally:
+        first.stop()
+        second.stop()

@@ -1,14 +1,17 @@
 """Faults: consumers killed at every named crash point and at random moments, Redis restarted
 empty, S3 stopped mid-job, Postgres connections cut. After each, a healthy consumer finishes the
 work, and the oracle (fault_oracle.py) checks every job: each section stored exactly once, what
-S3 holds is what Postgres points to, and no job is left stuck. The last test prints the tally:
-`jobs N, sections lost 0, duplicated 0`."""
+S3 holds is what Postgres points to, and no job is left stuck. The random kills print their seed
+(RTQCC_FAULT_SEED replays them) and the oracle's tally: `jobs N, sections lost 0, duplicated 0`."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +20,7 @@ import time
 import pg8000.native
 import pytest
 from conftest import API_KEY, ApiClient, consumer_env, job_events, parse_sse, wait_for
-from fault_oracle import TALLY, check_job, has_waiting_message
+from fault_oracle import Tally, check_job, has_waiting_message
 from redis import Redis
 
 from rtqcc.store.blobs import S3BlobStore, section_key
@@ -32,7 +35,19 @@ from rtqcc_emulator.embedded import EmbeddedRedis, SeaweedS3
 
 TERMINAL = {"completed", "failed", "cancelled"}
 SMALL = {"params": {"max_tokens_per_section": 40}}  # a few dozen tokens a section: fast
-SEED = int(os.environ.get("RTQCC_FAULT_SEED", time.time_ns() % 1_000_000))
+
+
+def _fault_seed() -> int:
+    raw = os.environ.get("RTQCC_FAULT_SEED")
+    if raw is None:
+        return secrets.randbelow(1_000_000)
+    try:
+        return int(raw)
+    except ValueError:
+        raise pytest.UsageError(f"RTQCC_FAULT_SEED must be an integer (the seed a run printed), got {raw!r}") from None
+
+
+SEED = _fault_seed()  # the random kills' choices; printed, and named in their failures
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -41,11 +56,11 @@ SEED = int(os.environ.get("RTQCC_FAULT_SEED", time.time_ns() % 1_000_000))
 def oracle(database, blob_store, redis_client):
     """Check jobs with the oracle and fail on anything it finds; returns the verdicts."""
 
-    def check(external_ids, *, db=None, blobs=None, redis=None):
+    def check(external_ids, *, db=None, blobs=None, redis=None, replay: str = ""):
         verdicts = [check_job(e, db=db or database, blobs=blobs or blob_store, redis=redis or redis_client,
                               provider=FakeProvider()) for e in external_ids]
         bad = [str(v) for v in verdicts if not v.ok]
-        assert not bad, "the oracle found:\n" + "\n".join(bad)
+        assert not bad, f"the oracle found ({Tally.of(verdicts).line()}){replay}:\n" + "\n".join(bad)
         return verdicts
 
     return check
@@ -89,19 +104,19 @@ def finish_with_a_healthy_consumer(start_consumer, db, external_ids, *, timeout_
     return healthy.join()
 
 
-def eventually(predicate, *, timeout_s: float, interval_s: float = 0.02) -> bool:
-    """Like wait_for, but reports instead of failing."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False
+def held_by(db, owner: str, external_ids) -> str | None:
+    """The job of `external_ids` that `owner` runs under its lease, if any."""
+    row = db.row("SELECT external_id FROM jobs WHERE external_id = ANY(CAST(:ids AS text[]))"
+                 " AND status = 'running' AND lease_owner = :owner", ids=list(external_ids), owner=owner)
+    return row["external_id"] if row else None
 
 
-def lease_owner(db, external_id: str) -> str | None:
-    row = db.row("SELECT lease_owner FROM jobs WHERE external_id = :e", e=external_id)
-    return row["lease_owner"] if row else None
+def events_published(redis: Redis, external_ids) -> int:
+    return sum(redis.xlen(f"job:{e}:events") for e in external_ids)
+
+
+def job_row(db, external_id: str) -> dict:
+    return db.row("SELECT status, lease_owner, deliveries, error FROM jobs WHERE external_id = :e", e=external_id)
 
 
 # ---- a consumer that kills itself at each named crash point ------------------------------------
@@ -149,26 +164,57 @@ def test_a_consumer_killed_at_a_crash_point_is_finished_by_a_healthy_one(
     oracle(ids)
 
 
-def test_consumers_killed_at_random_moments_lose_nothing(api, settings, s3_endpoint, database, start_consumer,
-                                                          oracle):
-    """Three consumers in a row are SIGKILLed at a random moment while they hold a job; then a
-    healthy consumer alone (no sweeper) finishes the work from the last checkpoints."""
+def kill_while_it_holds_a_job(victim: subprocess.Popen, db, external_ids, *, replay: str) -> str:
+    """SIGKILL `victim` at a moment it holds a job: it is frozen (SIGSTOP), its lease looked up in
+    Postgres, and killed if it holds one; else (between two jobs) thawed until it takes the next.
+    Returns the job it held when it died."""
+    owner = f"{socket.gethostname()}-{victim.pid}"  # the name a consumer process gives itself
+    for _ in range(20):
+        victim.send_signal(signal.SIGSTOP)
+        held = held_by(db, owner, external_ids)
+        if held is not None:
+            victim.send_signal(signal.SIGKILL)
+            victim.communicate(timeout=10)
+            return held
+        victim.send_signal(signal.SIGCONT)
+        wait_for(lambda: held_by(db, owner, external_ids) or victim.poll() is not None, timeout_s=15,
+                 what=f"consumer {owner} to take a job{replay}")
+        assert victim.poll() is None, (
+            f"consumer {owner} ended holding no job{replay}: {victim.communicate()[1][-2000:]}")
+    raise AssertionError(f"consumer {owner} was never caught holding a job{replay}")
+
+
+def test_consumers_killed_at_random_moments_lose_nothing(api, settings, s3_endpoint, database, redis_client,
+                                                          start_consumer, oracle, capsys, request):
+    """Three consumers in a row are SIGKILLed while they hold a job, each after a random number of
+    the jobs' events (RTQCC_FAULT_SEED replays the choices); then a healthy consumer alone (no
+    sweeper) finishes the work from the last checkpoints."""
+    replay = f" (random kills with RTQCC_FAULT_SEED={SEED})"
+    with capsys.disabled():
+        print(f"\nrandom kills: RTQCC_FAULT_SEED={SEED}")
+    request.node.add_report_section("call", "seed", f"RTQCC_FAULT_SEED={SEED} replays these random kills")
     rng = random.Random(SEED)
     ids = create_jobs(api)
     paced = {"RTQCC_FAKE_TOKENS_PER_S": "150"}  # about a quarter of a second a section
-    for round_ in range(3):
+    killed_holding = []
+    for _ in range(3):
+        # The two jobs publish well over a hundred events: three rounds of at most 30 leave work for each.
+        target = events_published(redis_client, ids) + rng.randint(1, 30)
         victim = consumer_process(settings, s3_endpoint, **paced)
         try:
-            # Usually it holds a job within a second; if not (nothing left to claim yet), kill it anyway.
-            eventually(lambda: any(lease_owner(database, e) == f"{os.uname().nodename}-{victim.pid}" for e in ids)
-                       or set(statuses(database, ids).values()) <= TERMINAL, timeout_s=5)
-            time.sleep(rng.uniform(0.0, 0.8))
+            wait_for(lambda: events_published(redis_client, ids) >= target or victim.poll() is not None,
+                     timeout_s=30, what=f"the consumer to publish up to event {target}{replay}")
+            killed_holding.append(kill_while_it_holds_a_job(victim, database, ids, replay=replay))
         finally:
-            victim.send_signal(signal.SIGKILL)
-            victim.communicate(timeout=10)
+            if victim.poll() is None:
+                victim.kill()
+                victim.communicate(timeout=10)
     finish_with_a_healthy_consumer(start_consumer, database, ids)
-    assert statuses(database, ids) == {e: "completed" for e in ids}, f"seed {SEED}"
-    oracle(ids)
+    assert statuses(database, ids) == {e: "completed" for e in ids}, replay
+    verdicts = oracle(ids, replay=replay)
+    with capsys.disabled():
+        print(f"random kills: {len(killed_holding)} consumers killed holding a job; the oracle: "
+              f"{Tally.of(verdicts).line()}")
 
 
 def _keys(blobs, external_id: str) -> set[str]:
@@ -277,7 +323,7 @@ class Follower(threading.Thread):
                                      headers={"Last-Event-ID": last_id} if last_id else {})
                 if answer.status_code == 503:
                     self.unavailable.append({"headers": dict(answer.headers), "body": answer.json_body})
-                    time.sleep(0.2)
+                    time.sleep(0.2)  # a client's pause before it reconnects, not a window anything is asserted in
                     continue
                 if answer.status_code == 204:
                     return
@@ -347,7 +393,7 @@ def test_redis_restarted_empty_mid_job_is_healed_by_the_sweeper_and_clients_resu
 
 
 def test_the_sweeper_requeues_after_redis_lost_everything_even_if_a_consumer_reconnected_first(
-        tmp_path, settings, database, blob_store, start_consumer, oracle):
+        tmp_path, settings, database, blob_store, start_consumer, oracle, caplog):
     """Consumers reconnect within seconds of a Redis restart, and their start-up recreates the
     (empty) work stream; the sweeper runs every few minutes. It must still see what was lost."""
     server = EmbeddedRedis(tmp_path / "redis").start()
@@ -356,8 +402,11 @@ def test_the_sweeper_requeues_after_redis_lost_everything_even_if_a_consumer_rec
         ids = create_jobs(ApiOver(services).api)
         consumer = start_consumer(name="through-the-outage", budget_s=40, services=services)
         wait_for(lambda: sections_done(database, ids[0]) >= 1, timeout_s=15, what="a first section")
+        caplog.set_level(logging.WARNING, logger="rtqcc.run")
+        caplog.clear()
         server.stop()
-        time.sleep(0.5)
+        wait_for(lambda: any(r.name.startswith("rtqcc.run") for r in caplog.records), timeout_s=15,
+                 what="the consumer to meet the outage")
         server = EmbeddedRedis(tmp_path / "redis", port=server.port).start()
         wait_for(lambda: services.redis.exists(STREAM), timeout_s=15, interval_s=0.1,
                  what="the consumer to reconnect and recreate its group")
@@ -416,7 +465,9 @@ def test_s3_stopped_mid_job_gets_503s_marks_nothing_done_and_the_job_completes_w
         wait_for(lambda: sections_done(database, running) >= 1, timeout_s=15, what="a first section")
 
         s3.stop()
-        time.sleep(0.3)
+        # The consumer cannot store the next section: it hands the job back, saying why.
+        first_failure = wait_for(lambda: (row := job_row(database, running))["error"] and row, timeout_s=15,
+                                 what="the consumer to hand the job back when S3 failed")
         done_when_stopped = sections_done(database, running)
         for path in (f"/jobs/{finished}/manuscript", f"/jobs/{finished}/sections/0", f"/jobs/{running}/sections/0"):
             answer = api.get(path)
@@ -425,7 +476,9 @@ def test_s3_stopped_mid_job_gets_503s_marks_nothing_done_and_the_job_completes_w
             assert answer.json_body["error"]["code"] == "service_unavailable"
             assert "Traceback" not in answer.body.decode()
         assert api.get(f"/jobs/{running}").status_code == 200
-        time.sleep(1.5)  # the consumer fails to store, hands the job back, and retries a lease later
+        # A lease later it takes the job again, fails to store again, and hands it back again.
+        wait_for(lambda: (row := job_row(database, running))["deliveries"] > first_failure["deliveries"]
+                 and row["status"] == "queued", timeout_s=15, what="the consumer to retry and fail again")
         assert sections_done(database, running) == done_when_stopped, "a section was marked done while S3 was down"
 
         s3 = SeaweedS3(tmp_path / "s3", port=s3.port).start()  # the same data, the same address
@@ -502,12 +555,3 @@ def _statuses_or_none(db, ids):
     except Exception:  # a connection cut under us: ask again
         return None
 
-
-# ---- the summary ------------------------------------------------------------------------------
-
-def test_the_oracle_found_no_section_lost_or_duplicated(capsys):
-    """Last in the file: the tally of every job the fault tests checked."""
-    with capsys.disabled():
-        print(f"\n{TALLY.line()}")
-    assert TALLY.jobs > 0, "no fault test checked a job before this one (run the whole file)"
-    assert (TALLY.lost, TALLY.duplicated) == (0, 0), TALLY.line()

@@ -8,9 +8,7 @@ import json
 import pytest
 from conftest import API_KEY
 
-from rtqcc.api import create_app
-from rtqcc.api.streaming import create_stream_handler
-from rtqcc_emulator.gateway import Gateway, GatewayConfig, GatewayRequest
+from rtqcc_emulator.gateway import Gateway, GatewayConfig, GatewayRequest, build_gateway
 
 AUTH = [("authorization", f"Bearer {API_KEY}")]
 JSON = [("content-type", "application/json")]
@@ -21,8 +19,7 @@ def make_gateway(services):
     made = []
 
     def make(**config) -> Gateway:
-        made.append(Gateway(create_app(lambda: services), stream_handler=create_stream_handler(lambda: services),
-                            config=GatewayConfig(**config)))
+        made.append(build_gateway(services, GatewayConfig(**config)))
         return made[-1]
 
     yield make

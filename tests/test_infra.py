@@ -129,9 +129,50 @@ def test_layer_holds_the_project_and_its_dependencies_built_for_the_lambda_runti
         dist = re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("-", "_")
         assert any(entry.lower().startswith(dist + "-") and entry.endswith(".dist-info") for entry in top), \
             f"{requirement} is not in the layer"
-    assert "bin" not in top and not any("__pycache__" in name for name in names)
+    assert "bin" not in top
+    # Bytecode of the runtime's Python beside every module (nothing can cache it under /opt), no other.
+    tag = build_layer.bytecode_tag()
+    sources = {name for name in names if name.endswith(".py")}
+    bytecode = {name for name in names if name.endswith(".pyc")}
+    missing = sorted(source for source in sources if _bytecode_of(source, tag) not in bytecode)
+    assert not missing, f"modules without {tag} bytecode: {missing[:5]}"
+    assert all(name.endswith(f".{tag}.pyc") and "/__pycache__/" in name for name in bytecode)
     assert unpacked < 250 * 1024 * 1024, "over Lambda's limit for function and layers unzipped"
     assert (tmp_path / "layer" / "python" / "rtqcc" / "__init__.py").exists()
+
+
+def _bytecode_of(source: str, tag: str) -> str:
+    folder, _, name = source.rpartition("/")
+    return f"{folder}/__pycache__/{name.removesuffix('.py')}.{tag}.pyc"
+
+
+def test_layer_bytecode_is_what_the_runtime_imports_without_reading_the_source(tmp_path):
+    """Unchecked hash-based bytecode: the runtime's Python imports it as is, even with the
+    source changed under it (so neither the zip's fixed timestamps nor a read-only /opt make it
+    compile again); and its bytes do not depend on the folder it was built in."""
+    zip_path = build_layer.build_layer(tmp_path / "build", deps=False)
+    elsewhere = build_layer.build_layer(tmp_path / "elsewhere", deps=False)
+    with zipfile.ZipFile(zip_path) as here, zipfile.ZipFile(elsewhere) as there:
+        bytecode = [name for name in here.namelist() if name.endswith(".pyc")]
+        assert "python/rtqcc/__pycache__/status." + build_layer.bytecode_tag() + ".pyc" in bytecode
+        assert all(here.read(name) == there.read(name) for name in bytecode)
+    opt = tmp_path / "opt"
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(opt)
+    (opt / "python" / "rtqcc" / "status.py").write_text("raise SystemExit('the source was compiled, not the bytecode')\n")
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); import rtqcc.status as m; print(m.__cached__)"
+    out = subprocess.run([build_layer.find_runtime_python(), "-B", "-S", "-c", probe, str(opt / "python")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(f"rtqcc/__pycache__/status.{build_layer.bytecode_tag()}.pyc")
+
+
+def test_layer_without_bytecode_on_request_and_a_clear_error_without_the_runtimes_python(tmp_path):
+    zip_path = build_layer.build_layer(tmp_path / "plain", deps=False, bytecode=False)
+    with zipfile.ZipFile(zip_path) as archive:
+        assert not any(name.endswith(".pyc") for name in archive.namelist())
+    with pytest.raises(SystemExit, match=r"Python 3\.99 .*--bytecode-python.*--no-bytecode"):
+        build_layer.build_layer(tmp_path / "none", deps=False, python_version="3.99")
 
 
 def test_layer_zip_is_importable_as_lambda_lays_it_out_and_deterministic(tmp_path):

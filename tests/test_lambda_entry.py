@@ -6,11 +6,16 @@ import base64
 import importlib.util
 import json
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
 
+import pg8000.native
 import pytest
 from conftest import API_KEY, EVENTS_DIR, OTHER_KEY
 
 from rtqcc.run.consumer import TimeBudget
+from rtqcc.store.db import Database, connect_kwargs
+from rtqcc.store.migrate import ensure_database, migrate
 
 ROOT = Path(__file__).parents[1]
 
@@ -44,7 +49,6 @@ def _event(name: str) -> dict:
 
 def test_api_gateway_events_drive_a_job_through_both_functions(function_env):
     api = _load(ROOT / "functions" / "api" / "app.py", "api_function")
-    consumer = _load(ROOT / "functions" / "consumer" / "consumer_function.py", "consumer_function")
 
     created = api.app(_event("create_job.json"), TimeBudget(30))
     assert created["statusCode"] == 201
@@ -56,7 +60,8 @@ def test_api_gateway_events_drive_a_job_through_both_functions(function_env):
     start["requestContext"]["resourcePath"] = "/jobs/{external_id}/start"
     assert api.app(start, TimeBudget(30))["statusCode"] == 202
 
-    summary = consumer.handler({"source": "aws.events"}, TimeBudget(10))
+    # The consumer as both templates deploy it: Chalice's scheduled `app.consumer`, on EventBridge's event.
+    summary = api.consumer(_event("scheduled_event.json"), TimeBudget(10))
     assert summary["completed"] == 1
 
     get = json.loads(json.dumps(_event("get_job.json")).replace("RTQCC-PLACEHOLDER", external_id))
@@ -68,9 +73,9 @@ def test_api_gateway_events_drive_a_job_through_both_functions(function_env):
     assert job["progress"]["sections_done"] == 2
 
 
-def test_an_unhandled_error_is_a_generic_500_without_a_traceback(function_env, monkeypatch):
+def test_an_unreachable_database_is_a_503_with_retry_after(function_env, monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/nowhere")
-    api = _load(ROOT / "functions" / "api" / "app.py", "api_function_broken")
+    api = _load(ROOT / "functions" / "api" / "app.py", "api_function_unreachable_db")
     event = _event("create_job.json")
     answer = api.app(event, TimeBudget(30))
     assert answer["statusCode"] == 503
@@ -78,6 +83,48 @@ def test_an_unhandled_error_is_a_generic_500_without_a_traceback(function_env, m
     assert body["error"]["code"] == "service_unavailable"
     assert "Postgres" in body["error"]["message"]
     assert answer["headers"]["Retry-After"] == "2"
+
+
+@pytest.fixture
+def database_without_a_column(base_settings) -> Iterator[str]:
+    """A database of this run's own, migrated, then missing `jobs.metadata`: the schema a handler
+    meets when a deploy ships code ahead of its migration. Its URL; dropped afterwards."""
+    name = connect_kwargs(base_settings.database_url)["database"] + "_no_metadata"
+    url = urlsplit(base_settings.database_url)._replace(path=f"/{name}").geturl()
+    ensure_database(url)
+    db = Database(url)
+    try:
+        migrate(db)
+        db.run("ALTER TABLE jobs DROP COLUMN metadata")
+    finally:
+        db.close()
+    try:
+        yield url
+    finally:
+        admin = pg8000.native.Connection(**{**connect_kwargs(url), "database": "postgres"})
+        try:
+            admin.run(f"DROP DATABASE IF EXISTS {pg8000.native.identifier(name)} WITH (FORCE)")
+        finally:
+            admin.close()
+
+
+def test_a_handler_bug_is_a_generic_500_without_a_traceback_and_the_traceback_is_logged(
+        function_env, database_without_a_column, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", database_without_a_column)
+    api = _load(ROOT / "functions" / "api" / "app.py", "api_function_with_a_bug")
+    capsys.readouterr()
+    answer = api.app(_event("create_job.json"), TimeBudget(30))
+
+    assert answer["statusCode"] == 500
+    body = json.loads(answer["body"])
+    assert list(body) == ["error"] and body["error"]["code"] == "internal_error" and body["error"]["message"]
+    for leak in ("Traceback", "metadata", "INSERT", "does not exist", "127.0.0.1"):
+        assert leak not in answer["body"], f"the 500 answer shows {leak!r}: {answer['body']}"
+    logged = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    [error] = [record for record in logged if record.get("level") == "ERROR"]
+    assert "POST /jobs" in error["message"]
+    assert "Traceback (most recent call last)" in error["exc_info"]
+    assert 'column "metadata" of relation "jobs" does not exist' in error["exc_info"]
 
 
 def test_the_sample_create_event_body_is_what_it_claims(function_env):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -19,7 +19,6 @@ from rtqcc.writing.prompts import outline_schema, parse_outline
 from rtqcc.writing.providers.base import GenerationRequest, ProviderRefused, ProviderUnavailable, QuotaExceeded
 from rtqcc.writing.providers.openai import CONTINUE_INSTRUCTION
 from rtqcc.writing.tokens import count_chat_tokens, count_tokens
-from rtqcc_emulator.embedded import free_port
 
 REQUEST = GenerationRequest(model="gpt-4o-mini", system="You write.", prompt="Write about durable queues.",
                             max_tokens=120)
@@ -34,23 +33,20 @@ def _run(provider, request=REQUEST, abort=None):
 
 
 class _Background:
-    """`provider.stream` on another thread, noting its first token and when it returned."""
+    """`provider.stream` on another thread, noting the deltas it passes on as they come."""
 
     def __init__(self, provider, request, abort):
-        self.first_token = threading.Event()
+        self.deltas: list[str] = []
         self.result = None
-        self.returned_at = None
         self.error = None
         self._thread = threading.Thread(target=self._run, args=(provider, request, abort), daemon=True)
         self._thread.start()
 
     def _run(self, provider, request, abort):
         try:
-            self.result = provider.stream(request, abort, lambda _text: self.first_token.set())
+            self.result = provider.stream(request, abort, self.deltas.append)
         except BaseException as exc:
             self.error = exc
-        finally:
-            self.returned_at = time.monotonic()
 
     def join(self, timeout_s=5.0):
         self._thread.join(timeout_s)
@@ -115,13 +111,12 @@ def test_structured_output_asks_for_json_schema_and_falls_back_when_the_server_r
 
 def test_a_429_is_retried_after_the_wait_retry_after_asks_for(llm, make_openai_provider):
     llm.add_faults({"kind": "rate_limit", "retry_after_s": 0.3})
-    started = time.monotonic()
     result, _ = _run(make_openai_provider())
-    elapsed = time.monotonic() - started
 
     assert result.finish_reason == "stop"
     assert [r.status for r in llm.requests] == [429, 200]
-    assert elapsed >= 0.3
+    # The behaviour asked for is a wait: the server saw the retry no sooner than it asked (a lower
+    # bound, which a slow machine only widens).
     assert llm.requests[1].started_at - llm.requests[0].ended_at >= 0.3
     assert len(result.calls) == 1
 
@@ -201,13 +196,14 @@ def test_a_stall_longer_than_the_idle_timeout_is_a_cut(llm, make_openai_provider
     llm.reset()
     llm.add_faults({"kind": "stall", "after_tokens": 5, "seconds": 30})
 
-    started = time.monotonic()
     result, _ = _run(provider)
 
-    assert time.monotonic() - started < 3
     assert result.finish_reason == "stop" and result.text == whole.text
-    stalled = llm.requests[0]
-    wait_for(lambda: stalled.disconnected_at, timeout_s=2, what="the stalled request's connection to close")
+    stalled, continued = llm.requests
+    # The client hung up during the 30 s silence: the server never sent the stalled answer's 6th piece.
+    wait_for(lambda: stalled.disconnected_at, timeout_s=5, what="the stalled request's connection to close")
+    assert stalled.pieces_sent == 5 and stalled.finish_reason is None
+    assert continued.finish_reason == "stop"
     assert result.calls[0].finish_reason is None
 
 
@@ -229,21 +225,24 @@ def test_no_usage_chunk_leaves_reported_empty_and_our_count_stands(llm, make_ope
 
 # ---- abort --------------------------------------------------------------------------------------
 
-def test_abort_closes_the_connection_within_50ms_and_returns_the_partial_text(llm, make_openai_provider):
-    llm.set_pace(tokens_per_s=50)
+def test_abort_closes_the_connection_at_once_even_while_no_token_comes_and_returns_the_partial_text(
+        llm, make_openai_provider):
+    # The server goes silent for a minute after 5 pieces: a provider that noticed the abort only
+    # when the next chunk came would hang on; closing the socket wakes it at once.
+    llm.add_faults({"kind": "stall", "after_tokens": 5, "seconds": 60})
     abort = AbortSignal()
-    running = _Background(make_openai_provider(), GenerationRequest(**{**REQUEST.__dict__, "max_tokens": 4000}), abort)
-    assert running.first_token.wait(5), "no token arrived"
+    provider = make_openai_provider(timeout_s=120, idle_timeout_s=120)  # no watchdog cuts the silence
+    running = _Background(provider, GenerationRequest(**{**REQUEST.__dict__, "max_tokens": 4000}), abort)
+    (sent,) = wait_for(lambda: llm.requests, timeout_s=5, what="the request to reach the server")
+    wait_for(lambda: len(running.deltas) == 5, timeout_s=5, what="the 5 pieces before the silence to arrive")
 
     abort.abort("cancel")
-    result = running.join()
+    result = running.join(10)
 
-    (sent,) = llm.requests
-    closed_at = wait_for(lambda: sent.disconnected_at, timeout_s=2, what="the server to see the client go")
-    assert closed_at - abort.aborted_at < 0.050
-    assert running.returned_at - abort.aborted_at < 0.050
+    wait_for(lambda: sent.disconnected_at, timeout_s=5, what="the server to see the client go")
+    assert sent.pieces_sent == 5 and sent.finish_reason is None  # closed during the silence
     assert result.aborted == "cancel" and result.finish_reason is None
-    assert result.text and sent.text_sent.startswith(result.text)
+    assert result.text == "".join(running.deltas) == sent.text_sent
     (call,) = result.calls
     assert call.aborted == "cancel" and call.reported_completion_tokens is None
     assert call.counted_completion_tokens == count_tokens(result.text, "gpt-4o-mini")
@@ -256,25 +255,24 @@ def test_abort_while_waiting_for_the_first_token(llm, make_openai_provider):
     wait_for(lambda: llm.requests, timeout_s=5, what="the request to reach the server")
 
     abort.abort("pause")
-    result = running.join(2)
+    result = running.join(10)  # well before the first token, 30 s away
 
     assert result.aborted == "pause" and result.text == ""
-    wait_for(lambda: llm.requests[0].disconnected_at, timeout_s=2, what="the server to see the client go")
-    assert llm.requests[0].disconnected_at - abort.aborted_at < 0.050
+    wait_for(lambda: llm.requests[0].disconnected_at, timeout_s=5, what="the server to see the client go")
+    assert llm.requests[0].pieces_sent == 0 and llm.requests[0].finish_reason is None
 
 
 def test_abort_during_a_retry_wait_returns_at_once(llm, make_openai_provider):
-    llm.add_faults({"kind": "rate_limit", "retry_after_s": 1.5})
+    llm.add_faults({"kind": "rate_limit", "retry_after_s": 60})
     abort = AbortSignal()
-    running = _Background(make_openai_provider(), REQUEST, abort)
+    running = _Background(make_openai_provider(backoff_max_s=120), REQUEST, abort)  # it waits the 60 s asked
     wait_for(lambda: llm.requests and llm.requests[0].ended_at, timeout_s=5, what="the 429")
 
     abort.abort("cancel")
-    result = running.join(1)
+    result = running.join(10)  # well within the minute it would otherwise wait
 
     assert result.aborted == "cancel" and result.calls == []
-    assert running.returned_at - abort.aborted_at < 0.050
-    assert len(llm.requests) == 1
+    assert len(llm.requests) == 1  # it did not retry
 
 
 # ---- the server's control API over HTTP, and standalone -----------------------------------------
@@ -301,18 +299,17 @@ def test_errors_have_the_openai_shape(llm):
 
 
 def test_the_server_runs_standalone(tmp_path):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "rtqcc_emulator.openai_server", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "rtqcc_emulator.openai_server", "--port", "0",
                                 "--tokens-per-s", "0", "--first-token-ms", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def ready():
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=0.5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout_s=15, interval_s=0.05, what="the standalone server")
+        # It binds a free port itself and names it in its first line, once it listens.
+        readable, _, _ = select.select([process.stdout], [], [], 30)
+        first_line = process.stdout.readline() if readable else ""
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", first_line)
+        assert found, f"the standalone server did not say where it listens: {first_line!r}"
+        port = int(found.group(1))
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200
         from rtqcc.writing.providers.openai import OpenAIProvider
 
         provider = OpenAIProvider(api_key="anything", base_url=f"http://127.0.0.1:{port}/v1", timeout_s=5)

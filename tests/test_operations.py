@@ -81,8 +81,10 @@ def test_abort_latency_is_measured_when_a_job_is_cancelled(api, start_consumer, 
     api.post(f"/jobs/{external_id}/cancel")
     consumer.join()
     samples = _scrape(api)
+    # One cancel, one measurement (how long it takes is bench/abort_latency.py's to say).
     assert samples[("rtqcc_abort_latency_seconds_count", (("reason", "cancel"),))] == 1
-    assert samples[("rtqcc_abort_latency_seconds_sum", (("reason", "cancel"),))] < 0.5
+    assert samples[("rtqcc_abort_latency_seconds_sum", (("reason", "cancel"),))] > 0
+    assert samples[("rtqcc_abort_latency_seconds_bucket", (("le", "+Inf"), ("reason", "cancel")))] == 1
 
 
 @pytest.fixture

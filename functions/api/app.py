@@ -2,8 +2,8 @@
 
 Besides the HTTP routes it declares the scheduled functions, so `chalice package` puts them, their
 schedules, timeouts and reserved concurrency into the same template:
-- `consumer`: `rtqcc.run.consumer.lambda_handler`, the same handler functions/consumer/consumer_function.py
-  exposes as a plain entry module; each invocation drains `jobs:pending` until its time is nearly spent.
+- `consumer`: `rtqcc.run.consumer.lambda_handler` (deployed as `app.consumer`, the only consumer entry
+  point); each invocation drains `jobs:pending` until its time is nearly spent.
 - `sweeper`: `rtqcc.run.sweeper.sweep`, which re-enqueues the jobs Postgres says should run (after Redis
   lost data, or a lease expired with nobody to reclaim it).
 And `migrate`, invoked by hand after a deploy (`aws lambda invoke`), since only the functions'

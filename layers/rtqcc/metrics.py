@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from redis import Redis
 
 from .writing.abort import AbortSignal
+from .store.stats import Stats
 from .writing.model_policy import allowed_models
 from .writing.providers.base import GenerationRequest, GenerationResult, Provider
 
@@ -121,29 +122,25 @@ class _Collector:
     def collect(self):
         s = self.services
         label = ModelLabels(s.settings)
+        stats = Stats(s.db)
         jobs = GaugeMetricFamily("rtqcc_jobs", "Jobs by status", labels=["status"])
-        for row in s.db.rows("SELECT status, COUNT(*)::int AS n FROM jobs GROUP BY status"):
-            jobs.add_metric([row["status"]], row["n"])
+        for status, count in stats.jobs_by_status().items():
+            jobs.add_metric([status], count)
         yield jobs
 
         sections = CounterMetricFamily("rtqcc_sections_completed", "Sections stored, by model", labels=["model"])
         per_model: dict[str, int] = {}
-        for row in s.db.rows("SELECT j.model, COUNT(*)::int AS n FROM sections x JOIN jobs j ON j.id = x.job_id"
-                             " WHERE x.status = 'done' GROUP BY j.model"):
-            per_model[label(row["model"])] = per_model.get(label(row["model"]), 0) + row["n"]
+        for model, count in stats.sections_done_by_model().items():
+            per_model[label(model)] = per_model.get(label(model), 0) + count
         for model, count in per_model.items():
             sections.add_metric([model], count)
         yield sections
 
         tokens = CounterMetricFamily("rtqcc_tokens", "Billed tokens, by model and kind", labels=["model", "kind"])
         per_kind: dict[tuple[str, str], int] = {}
-        for row in s.db.rows(
-                "SELECT model, SUM(COALESCE(reported_prompt_tokens, counted_prompt_tokens))::bigint AS prompt,"
-                " SUM(COALESCE(reported_completion_tokens, counted_completion_tokens))::bigint AS completion"
-                " FROM generation_attempts GROUP BY model"):
-            for kind in ("prompt", "completion"):
-                series = (label(row["model"]), kind)
-                per_kind[series] = per_kind.get(series, 0) + (row[kind] or 0)
+        for model, billed in stats.billed_tokens_by_model().items():
+            for kind, count in zip(("prompt", "completion"), billed):
+                per_kind[(label(model), kind)] = per_kind.get((label(model), kind), 0) + count
         for (model, kind), count in per_kind.items():
             tokens.add_metric([model, kind], count)
         yield tokens

@@ -78,7 +78,7 @@ def open_job_stream(services: Services, headers: Mapping[str, str], query: Mappi
     else:
         caller = authenticate(services, headers.get("authorization"), client)
     job = find_job(services, caller.tenant, external_id)
-    last_event_id = parse_last_event_id(headers.get("last-event-id") or query.get("lastEventId"))
+    last_event_id = parse_last_event_id(headers.get("last-event-id") or query.get("lastEventId") or query.get("last_event_id"))
     slot = services.stream_slots.acquire(caller.tenant, caller.key_ref)
     return JobEventStream(services.events, services.jobs, job, last_event_id, slot=slot)
 

@@ -40,7 +40,7 @@ OPERATIONS = (
                 {202: models.JobDocument, 409: models.ErrorBody, **_QUEUEING.get(verb, {}), **_ERRORS})
       for verb in ("start", "pause", "resume", "cancel", "retry")),
     Operation("GET", f"{_JOB}/stream", "Follow a job's events (Server-Sent Events)",
-              {200: "text/event-stream", 204: "text/plain", **_ERRORS}, query=("lastEventId", "access_token")),
+              {200: "text/event-stream", 204: "text/plain", **_ERRORS}, query=("lastEventId", "last_event_id", "access_token")),
     Operation("POST", f"{_JOB}/stream-token", "Get a short-lived token for EventSource", {201: models.StreamToken, **_ERRORS}),
     Operation("GET", f"{_JOB}/manuscript", "Get the finished manuscript",
               {200: "text/markdown", 409: models.ErrorBody, **_ERRORS}),
@@ -83,7 +83,10 @@ def openapi_document() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "RTQCC", "version": __version__,
-                 "description": "Durable long-document generation jobs: create, watch live, pause, resume, cancel."},
+                 "description": "Durable long-document generation jobs: create, watch live, pause, resume, cancel."
+                                " Field names are snake_case; `externalId` keeps its historical camelCase; the query"
+                                " parameter `lastEventId` mirrors the SSE `Last-Event-ID` header (EventSource's name)"
+                                " and `last_event_id` is accepted too."},
         "paths": paths,
         "components": {"schemas": definitions.get("$defs", {}),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

@@ -5,19 +5,16 @@ frame by frame as events happen, with heartbeats while idle, until `done`."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from chalice.app import CaseInsensitiveMapping
-from redis.exceptions import RedisError
 
-from ..errors import ApiError
 from ..services import Services
-from ..streaming.stream import JobEventStream
+from ..streaming.stream import JobEventStream, retry_hint
 from .access import SSE_HEADERS, client_address, open_job_stream
+from .edge import ErrorAnswer, error_answer
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,14 +49,8 @@ def create_stream_opener(services_factory: Callable[[], Services]) -> Callable[[
             if stream.seen_the_end():
                 stream.close()
                 return StreamingAnswer(204, {}, iter(()))
-        except ApiError as exc:
-            return _error(exc.status, exc.code, exc.message, exc.headers)
-        except RedisError as exc:
-            log.warning("Redis unavailable opening the stream of %s: %s", external_id, exc)
-            return _error(503, "service_unavailable", "Redis is unavailable; try again shortly.", {"Retry-After": "2"})
-        except Exception:
-            log.exception("unhandled error opening the stream of %s", external_id)
-            return _error(500, "internal_error", "Something went wrong on our side; it has been logged.")
+        except Exception as exc:
+            return _error(error_answer(exc, f"the stream of {external_id}"))
         return OpenedStream(stream, s.settings.sse_heartbeat_s, s.settings.sse_retry_ms)
 
     return open_stream
@@ -73,7 +64,7 @@ def create_stream_handler(services_factory: Callable[[], Services]) -> Callable[
         if isinstance(opened, StreamingAnswer):
             return opened
         frames = opened.stream.frames(heartbeat_s=opened.heartbeat_s)
-        return StreamingAnswer(200, dict(SSE_HEADERS), _encoded(f"retry: {opened.retry_ms}\n\n", frames))
+        return StreamingAnswer(200, dict(SSE_HEADERS), _encoded(retry_hint(opened.retry_ms), frames))
 
     return handler
 
@@ -84,6 +75,6 @@ def _encoded(first: str, frames: Iterator[str]) -> Iterator[bytes]:
         yield frame.encode()
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> StreamingAnswer:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    return StreamingAnswer(status, {"Content-Type": "application/json", **(headers or {})}, iter([body]))
+def _error(answer: ErrorAnswer) -> StreamingAnswer:
+    return StreamingAnswer(answer.status, {"Content-Type": "application/json", **answer.headers},
+                           iter([json.dumps(answer.body).encode()]))

@@ -1,5 +1,11 @@
 """Progress events: appended to the capped stream `job:{externalId}:events` (for replay) and
-published on the pub/sub channel of the same name (for live listeners), in one round trip."""
+published on the pub/sub channel of the same name, in one round trip.
+
+The product's own tails (SSE streams, the live-tail hub) read the stream; nothing in it listens
+to the channel. The PUBLISH stays anyway: the channel is a contract (DESIGN.md) that outside
+subscribers rely on. Each message is `{"id", "type", "data"}` with the id of the stream entry, so
+a subscriber can switch to the stream (XREAD after that id) without a gap or a duplicate
+(tests/test_events.py shows a subscriber receiving every event with its stream id)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ from ..errors import LeaseLost, ProviderError, StreamCut
 from .failures import OUTAGE_ERRORS, describe_failure, gave_up
 from .failpoints import Failpoints
 from ..ids import is_external_id
+from ..bus.events import stream_id_tuple
+from ..store.checkpoints import ConsumerCheckpoints
 from .lease_keeper import LeaseKeeper
 from ..store.jobs import Job, Lease
 from ..logs import configure_logging, log_context
@@ -150,7 +152,9 @@ class Consumer:
                 result.requeued += 1
             else:
                 self.handle(delivery, deadline, result)
-            result.last_id = delivery.message_id
+            # The furthest position handled: a stale message claimed after newer ones is older.
+            if result.last_id is None or stream_id_tuple(delivery.message_id) > stream_id_tuple(result.last_id):
+                result.last_id = delivery.message_id
 
     def handle(self, delivery: Delivery, deadline: float, result: DrainResult) -> None:
         with log_context(externalId=delivery.external_id, consumer=self.name):
@@ -264,19 +268,8 @@ class Consumer:
         result.processed += 1
 
     def _checkpoint(self, result: DrainResult) -> None:
-        self.services.db.run(
-            "INSERT INTO consumer_checkpoints AS c (consumer_name, last_stream_id, invocations, processed,"
-            " requeued, failed) VALUES (:n, :last, 1, :processed, :requeued, :failed)"
-            " ON CONFLICT (consumer_name) DO UPDATE SET"
-            " last_stream_id = COALESCE(EXCLUDED.last_stream_id, c.last_stream_id),"
-            " invocations = c.invocations + 1, processed = c.processed + EXCLUDED.processed,"
-            " requeued = c.requeued + EXCLUDED.requeued, failed = c.failed + EXCLUDED.failed, updated_at = now()",
-            n=self.name,
-            last=result.last_id,
-            processed=result.processed,
-            requeued=result.requeued,
-            failed=result.failed,
-        )
+        ConsumerCheckpoints(self.services.db).record(self.name, last_id=result.last_id, processed=result.processed,
+                                                     requeued=result.requeued, failed=result.failed)
 
 
 def lambda_handler(services_factory: Callable[[], Services]) -> Callable[[dict, object], dict]:

@@ -7,8 +7,9 @@ key, by whoever takes the job next: never lost, never counted twice."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 from ..writing.abort import AbortSignal, StopReason
@@ -40,7 +41,11 @@ class RunOutcome:
 
 
 class DeltaBuffer:
-    """Coalesces token deltas into one `section.delta` event per flush interval."""
+    """Coalesces token deltas into at most one `section.delta` event per flush interval, and
+    publishes pending text once the interval has passed even when no token follows: a provider
+    that stalls must not hold back what it already sent. `add` runs on the consumer's thread (the
+    provider's on_delta), a timer thread of the buffer's own flushes on time, and one lock keeps
+    the events in order. `close` publishes what is left and stops the timer."""
 
     def __init__(self, publish: Callable[[str], None], flush_interval_s: float, clock=time.monotonic):
         self._publish = publish
@@ -48,17 +53,51 @@ class DeltaBuffer:
         self._clock = clock
         self._pending: list[str] = []
         self._last_flush = 0.0
+        self._lock = threading.Condition()
+        self._closed = False
+        self._timer: threading.Thread | None = None
 
     def add(self, text: str) -> None:
-        self._pending.append(strip_unstorable(text))
-        if self._clock() - self._last_flush >= self._interval:
-            self.flush()
+        with self._lock:
+            self._pending.append(strip_unstorable(text))
+            if self._clock() - self._last_flush >= self._interval:
+                self._flush()
+            elif self._timer is None:  # started by the first text held back (never with no interval)
+                self._timer = threading.Thread(target=self._flush_on_time, name="delta-flush", daemon=True)
+                self._timer.start()
+            elif len(self._pending) == 1:
+                self._lock.notify()  # the timer sleeps until there is text to flush
 
-    def flush(self) -> None:
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+            timer = self._timer
+        if timer is not None:
+            timer.join()
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Publish the pending text; the caller holds the lock."""
         if self._pending:
-            text, self._pending = "".join(self._pending), []
-            self._publish(text)
+            self._publish("".join(self._pending))
+            self._pending = []  # only once published: text whose publish failed waits for the next flush
         self._last_flush = self._clock()
+
+    def _flush_on_time(self) -> None:
+        with self._lock:
+            while not self._closed:
+                due_in_s = self._last_flush + self._interval - self._clock()
+                if not self._pending or due_in_s > 0:
+                    self._lock.wait(due_in_s if self._pending else None)
+                    continue
+                try:
+                    self._flush()
+                except Exception:
+                    # Redis away: the consumer's thread publishes at its next add or close, and
+                    # meets the error where the run can handle it.
+                    return
 
 
 class ManuscriptOrchestrator:
@@ -190,7 +229,7 @@ class ManuscriptOrchestrator:
                 self.jobs.save_partial(lease, section.idx, section.partial_text + strip_unstorable(exc.partial.text))
             raise
         finally:
-            deltas.flush()
+            deltas.close()
         text = section.partial_text + strip_unstorable(result.text)
         if result.finish_reason is None:
             # Keep every token paid for: the next run continues after this text.
@@ -262,10 +301,7 @@ class ManuscriptOrchestrator:
             aborted=result.aborted,
         )]
         for call in calls:
-            prompt = call.reported_prompt_tokens if call.reported_prompt_tokens is not None else call.counted_prompt_tokens
-            completion = (call.reported_completion_tokens if call.reported_completion_tokens is not None
-                          else call.counted_completion_tokens)
-            self.jobs.record_attempt(job.id, Attempt(
+            attempt = Attempt(
                 section_idx=idx,
                 model=request.model,
                 reported_prompt_tokens=call.reported_prompt_tokens,
@@ -274,8 +310,9 @@ class ManuscriptOrchestrator:
                 counted_completion_tokens=call.counted_completion_tokens,
                 finish_reason=call.finish_reason,
                 aborted=call.aborted,
-                cost_usd=cost_usd(request.model, prompt, completion, self.prices),
-            ))
+            )
+            cost = cost_usd(request.model, attempt.billed_prompt_tokens, attempt.billed_completion_tokens, self.prices)
+            self.jobs.record_attempt(job.id, replace(attempt, cost_usd=cost))
 
     def _text_of(self, sections: list[Section], idx: int, texts: dict[int, str]) -> str:
         if idx not in texts:

@@ -28,14 +28,7 @@ def sweep(services: Services, *, queued_stale_after_s: float = 600.0) -> SweepRe
     # (the queue itself cannot tell: a consumer reconnecting recreates it empty).
     lost = bool(services.redis.set(ALIVE_MARKER, "1", nx=True))
     queue.ensure_group()
-    rows = services.db.rows(
-        "SELECT external_id FROM jobs WHERE (status = 'running' AND (lease_owner IS NULL OR lease_expires_at < now()))"
-        " OR (status = 'queued' AND (:lost OR updated_at < now() - make_interval(secs => :stale)))"
-        " ORDER BY external_id",
-        lost=lost,
-        stale=float(queued_stale_after_s),
-    )
-    requeued = [row["external_id"] for row in rows]
+    requeued = services.jobs.runnable_but_unclaimed(queue_lost=lost, queued_stale_after_s=queued_stale_after_s)
     pipe = services.redis.pipeline(transaction=False)
     for external_id in requeued:
         queue.enqueue(external_id, pipeline=pipe)

@@ -92,7 +92,7 @@ class Database:
                                          headers={"Retry-After": "2"}) from exc
             raise
         # Connecting has its own short timeout; queries get a longer one, so a dead server is noticed.
-        raw._usock.settimeout(self._query_timeout_s)
+        _Pg8000.set_query_timeout(raw, self._query_timeout_s)
         return raw
 
     @contextmanager
@@ -121,7 +121,7 @@ class Database:
 
     def _give_back(self, raw: pg8000.native.Connection) -> None:
         # A connection left inside a transaction (an error mid-way) is rolled back before reuse.
-        if raw._transaction_status != b"I":
+        if _Pg8000.in_transaction(raw):
             try:
                 raw.run("ROLLBACK")
             except Exception:
@@ -175,3 +175,16 @@ def _close_quietly(raw: pg8000.native.Connection) -> None:
         raw.close()
     except Exception:
         pass
+
+
+class _Pg8000:
+    """What pg8000's public API does not offer, from its private attributes, in this one place
+    (so an upgrade that renames them breaks here, visibly)."""
+
+    @staticmethod
+    def set_query_timeout(raw: pg8000.native.Connection, timeout_s: float) -> None:
+        raw._usock.settimeout(timeout_s)
+
+    @staticmethod
+    def in_transaction(raw: pg8000.native.Connection) -> bool:
+        return raw._transaction_status != b"I"  # I: idle, outside a transaction

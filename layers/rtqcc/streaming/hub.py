@@ -21,7 +21,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import redis.asyncio as aioredis
 
 from ..bus.events import events_key, stream_id_tuple
-from .stream import HEARTBEAT
+from .stream import HEARTBEAT, sse_frame
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,7 @@ _POOL_WAIT_S = 30.0     # the accounting keeps the pool from running dry; should
 
 
 def _frame(event_id: str, fields: dict[str, str]) -> bytes:
-    # The stored data is compact JSON without newlines: it goes out as it is.
-    return f"id: {event_id}\nevent: {fields['type']}\ndata: {fields['data']}\n\n".encode()
+    return sse_frame(event_id, fields["type"], fields["data"]).encode()
 
 
 @dataclass

@@ -23,8 +23,19 @@ from ..store.views import job_document
 HEARTBEAT = ": keep-alive\n\n"
 
 
+def sse_frame(event_id: str, event_type: str, data_json: str) -> str:
+    """One SSE event: the only place a frame is built. `data_json` is compact JSON, which has no
+    newline, so it is one `data:` line as it is (events are stored that way)."""
+    return f"id: {event_id}\nevent: {event_type}\ndata: {data_json}\n\n"
+
+
 def format_event(event_id: str, event_type: str, data: dict) -> str:
-    return f"id: {event_id}\nevent: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+    return sse_frame(event_id, event_type, json.dumps(data, separators=(",", ":")))
+
+
+def retry_hint(retry_ms: int) -> str:
+    """What every answer of a stream starts with: how long a client waits before reconnecting."""
+    return f"retry: {retry_ms}\n\n"
 
 
 def parse_last_event_id(value: str | None) -> str | None:
@@ -113,7 +124,7 @@ class JobEventStream:
     def _long_poll(self, wait_s: float, retry_ms: int) -> LongPollAnswer:
         if self.seen_the_end():
             return LongPollAnswer(status=204, body="")
-        parts = [f"retry: {retry_ms}\n\n"]
+        parts = [retry_hint(retry_ms)]
         cursor, opening, finished = self.opening()
         parts.extend(opening)
         if not finished:

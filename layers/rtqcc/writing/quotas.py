@@ -24,16 +24,10 @@ from .budget import Limit
 from ..store.db import Connection, Database
 from ..errors import QuotaExceeded, ValidationFailed
 from ..store.jobs import JobStore, TransitionResult
+from ..store.tenant_usage import TenantUsage
 from .pricing import Price, price_for
 from ..settings import Settings
 from ..status import TRANSITIONS, JobStatus
-
-# pg_advisory_xact_lock(namespace, hashtext(tenant)): a tenant's admissions queue behind each other
-# (two tenants whose names hash alike merely share a queue). The migration lock uses the one-key
-# form, a separate space.
-_ADMISSION_LOCK = 0x5154_4F54
-
-_ACTIVE = ("queued", "running")
 
 # Fewer tokens left than this is none left: every call's prompt (the system prompt, the title and
 # brief, the instructions) is longer, so it would pause at once. The live meter stops a run when
@@ -74,7 +68,7 @@ class Quota:
         return self.tokens_per_day is not None or self.cost_usd_per_day is not None
 
 
-_OVERRIDE_COLUMNS = ", ".join(f"q.{f.name}" for f in fields(Quota))
+_OVERRIDE_COLUMNS = tuple(f.name for f in fields(Quota))
 
 
 @dataclass(frozen=True)
@@ -138,26 +132,8 @@ class QuotaStore:
                  count_active: bool = True, excluding: str | None = None) -> Standing:
         """One query: the tenant's overrides, its spend today (always with `measure`, else only
         under a daily quota) and, with `count_active`, its queued or running jobs but `excluding`."""
-        row = (conn or self.db).row(
-            f"SELECT {_OVERRIDE_COLUMNS}, day.start + interval '1 day' AS resets_at,"
-            " EXTRACT(EPOCH FROM day.start + interval '1 day' - now())::float8 AS resets_in_s,"
-            " spend.tokens, spend.cost_usd,"
-            " CASE WHEN :count_active THEN (SELECT COUNT(*) FROM jobs WHERE tenant = :t"
-            "  AND status = ANY(CAST(:active AS text[]))"
-            "  AND (CAST(:excluding AS text) IS NULL OR external_id <> :excluding))"
-            " END::int AS active_now"
-            " FROM (SELECT date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS start) AS day"
-            " LEFT JOIN tenant_quotas q ON q.tenant = :t"
-            " CROSS JOIN LATERAL (SELECT COALESCE(SUM(COALESCE(a.reported_prompt_tokens, a.counted_prompt_tokens)"
-            "  + COALESCE(a.reported_completion_tokens, a.counted_completion_tokens)), 0)::bigint AS tokens,"
-            "  COALESCE(SUM(a.cost_usd), 0)::float8 AS cost_usd"
-            "  FROM generation_attempts a JOIN jobs j ON j.id = a.job_id"
-            # Only outer values: Postgres checks it once (a one-time filter) and skips the scan when false.
-            "  WHERE (:measure OR q.tokens_per_day IS NOT NULL OR q.cost_usd_per_day IS NOT NULL)"
-            "  AND j.tenant = :t AND a.created_at >= day.start) AS spend",
-            t=tenant, measure=measure or self.defaults.daily, count_active=count_active,
-            active=list(_ACTIVE), excluding=excluding)
-        assert row is not None
+        row = TenantUsage(self.db).standing_row(tenant, _OVERRIDE_COLUMNS, conn, measure=measure or self.defaults.daily,
+                                                count_active=count_active, excluding=excluding)
         return Standing(quota=self.defaults.overridden_by(row), tokens_today=int(row["tokens"]),
                         cost_today_usd=float(row["cost_usd"]), active_jobs=row["active_now"],
                         resets_at=row["resets_at"], resets_in_s=float(row["resets_in_s"]))
@@ -167,10 +143,7 @@ class QuotaStore:
         jobs and the transition happen under one per-tenant lock, so concurrent requests cannot
         all see room for one more."""
         sources, _ = TRANSITIONS[verb]
-        with self.db.transaction() as conn:
-            conn.run("SELECT pg_advisory_xact_lock(:ns, hashtext(:t))", ns=_ADMISSION_LOCK, t=tenant)
-            row = conn.row("SELECT status, model FROM jobs WHERE external_id = :e AND tenant = :t",
-                           e=external_id, t=tenant)
+        with TenantUsage(self.db).admission(tenant, external_id) as (conn, row):
             if row is not None and JobStatus(row["status"]) in sources:
                 standing = self.standing(tenant, conn, excluding=external_id)
                 standing.check_daily(price_for(row["model"], self.settings.prices))

@@ -40,7 +40,6 @@ class GenerationResult:
     reported_prompt_tokens: int | None = None
     reported_completion_tokens: int | None = None
     aborted: str | None = None         # the abort reason, if the stream was stopped on purpose
-    extra: dict[str, Any] = field(default_factory=dict)
     # One entry per HTTP call that reached the model, in order. Empty: the provider made one
     # call and the caller counts it from the request and `text` (the fake provider).
     calls: list[CallUsage] = field(default_factory=list)

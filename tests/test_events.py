@@ -1,0 +1,85 @@
+"""A job's events: each one on the pub/sub channel `job:{externalId}:events` (outside subscribers
+rely on it) with the id of its stream entry, resumable from `lastEventId` or `last_event_id`, and
+the text a stalled provider already sent published on time, not held back."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import job_events, parse_sse, wait_for
+
+from rtqcc.bus.events import events_key, stream_id_tuple
+from rtqcc.services import Services
+
+pytest_plugins = ["openai_fixtures"]  # the local OpenAI-compatible server and its providers
+
+OUTLINE = [{"title": "Beginnings", "brief": "how it started"}, {"title": "Endings", "brief": "how it ends"}]
+
+
+def test_a_subscriber_on_the_channel_receives_every_event_with_its_stream_id(api, run_consumer, redis_client):
+    external_id = api.create(outline=OUTLINE)
+    pubsub = redis_client.pubsub()
+    try:
+        pubsub.subscribe(events_key(external_id))
+        # The confirmation: from here on, Redis delivers every PUBLISH on the channel to us.
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        subscribed_after = redis_client.xrevrange(events_key(external_id), count=1)[0][0]
+        api.post(f"/jobs/{external_id}/start")
+        assert run_consumer().completed == 1
+
+        stored = [e for e in job_events(redis_client, external_id)
+                  if stream_id_tuple(e["id"]) > stream_id_tuple(subscribed_after)]
+        assert stored[-1]["event"] == "done" and len(stored) > 6
+        received: list[dict] = []
+        deadline = time.monotonic() + 10
+        while len(received) < len(stored) and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=1)
+            if message is not None and message["type"] == "message":
+                published = json.loads(message["data"])
+                received.append({"id": published["id"], "event": published["type"], "data": published["data"]})
+    finally:
+        pubsub.close()
+    assert received == stored
+
+
+def test_the_stream_resumes_from_the_query_parameter_in_either_spelling(api, run_consumer, redis_client):
+    external_id = api.create(outline=OUTLINE)
+    api.post(f"/jobs/{external_id}/start")
+    assert run_consumer().completed == 1
+    published = job_events(redis_client, external_id)
+
+    for name in ("lastEventId", "last_event_id"):
+        answer = api.get(f"/jobs/{external_id}/stream?{name}={published[3]['id']}")
+        assert answer.status_code == 200
+        assert parse_sse(answer.body.decode()) == published[4:], name
+    refused = api.get(f"/jobs/{external_id}/stream?last_event_id=yesterday")
+    assert refused.status_code == 400
+    assert "Last-Event-ID" in refused.json_body["error"]["message"]
+
+
+def test_text_sent_before_a_provider_stalls_reaches_the_event_log_during_the_stall(
+        api, start_consumer, make_openai_services, llm, redis_client, database, blob_store):
+    openai = make_openai_services(RTQCC_OPENAI_IDLE_TIMEOUT_S="120")  # the stall must not end as a cut
+    # An interval far longer than the gaps between the tokens before the stall: all but the first
+    # are held by the buffer when the provider goes silent.
+    services = Services(openai.settings.with_overrides(delta_flush_ms=1000), redis=redis_client, db=database,
+                        blobs=blob_store, provider=openai.provider)
+    llm.add_faults({"kind": "stall", "after_tokens": 6, "seconds": 120})
+    external_id = api.create(outline=OUTLINE, params={"max_tokens_per_section": 200})
+    api.post(f"/jobs/{external_id}/start")
+    consumer = start_consumer(services=services, budget_s=90)  # its budget must not end the stall either
+
+    stalled = wait_for(lambda: llm.requests and llm.requests[0].pieces_sent == 6 and llm.requests[0],
+                       what="the server to go silent after 6 pieces")
+
+    def streamed_text() -> str:
+        return "".join(e["data"]["text"] for e in job_events(redis_client, external_id) if e["event"] == "section.delta")
+
+    wait_for(lambda: streamed_text() == stalled.text_sent, timeout_s=20,
+             what="the text sent before the stall in the job's events")
+    assert stalled.finish_reason is None and stalled.disconnected_at is None  # still stalled: nothing ended it
+
+    assert api.post(f"/jobs/{external_id}/pause").json_body["status"] == "paused"
+    assert consumer.join().stopped == 1
+    assert streamed_text() == stalled.text_sent  # nothing published twice
