@@ -53,6 +53,11 @@ def throughput_rows(f: dict) -> list[Row]:
     return rows
 
 
+def _offered(side: dict) -> str:
+    offered = side.get("offered_events_per_s")
+    return f" of {offered:,} published" if offered else ""
+
+
 def sse_rows(f: dict) -> list[Row]:
     rows = []
     for key, goal_ms in f["goal_p99_ms"].items():
@@ -63,9 +68,10 @@ def sse_rows(f: dict) -> list[Row]:
         what = (f"live delivery, {clients:,} SSE clients on {f['jobs']} running jobs through the gateway "
                 f"({f['tokens_per_s_per_job']} tokens/s a job, one event each)")
         rows.append((what,
-                     f"p50 {_n(ours['p50_ms'])} ms, p99 {_n(ours['p99_ms'])} ms, {ours['events_per_s']:,} events/s",
+                     f"p50 {_n(ours['p50_ms'])} ms, p99 {_n(ours['p99_ms'])} ms, {ours['events_per_s']:,} events/s"
+                     f"{_offered(ours)}",
                      f"{clients:,} Redis pub/sub subscribers, in windows taking turns with ours: "
-                     f"p50 {_n(base['p50_ms'])}, p99 {_n(base['p99_ms'])} ms, {base['events_per_s']:,}/s",
+                     f"p50 {_n(base['p50_ms'])}, p99 {_n(base['p99_ms'])} ms, {base['events_per_s']:,}/s{_offered(base)}",
                      f"p99 ×{f[key]['ratio_p99']:.1f}", _goal(ours["p99_ms"] < goal_ms, f"p99 < {goal_ms} ms")))
     return rows
 
@@ -87,12 +93,14 @@ def control_rows(f: dict) -> list[Row]:
 
 def abort_rows(f: dict) -> list[Row]:
     sdk, fake = f["openai_sdk"], f["fake"]["signal_to_provider_returned"]
-    closed = sdk["signal_to_server_saw_close"]
-    return [(f"abort with the real OpenAI SDK ({f['samples']} aborts): signal → the server sees the connection closed",
-             f"p50 {_n(closed['p50_ms'], 2)} ms, p99 {_n(closed['p99_ms'], 2)} ms "
+    closed, returned = sdk["signal_to_server_saw_close"], sdk["signal_to_provider_returned"]
+    return [(f"abort with the real OpenAI SDK over HTTP ({f['samples']} aborts): signal → the SDK call returned; "
+             "→ the server saw the connection closed",
+             f"returned p50 {_n(returned['p50_ms'], 2)} ms, p99 {_n(returned['p99_ms'], 2)} ms; closed p50 "
+             f"{_n(closed['p50_ms'], 2)} ms, p99 {_n(closed['p99_ms'], 2)} ms "
              f"({sdk['closes_not_seen_by_server']} closes unseen)",
-             f"fake provider, signal → returned: p50 {_n(fake['p50_ms'], 2)}, p99 {_n(fake['p99_ms'], 2)} ms",
-             f"p50 ×{_ratio(closed['p50_ms'], fake['p50_ms'], 1)}", "")]
+             f"the fake provider, signal → returned: p50 {_n(fake['p50_ms'], 2)}, p99 {_n(fake['p99_ms'], 2)} ms",
+             f"p50 ×{_ratio(returned['p50_ms'], fake['p50_ms'], 1)}", "")]
 
 
 COLD_KINDS = {
@@ -100,22 +108,28 @@ COLD_KINDS = {
     "consumer": "consumer function (`app.consumer`: import + an empty 20 ms drain)",
     "stream": "streaming SSE function (import + the stream of a finished job)",
 }
-COLD_VARIANTS = {"bytecode": "layer with its bytecode, as built and shipped", "source": "layer without bytecode"}
 
 
 def cold_start_rows(f: dict) -> list[Row]:
     rows = []
     for kind, what in COLD_KINDS.items():
-        for variant, how in COLD_VARIANTS.items():
+        for variant in ("bytecode", "source"):
             own, base = f[variant][kind]["total_ms"]["p50"], f[variant]["baseline"]["total_ms"]["p50"]
             goal = _goal(own < f["goal_api_ms"], f"< {f['goal_api_ms']} ms") \
                 if kind == "api" and variant == "bytecode" else ""
-            rows.append((f"cold start, {what}; {how} ({f['interpreter']})", f"{_n(own)} ms",
-                         f"`import boto3` from the same layer: {_n(base)} ms", f"{own / base:.2f}", goal))
+            label = f"cold start, {what}; the layer as built, with its bytecode" if variant == "bytecode" \
+                else "the same, the layer without its bytecode"
+            rows.append((label, f"{_n(own)} ms", f"`import boto3` from the same layer: {_n(base)} ms",
+                         f"{own / base:.2f}", goal))
     ratios = f["ratio_bytecode_to_source_total_p50"]
     rows.append(("cold start with the layer's bytecode, against without", ", ".join(
         f"{kind} ×{ratios[kind]:.2f}" for kind in COLD_KINDS), f"`import boto3` ×{ratios['baseline']:.2f}", "", ""))
     return rows
+
+
+def cold_start_notes(f: dict) -> list[str]:
+    return [f"Cold starts: {f['interpreter']}, p50 of {f['repeats']} fresh interpreters each, timed inside the "
+            "process from the entry module's import to the end of its first invocation."]
 
 
 def peers_rows(f: dict) -> list[Row]:
@@ -133,23 +147,27 @@ def scale_rows(f: dict) -> list[Row]:
     points = [rss[key]["rss_mb"] if rss.get(key) else None for key in ("at_10pct", "at_50pct", "at_100pct")]
     flat = None not in points and (points[2] - points[0]) / points[0] < FLAT_GROWTH
     gateway = f["gateway"]
+    finished = "" if consumer["all_done"] else \
+        f"**{consumer['completed']:,} of {consumer['jobs']:,} done** within the {consumer.get('budget_s', '?')} s budget"
     rows = [(f"scale: {consumer['jobs']:,} queued one-section jobs, one consumer process",
              f"{_n(consumer['jobs_per_s'])} jobs/s ({_n(consumer['drain_s'], 0)} s)",
              f"bare XREADGROUP + XACK: {_n(f['baseline_xreadgroup_xack_per_s'], 0)}/s",
-             f"{f['ratio_jobs_per_s_to_baseline']:.4f}", ""),
+             f"{f['ratio_jobs_per_s_to_baseline']:.4f}", finished),
             (f"consumer RSS at 10% / 50% / 100% of the {consumer['jobs']:,} jobs",
              " / ".join(f"{_n(p)} MB" for p in points), "", "",
              _goal(flat, f"flat (under +{FLAT_GROWTH:.0%})"))]
     lists = [r["list_p50_ms"] for r in gateway]
     gets = [r["get_p50_ms"] for r in gateway]
-    sizes = " / ".join(f"{r['jobs']:,}" for r in gateway)
-    rows.append((f"gateway RSS at {sizes} jobs (listing and getting)",
+    sizes = " / ".join(f"{r['jobs']:,}" for r in gateway if not r.get("state"))
+    after = " and after the drain" if any(r.get("state") for r in gateway) else ""
+    rows.append((f"gateway RSS at {sizes} jobs{after} (listing and getting)",
                  f"{' / '.join(_n(r['rss_mb']) for r in gateway)} MB; `GET /jobs?limit=100` p50 "
                  f"{_n(min(lists), 2)}–{_n(max(lists), 2)} ms, `GET /jobs/{{id}}` {_n(min(gets), 2)}–{_n(max(gets), 2)} ms,"
                  f" {sum(r['jobs_seq_scans'] for r in gateway)} sequential scans of jobs", "", "", ""))
     return rows
 
 
+NOTES: dict[str, Callable[[dict], list[str]]] = {"cold_start": cold_start_notes}
 ROWS: dict[str, Callable[[dict], list[Row]]] = {
     "throughput": throughput_rows, "sse": sse_rows, "control": control_rows, "abort": abort_rows,
     "cold_start": cold_start_rows, "peers": peers_rows, "scale": scale_rows,
@@ -173,6 +191,10 @@ def render(results: dict, source: str) -> str:
     for name, rows in ROWS.items():
         if name in results["benches"]:
             lines += ["| " + " | ".join(row) + " |" for row in rows(results["benches"][name]["figures"])]
+    notes = [note for name, notes_of in NOTES.items() if name in results["benches"]
+             for note in notes_of(results["benches"][name]["figures"])]
+    if notes:
+        lines += ["", *notes]
     missing = [name for name in ROWS if name not in results["benches"]]
     if missing:
         lines += ["", f"Not in this file: {', '.join(missing)} (`./dev bench {' '.join(missing)}`)."]

@@ -172,6 +172,7 @@ def _drain_in_subprocess(settings: Settings, services: Services, jobs: int, budg
     first_busy = next(((s, d, m) for s, d, m in samples if d > 0), samples[0] if samples else None)
     return {
         "jobs": jobs,
+        "budget_s": budget_s,
         "completed": completed,
         "all_done": completed == jobs,
         "drain_s": round(span_s, 2),
@@ -212,7 +213,7 @@ def baseline(services: Services, messages: int, batch: int) -> float:
     return messages / elapsed
 
 
-def run(settings: Settings, *, jobs: int = 10_000, budget_s: float = 300.0) -> dict:
+def run(settings: Settings, *, jobs: int = 10_000, budget_s: float = 900.0) -> dict:  # the deployed consumer's timeout
     services = fresh_services(settings)
     services.blobs.put("bench/warm-up", b"warm")  # a fresh S3 server allocates its volumes on the first write
     services.queue.ensure_group()

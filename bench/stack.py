@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import statistics
 import tempfile
 from contextlib import contextmanager
@@ -22,9 +23,11 @@ BENCH_KEY = "bench-key"
 @contextmanager
 def bench_settings() -> Iterator[Settings]:
     server = None
+    data_dir = None
     endpoint = os.environ.get("S3_ENDPOINT_URL")
     if not endpoint:
-        server = SeaweedS3(Path(tempfile.mkdtemp(prefix="rtqcc-bench-s3-"))).start()
+        data_dir = Path(tempfile.mkdtemp(prefix="rtqcc-bench-s3-"))
+        server = SeaweedS3(data_dir).start()
         endpoint = server.endpoint_url
         os.environ["AWS_ACCESS_KEY_ID"] = server.credentials["access_key_id"]  # the only identity it takes
         os.environ["AWS_SECRET_ACCESS_KEY"] = server.credentials["secret_access_key"]
@@ -50,6 +53,7 @@ def bench_settings() -> Iterator[Settings]:
     finally:
         if server:
             server.stop()
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def fresh_services(settings: Settings, **overrides) -> Services:
