@@ -13,7 +13,6 @@ from rtqcc.api import create_app
 from rtqcc.api.streaming import create_stream_handler
 from rtqcc.run.consumer import Consumer, TimeBudget
 from rtqcc.writing.providers.fake import FakeProvider
-from rtqcc_emulator.embedded import free_port
 from rtqcc_emulator.gateway import Gateway
 from rtqcc_emulator.server import ServerThread, create_http_app
 
@@ -57,7 +56,7 @@ def ours(settings, samples: int) -> dict[str, list[float]]:
     worker = threading.Thread(target=consume, daemon=True)
     worker.start()
     gateway = Gateway(create_app(lambda: services), stream_handler=create_stream_handler(lambda: services))
-    server = ServerThread(create_http_app(gateway), port=free_port()).start()
+    server = ServerThread(create_http_app(gateway), port=0).start()
     latencies: dict[str, list[float]] = {"cancel": [], "pause": [], "http_round_trip": []}
     try:
         with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {BENCH_KEY}"}) as http:

@@ -37,13 +37,12 @@ from rtqcc.api import create_app
 from rtqcc.api.streaming import create_stream_handler
 from rtqcc.services import Services
 from rtqcc.settings import Settings
-from rtqcc_emulator.embedded import free_port
 from rtqcc_emulator.gateway import Gateway
 from rtqcc_emulator.server import ServerThread, create_http_app
 
 services = Services(Settings.from_env())
 gateway = Gateway(create_app(lambda: services), stream_handler=create_stream_handler(lambda: services))
-server = ServerThread(create_http_app(gateway), port=free_port()).start()
+server = ServerThread(create_http_app(gateway), port=0).start()
 print(server.base_url, flush=True)
 sys.stdin.read()
 server.stop()

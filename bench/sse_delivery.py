@@ -16,6 +16,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,6 @@ import redis.asyncio as aioredis
 from redis import Redis
 
 from rtqcc.bus.events import events_key
-from rtqcc_emulator.embedded import free_port
 
 from .stack import BENCH_KEY, fresh_services, percentile
 
@@ -47,7 +47,8 @@ CLIENT_PROCESSES = 2
 TOKENS_PER_JOB = 12_000
 
 
-def _start_stack(settings, port: int, data_dir: Path) -> subprocess.Popen:
+def _start_stack(settings, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """`rtqcc up` on a port it binds itself; the stack and the base URL it printed."""
     env = {
         **os.environ,
         "REDIS_URL": settings.redis_url,
@@ -66,13 +67,14 @@ def _start_stack(settings, port: int, data_dir: Path) -> subprocess.Popen:
     log_path = data_dir / "stack.log"
     with open(log_path, "w") as log:  # a file, not a pipe nobody drains: a full pipe would stall the server
         process = subprocess.Popen(
-            [sys.executable, "-m", "rtqcc.cli", "up", "--port", str(port), "--data-dir", str(data_dir),
+            [sys.executable, "-m", "rtqcc.cli", "up", "--port", "0", "--data-dir", str(data_dir),
              "--consumers", str(JOBS), "--consumer-budget-s", "600"],
             env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
-        if "ready" in log_path.read_text().splitlines():
-            return process
+        printed = log_path.read_text()
+        if "ready" in printed.splitlines():
+            return process, re.search(r"local stack at (http://\S+)", printed).group(1)
         time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"the stack did not become ready; see {log_path}")
@@ -220,10 +222,8 @@ def _start_jobs(base_url: str, count: int) -> list[str]:
 
 def run(settings, *, client_counts: tuple[int, ...] = (100, 1000)) -> dict:
     fresh_services(settings).close()
-    port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="rtqcc-bench-sse-"))
-    process = _start_stack(settings, port, data_dir)
-    base_url = f"http://127.0.0.1:{port}"
+    process, base_url = _start_stack(settings, data_dir)
     results: dict = {"jobs": JOBS, "tokens_per_s_per_job": TOKENS_PER_S, "measured_s_per_window": DURATION_S,
                      "order": "ours, baseline, baseline, ours (per client count)", "client_processes": CLIENT_PROCESSES}
     try:

@@ -313,6 +313,20 @@ def wait_for(predicate: Callable[[], object], *, timeout_s: float = 10.0, interv
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def announced_address(output: Path, pattern: str, process, *, timeout_s: float = 90.0) -> str:
+    """What a server started with port 0 printed about where it listens: the first match of
+    `pattern`'s group 1 in its `output` file. Ports are never chosen in advance, since another
+    process could take one between the choice and the bind."""
+    import re
+
+    def announced() -> str | None:
+        assert process.poll() is None, f"the process exited before listening: {output.read_text()[-3000:]}"
+        found = re.search(pattern, output.read_text())
+        return found and found.group(1)
+
+    return wait_for(announced, timeout_s=timeout_s, interval_s=0.05, what=f"{pattern!r} in {output.name}")
+
+
 def parse_sse(body: str) -> list[dict]:
     """SSE text to a list of {"id", "event", "data"} (comments and retry hints dropped)."""
     import json

@@ -23,11 +23,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import API_KEY, OTHER_KEY, STREAM_TOKEN_SECRET, consumer_env, job_events, wait_for
+from conftest import API_KEY, OTHER_KEY, STREAM_TOKEN_SECRET, announced_address, consumer_env, job_events, wait_for
 
 from rtqcc.bus.events import stream_id_tuple
 from rtqcc_emulator.client import RtqccClient
-from rtqcc_emulator.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTAINER_GATEWAY = ROOT / "infra" / "docker" / "gateway.py"
@@ -71,14 +70,19 @@ def container_gateway(settings, s3_endpoint, tmp_path):
     started: list[ContainerGateway] = []
 
     def start(**env: str) -> ContainerGateway:
-        port = free_port()
         environment = consumer_env(settings, s3_endpoint, RTQCC_API_KEYS=f"{API_KEY}:tenant-a,{OTHER_KEY}:tenant-b",
                                    RTQCC_STREAM_TOKEN_SECRET=STREAM_TOKEN_SECRET, RTQCC_SSE_HEARTBEAT_S="0.5", **env)
-        log_path = tmp_path / f"gateway-{port}.log"
+        log_path = tmp_path / f"gateway-{len(started)}.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen([sys.executable, str(CONTAINER_GATEWAY), "--host", "127.0.0.1", "--port", str(port)],
+            process = subprocess.Popen([sys.executable, str(CONTAINER_GATEWAY), "--host", "127.0.0.1", "--port", "0"],
                                        env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        gateway = ContainerGateway(process, f"http://127.0.0.1:{port}", log_path)
+        try:
+            base_url = announced_address(log_path, r"listening on (http://\S+)", process, timeout_s=WAIT_S)
+        except BaseException:
+            process.kill()
+            process.wait(5)
+            raise
+        gateway = ContainerGateway(process, base_url, log_path)
         started.append(gateway)
 
         def answers() -> bool:

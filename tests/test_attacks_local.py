@@ -30,7 +30,7 @@ from botocore.exceptions import ClientError
 from conftest import wait_for
 
 from rtqcc_emulator.embedded import (DISABLED_REDIS_COMMANDS, EmbeddedPostgres, SeaweedS3,
-                                     find_postgres_install, free_port)
+                                     find_postgres_install)
 
 AS_ROOT = os.geteuid() == 0
 
@@ -331,7 +331,7 @@ def test_rtqcc_up_keeps_its_files_private_and_prints_no_service_credential(tmp_p
     output = tmp_path / "up.out"
     rtqcc = Path(sys.executable).with_name("rtqcc")
     with open(output, "wb") as sink:
-        process = subprocess.Popen([str(rtqcc), "up", "--port", str(free_port()), "--data-dir", str(data_dir),
+        process = subprocess.Popen([str(rtqcc), "up", "--port", "0", "--data-dir", str(data_dir),
                                     "--consumers", "1", "--consumer-budget-s", "5"],
                                    stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_stack_env())
     try:

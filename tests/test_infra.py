@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from conftest import API_KEY, consumer_env, parse_sse
+from conftest import API_KEY, announced_address, consumer_env, parse_sse
 
 from rtqcc.errors import ConfigError
 from rtqcc.settings import Settings
@@ -390,30 +390,22 @@ def stream_env(base_settings, settings, s3_endpoint) -> dict[str, str]:
 
 def test_stream_zip_streams_frames_as_they_happen_under_run_sh(packaged, tmp_path, stream_env, api, run_consumer):
     """run.sh starts the server the Lambda Web Adapter forwards to; frames arrive before the job ends."""
-    from rtqcc_emulator.embedded import free_port
-
     task_root = tmp_path / "task"
     with zipfile.ZipFile(packaged / "stream.zip") as archive:
         archive.extractall(task_root)
     (task_root / "run.sh").chmod(0o755)
-    port = free_port()
-    env = {**stream_env, "LAMBDA_TASK_ROOT": str(task_root), "AWS_LWA_PORT": str(port),
+    # Port 0: the server binds a free port itself and says which, so no other process can take it first.
+    env = {**stream_env, "LAMBDA_TASK_ROOT": str(task_root), "AWS_LWA_PORT": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    process = subprocess.Popen(["bash", str(task_root / "run.sh")], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+    output = tmp_path / "stream-server.out"
+    with output.open("wb") as sink:
+        process = subprocess.Popen(["bash", str(task_root / "run.sh")], env=env, stdout=subprocess.DEVNULL, stderr=sink)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                probe = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                probe.request("GET", "/healthz")
-                assert probe.getresponse().status == 200
-                probe.close()
-                break
-            except OSError:
-                assert process.poll() is None, process.stderr.read().decode()
-                assert time.monotonic() < deadline, "the stream server did not come up"
-                time.sleep(0.1)
+        port = int(announced_address(output, r"stream server on 127\.0\.0\.1:(\d+)", process, timeout_s=15))
+        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        probe.request("GET", "/healthz")
+        assert probe.getresponse().status == 200
+        probe.close()
 
         external_id = api.create(section_count=2)
         assert api.post(f"/jobs/{external_id}/start").status_code == 202

@@ -12,12 +12,16 @@ Host, since Kubernetes probes send the pod's IP. The client address the function
 connection's peer, or the X-Forwarded-For entry added by a proxy listed in RTQCC_TRUSTED_PROXIES.
 
     python infra/docker/gateway.py --port 8080 [--sse streaming|buffered]
+
+It binds its socket before serving and prints `listening on http://HOST:PORT` (the port bound:
+`--port 0` takes a free one, so a test never races another process for a port chosen in advance).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from typing import Mapping
 
@@ -64,7 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rtqcc-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, **UVICORN_OPTIONS)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        listening = socket.create_server((args.host, args.port), family=family)
+    except OSError as exc:
+        print(f"rtqcc-gateway: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    host, port = listening.getsockname()[:2]
+    print(f"listening on http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, **UVICORN_OPTIONS))
+    server.run(sockets=[listening])
     return 0
 
 

@@ -113,7 +113,8 @@ def main() -> int:
 
     port = int(os.environ.get("AWS_LWA_PORT") or 8080)
     server = make_server(handler, "127.0.0.1", port)
-    print(f"rtqcc stream server on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    # The port bound, which is the one asked for unless that was 0 (tests: no port chosen in advance).
+    print(f"rtqcc stream server on 127.0.0.1:{server.server_address[1]}", file=sys.stderr, flush=True)
     server.serve_forever()
     return 0
 

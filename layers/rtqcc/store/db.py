@@ -139,7 +139,7 @@ class Database:
             try:
                 yield conn
             except BaseException:
-                if conn.raw._transaction_status != b"I":
+                if _Pg8000.in_transaction(conn.raw):
                     try:
                         conn.raw.run("ROLLBACK")
                     except (InterfaceError, OSError, DatabaseError):
