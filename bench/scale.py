@@ -235,7 +235,7 @@ def run(settings: Settings, *, jobs: int = 10_000, budget_s: float = 900.0) -> d
         rounds.append(after)
     finally:
         gateway.stop()
-    base_rate = baseline(services, jobs, settings.consumer_batch_size)
+    base_rate = baseline(services, jobs, 1)
     services.close()
     fresh_services(settings).close()  # leave nothing queued behind
     return {

@@ -30,6 +30,7 @@ class StackOptions:
     max_request_bytes: int = 10 * 1024 * 1024
     consumers: int = 2
     consumer_budget_s: float = 60.0
+    max_in_flight: int | None = None  # jobs per consumer at once; None: RTQCC_MAX_IN_FLIGHT or its default
 
 
 class LocalStack:
@@ -75,6 +76,8 @@ class LocalStack:
         env.setdefault("RTQCC_METRICS_TOKEN", self._kept_secret("metrics-token"))
         # Scheduled invocations wait for work until their budget ends instead of exiting when idle.
         env.setdefault("RTQCC_CONSUMER_IDLE_EXIT_MS", "0")
+        if self.options.max_in_flight is not None:
+            env["RTQCC_MAX_IN_FLIGHT"] = str(self.options.max_in_flight)
         self.env = env
         settings = Settings.from_env(env)
         settings.check_serving()

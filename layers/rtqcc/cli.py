@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     up_cmd.add_argument("--integration-timeout-s", type=float, default=29.0)
     up_cmd.add_argument("--consumers", type=int, default=2, help="concurrent consumer invocations")
     up_cmd.add_argument("--consumer-budget-s", type=float, default=60.0, help="each invocation's time budget")
+    up_cmd.add_argument("--max-in-flight", type=int, default=None,
+                        help="jobs each consumer runs at once (default: RTQCC_MAX_IN_FLIGHT, else 32)")
 
     demo_cmd = commands.add_parser("demo", help="run a sample manuscript job on the local stack")
     demo_cmd.add_argument("--sections", type=int, default=4)
@@ -124,7 +126,7 @@ def _up(args: argparse.Namespace) -> int:
     stack = LocalStack(StackOptions(
         port=args.port, data_dir=Path(args.data_dir), streaming=args.sse == "streaming",
         integration_timeout_s=args.integration_timeout_s, consumers=args.consumers,
-        consumer_budget_s=args.consumer_budget_s,
+        consumer_budget_s=args.consumer_budget_s, max_in_flight=args.max_in_flight,
     ), os.environ)
     stack.start()
     try:

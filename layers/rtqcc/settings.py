@@ -210,9 +210,9 @@ class Settings:
     sse_long_poll_s: float = 25.0
     sse_retry_ms: int = 1000
 
-    # One at a time: a consumer works its jobs in turn, so a larger batch would only hold jobs
-    # back from idle consumers.
-    consumer_batch_size: int = 1
+    # Jobs one consumer invocation runs at once (a worker thread each, waiting on the provider);
+    # `rtqcc up`'s two consumers run 64 together.
+    max_in_flight: int = 32
     consumer_idle_exit_ms: int = 1000
     consumer_safety_margin_ms: int = 2000
     consumer_max_deliveries: int = 5
@@ -291,7 +291,7 @@ class Settings:
             # Under API Gateway's 29 s integration timeout, with room to answer.
             sse_long_poll_s=_float(env, "RTQCC_SSE_LONG_POLL_S", 25.0, minimum=0.1, maximum=27.0),
             sse_retry_ms=_int(env, "RTQCC_SSE_RETRY_MS", 1000),
-            consumer_batch_size=_int(env, "RTQCC_CONSUMER_BATCH_SIZE", 1, minimum=1),
+            max_in_flight=_int(env, "RTQCC_MAX_IN_FLIGHT", 32, minimum=1),
             consumer_idle_exit_ms=_int(env, "RTQCC_CONSUMER_IDLE_EXIT_MS", 1000),
             consumer_safety_margin_ms=_int(env, "RTQCC_CONSUMER_SAFETY_MARGIN_MS", 2000),
             consumer_max_deliveries=_int(env, "RTQCC_CONSUMER_MAX_DELIVERIES", 5, minimum=1),

@@ -17,9 +17,13 @@ class ControlCommand(StrEnum):
     WAKE = "wake"      # no command: wakes the listener so it notices it should stop listening
 
 
+_PREFIX, _SUFFIX = "job:", ":control"
+EVERY_JOB = f"{_PREFIX}*{_SUFFIX}"  # the pattern of every job's channel
+
+
 def control_channel(external_id: str) -> str:
     """The pub/sub channel of one job's commands."""
-    return f"job:{external_id}:control"
+    return f"{_PREFIX}{external_id}{_SUFFIX}"
 
 
 def send_control(redis: Redis, external_id: str, command: ControlCommand) -> None:
@@ -27,15 +31,31 @@ def send_control(redis: Redis, external_id: str, command: ControlCommand) -> Non
 
 
 class ControlListener:
-    """The commands sent to one job, as they arrive (subscribe before relying on them)."""
+    """The commands sent to any job, on one connection for a whole consumer process: it
+    subscribes to the pattern of every job's channel once, however many jobs it runs, so a job it
+    takes after that has no window in which a command could pass unheard. Commands are few (a
+    person pressed pause), so hearing those of jobs run elsewhere costs nothing worth a
+    subscription per job. `wake()` interrupts a `wait()` from another thread."""
 
-    def __init__(self, redis: Redis, external_id: str):
+    def __init__(self, redis: Redis, name: str):
         self.redis = redis
-        self.external_id = external_id
+        self._wake_channel = f"consumer:{name}:wake"
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self.listening = False
+
+    def listen(self) -> bool:
+        """Subscribe, if not yet done; False while Redis is away (try again later)."""
+        if not self.listening:
+            try:
+                self._pubsub.psubscribe(EVERY_JOB)
+                self._pubsub.subscribe(self._wake_channel)
+            except Exception:
+                return False
+            self.listening = True
+        return True
 
     def __enter__(self) -> "ControlListener":
-        self._pubsub.subscribe(control_channel(self.external_id))
+        self.listen()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -44,15 +64,18 @@ class ControlListener:
         except Exception:  # closing a connection Redis already dropped is not an error
             pass
 
-    def wait(self, timeout_s: float) -> ControlCommand | None:
-        """The next command within `timeout_s`, or None. Redis errors are the caller's to handle."""
+    def wait(self, timeout_s: float) -> tuple[str, ControlCommand] | None:
+        """The next (external id, command) within `timeout_s`, or None (also for a wake).
+        Redis errors are the caller's to handle; the subscriptions are renewed on reconnection."""
         message = self._pubsub.get_message(timeout=timeout_s)
-        if not message or message.get("type") != "message":
+        if not message or message.get("type") != "pmessage":
             return None
+        channel = message["channel"]
         try:
-            return ControlCommand(message["data"])
+            command = ControlCommand(message["data"])
         except ValueError:
             return None
+        return channel[len(_PREFIX):-len(_SUFFIX)], command
 
     def wake(self) -> None:
-        send_control(self.redis, self.external_id, ControlCommand.WAKE)
+        self.redis.publish(self._wake_channel, ControlCommand.WAKE.value)

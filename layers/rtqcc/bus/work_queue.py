@@ -68,9 +68,11 @@ class WorkQueue:
             deliveries.append(_delivery(entry_id, fields, reclaimed=True))
         return deliveries
 
-    def touch(self, consumer: str, message_id: str) -> None:
-        """Reset a message's idle time so a healthy long job is not claimed by another consumer."""
-        self.redis.xclaim(self.stream, self.group, consumer, 0, [message_id], justid=True)
+    def touch(self, consumer: str, message_ids: list[str]) -> None:
+        """Reset the idle time of messages being worked on, so a healthy long job is not claimed
+        by another consumer: one command for all of a consumer's messages."""
+        if message_ids:
+            self.redis.xclaim(self.stream, self.group, consumer, 0, message_ids, justid=True)
 
     def ack(self, message_id: str) -> None:
         self.redis.xack(self.stream, self.group, message_id)

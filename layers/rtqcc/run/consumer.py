@@ -8,7 +8,8 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # Failures of a service that will come back: the consumer waits them out instead of crashing.
 TRANSIENT_ERRORS = (*OUTAGE_ERRORS, OSError)
+# With runs in flight, a read of the queue blocks at most this long, so that a slot a run frees
+# is filled soon after (a read returns at once when messages are waiting).
+IN_FLIGHT_READ_BLOCK_MS = 200
 
 
 @dataclass
@@ -43,11 +47,21 @@ class DrainResult:
     stopped: int = 0     # jobs stopped by pause or cancel
     failed: int = 0
     skipped: int = 0     # messages that needed nothing (finished job, duplicate, someone else's lease)
+    returned: int = 0    # messages read as the budget ran out, put back on the queue untouched
     sections_written: int = 0
     last_id: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def add(self, other: "DrainResult", message_id: str) -> None:
+        """Count one message's outcome in; `last_id` is the furthest position handled (a stale
+        message claimed after newer ones is older)."""
+        for counter in fields(self):
+            if counter.name != "last_id":
+                setattr(self, counter.name, getattr(self, counter.name) + getattr(other, counter.name))
+        if self.last_id is None or stream_id_tuple(message_id) > stream_id_tuple(self.last_id):
+            self.last_id = message_id
 
 
 class TimeBudget:
@@ -68,6 +82,10 @@ def default_consumer_name() -> str:
 
 
 class Consumer:
+    """Runs up to `max_in_flight` jobs at once, each on a worker thread of its own (generation is
+    waiting on a token stream; pg8000, redis-py and the provider's HTTP client are blocking), with
+    one lease keeper thread for all of them. A new message is read whenever a slot is free."""
+
     def __init__(self, services: Services, *, name: str | None = None, clock: Callable[[], float] = time.monotonic):
         self.services = services
         self.settings = services.settings
@@ -75,7 +93,7 @@ class Consumer:
         self.clock = clock
         self.failpoints = Failpoints(self.settings.crash_at)
         self._shutting_down = threading.Event()
-        self._running: AbortSignal | None = None
+        self._keeper: LeaseKeeper | None = None
         self.orchestrator = ManuscriptOrchestrator(
             jobs=services.jobs, blobs=services.blobs, events=services.events,
             provider=MeasuredProvider(services.provider, MetricsRecorder(services.redis),
@@ -91,43 +109,86 @@ class Consumer:
         return self._shutting_down.is_set()
 
     def shut_down(self) -> None:
-        """Stop soon, from any thread (a signal handler): the running job is checkpointed and
+        """Stop soon, from any thread (a signal handler): every running job is checkpointed and
         handed back, and the drain returns."""
         self._shutting_down.set()
-        running = self._running
-        if running is not None:
-            running.abort(StopReason.SHUTDOWN)
+        keeper = self._keeper
+        if keeper is not None:
+            keeper.stop_all(StopReason.SHUTDOWN)
 
     def drain(self, remaining_ms: Callable[[], int]) -> DrainResult:
         """Work until the budget reported by `remaining_ms` (a Lambda context's
         get_remaining_time_in_millis) is nearly spent, or the queue stays empty."""
-        settings, queue = self.settings, self.services.queue
+        settings = self.settings
         deadline = self.clock() + (remaining_ms() - settings.consumer_safety_margin_ms) / 1000
         result = DrainResult()
+        keeper = LeaseKeeper(
+            redis=self.services.redis, jobs=self.services.jobs, queue=self.services.queue, consumer=self.name,
+            lease_ttl_s=settings.lease_ttl_s, poll_s=settings.control_poll_s, deadline=deadline, clock=self.clock,
+        )
+        self._keeper = keeper
+        if self._shutting_down.is_set():
+            keeper.stop_all(StopReason.SHUTDOWN)
+        try:
+            with keeper, ThreadPoolExecutor(settings.max_in_flight, thread_name_prefix=f"run-{self.name}") as runs:
+                self._dispatch(runs, keeper, deadline, result)
+        finally:
+            self._keeper = None
+        try:
+            self._checkpoint(result)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("could not checkpoint the consumer's counters: %s", exc)
+        return result
+
+    def _dispatch(self, runs: ThreadPoolExecutor, keeper: LeaseKeeper, deadline: float, result: DrainResult) -> None:
+        """Read messages into free slots until the budget is spent or the queue stays empty, then
+        wait for the runs (the keeper stops them at the deadline; they checkpoint and hand back)."""
+        settings, queue = self.settings, self.services.queue
+        in_flight: dict[Future, Delivery] = {}
         idle_since = self.clock()
         next_claim = 0.0
         backoff_s = 0.0
         group_ready = False
+
+        def settle_finished(block_s: float = 0.0) -> None:
+            finished, _ = wait(in_flight, timeout=block_s, return_when=FIRST_COMPLETED) if in_flight else ((), ())
+            for future in finished:
+                delivery = in_flight.pop(future)
+                result.add(future.result(), delivery.message_id)
+
+        def start(batch: list[Delivery]) -> None:
+            for delivery in batch:
+                if self.clock() >= deadline or self._shutting_down.is_set():
+                    # Untouched: hand it straight back rather than strand it in our pending list.
+                    queue.requeue_then_ack(delivery.external_id, delivery.message_id)
+                    result.add(DrainResult(returned=1), delivery.message_id)
+                else:
+                    in_flight[runs.submit(self.handle, delivery, keeper)] = delivery
+
         while (left_ms := int((deadline - self.clock()) * 1000)) > 0 and not self._shutting_down.is_set():
+            settle_finished()
+            free = settings.max_in_flight - len(in_flight)
+            if free == 0:  # every slot busy: wait for a run to end (the keeper ends them by the deadline)
+                settle_finished(max(0.0, deadline - self.clock()))
+                continue
+            batch: list[Delivery] = []
             try:
                 if not group_ready:  # at start, and after an outage: Redis may have lost the group
                     queue.ensure_group()
                     group_ready = True
                 if self.clock() >= next_claim:
                     # Messages of consumers that died are taken over once their lease has expired.
-                    stale = queue.claim_stale(self.name, min_idle_ms=int(settings.lease_ttl_s * 1000),
-                                              count=settings.consumer_batch_size)
-                    self._handle_batch(stale, deadline, result)
+                    start(queue.claim_stale(self.name, min_idle_ms=int(settings.lease_ttl_s * 1000), count=free))
                     next_claim = self.clock() + settings.lease_ttl_s / 2
                     backoff_s = 0.0
                     continue
                 wait_ms = min(left_ms, int((next_claim - self.clock()) * 1000) + 1)
+                if in_flight:  # come back soon to fill the slots that runs free
+                    wait_ms = min(wait_ms, IN_FLIGHT_READ_BLOCK_MS)
                 block_ms = max(1, min(wait_ms, settings.consumer_idle_exit_ms or wait_ms))
-                batch = queue.read(self.name, count=settings.consumer_batch_size, block_ms=block_ms)
-                if batch:
-                    # Unhandled entries of a batch cut short stay pending, and are reclaimed.
-                    self._handle_batch(batch, deadline, result)
-                    idle_since = self.clock()
+                batch = queue.read(self.name, count=free, block_ms=block_ms)
+                # Unhandled entries of a batch cut short stay pending, and are reclaimed.
+                start(batch)
                 backoff_s = 0.0
             except TRANSIENT_ERRORS as exc:
                 # Redis, Postgres or S3 is away: wait, doubling up to a limit, within the budget.
@@ -136,71 +197,64 @@ class Consumer:
                 log.warning("a service is unavailable, retrying in %.1f s: %s", backoff_s, exc)
                 self._shutting_down.wait(min(backoff_s, max(0.0, deadline - self.clock())))
                 continue
-            if not batch and settings.consumer_idle_exit_ms and (self.clock() - idle_since) * 1000 >= settings.consumer_idle_exit_ms:
+            if batch or in_flight:
+                idle_since = self.clock()
+            elif settings.consumer_idle_exit_ms and (self.clock() - idle_since) * 1000 >= settings.consumer_idle_exit_ms:
                 break
-        try:
-            self._checkpoint(result)
-        except TRANSIENT_ERRORS as exc:
-            log.warning("could not checkpoint the consumer's counters: %s", exc)
+        while in_flight:
+            settle_finished(None)
+
+    def handle(self, delivery: Delivery, keeper: LeaseKeeper) -> DrainResult:
+        """Take one message to an end; what happened, as counts."""
+        result = DrainResult()
+        with log_context(externalId=delivery.external_id, consumer=self.name):
+            try:
+                self._handle(delivery, keeper, result)
+            except TRANSIENT_ERRORS as exc:
+                # Before a lease (or while giving it back): the message stays pending and is
+                # claimed again once idle for a lease's length.
+                log.warning("job %s left pending, a service is unavailable: %s", delivery.external_id, exc)
         return result
 
-    def _handle_batch(self, batch: list[Delivery], deadline: float, result: DrainResult) -> None:
-        for delivery in batch:
-            if self.clock() >= deadline or self._shutting_down.is_set():
-                # Untouched: hand it straight back rather than strand it in our pending list.
-                self.services.queue.requeue_then_ack(delivery.external_id, delivery.message_id)
-                result.requeued += 1
-            else:
-                self.handle(delivery, deadline, result)
-            # The furthest position handled: a stale message claimed after newer ones is older.
-            if result.last_id is None or stream_id_tuple(delivery.message_id) > stream_id_tuple(result.last_id):
-                result.last_id = delivery.message_id
-
-    def handle(self, delivery: Delivery, deadline: float, result: DrainResult) -> None:
-        with log_context(externalId=delivery.external_id, consumer=self.name):
-            self._handle(delivery, deadline, result)
-
-    def _handle(self, delivery: Delivery, deadline: float, result: DrainResult) -> None:
+    def _handle(self, delivery: Delivery, keeper: LeaseKeeper, result: DrainResult) -> None:
         queue, jobs = self.services.queue, self.services.jobs
         job = jobs.get_by_external_id(delivery.external_id) if is_external_id(delivery.external_id) else None
-        lease = None
-        if job is not None and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
-            lease = jobs.acquire_lease(job.external_id, self.name, self.settings.lease_ttl_s)
-        if job is not None and lease is None and delivery.reclaimed and job.status == JobStatus.RUNNING:
-            # Claimed from a consumer that went quiet, but its lease has not expired yet: this may
-            # be that consumer's own message, the job's only one. Leave it pending; it is claimed
-            # again later, by when the lease has expired (or the job has moved on).
-            result.skipped += 1
-            return
-        if job is None or lease is None:
-            # Nothing to run, or another consumer holds a live lease and its own message stays
-            # pending until it finishes or hands the job back: this duplicate can go.
-            queue.ack(delivery.message_id)
+        if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            queue.ack(delivery.message_id)  # nothing to run: a finished job, or a duplicate
             result.skipped += 1
             result.processed += 1
             return
-
-        if lease.failures >= self.settings.consumer_max_deliveries:
-            failure = gave_up(lease.failures, lease.last_error)
-            log.error("job %s is poison: %s", job.external_id, failure.message)
-            self.orchestrator.fail(job, lease, failure)
-            queue.dead_letter_then_ack(job.external_id, delivery.message_id, failure.message)
-            result.failed += 1
-            result.processed += 1
-            return
-
         abort = AbortSignal()
-        keeper = LeaseKeeper(
-            redis=self.services.redis, jobs=jobs, queue=queue, lease=lease, message_id=delivery.message_id,
-            consumer=self.name, abort=abort, lease_ttl_s=self.settings.lease_ttl_s,
-            poll_s=self.settings.control_poll_s, deadline=deadline, clock=self.clock,
-        )
-        self._running = abort
-        if self._shutting_down.is_set():
-            abort.abort(StopReason.SHUTDOWN)
+        with keeper.watching(job.external_id, abort) as watched:
+            lease = jobs.acquire_lease(job.external_id, self.name, self.settings.lease_ttl_s)
+            if lease is None and delivery.reclaimed and job.status == JobStatus.RUNNING:
+                # Claimed from a consumer that went quiet, but its lease has not expired yet: this
+                # may be that consumer's own message, the job's only one. Leave it pending; it is
+                # claimed again later, by when the lease has expired (or the job has moved on).
+                result.skipped += 1
+                return
+            if lease is None:
+                # Another consumer holds a live lease and its own message stays pending until it
+                # finishes or hands the job back: this duplicate can go.
+                queue.ack(delivery.message_id)
+                result.skipped += 1
+                result.processed += 1
+                return
+            if lease.failures >= self.settings.consumer_max_deliveries:
+                failure = gave_up(lease.failures, lease.last_error)
+                log.error("job %s is poison: %s", job.external_id, failure.message)
+                self.orchestrator.fail(job, lease, failure)
+                queue.dead_letter_then_ack(job.external_id, delivery.message_id, failure.message)
+                result.failed += 1
+                result.processed += 1
+                return
+            watched.hold(lease, delivery.message_id)
+            self._run(job, lease, abort, delivery, result)
+
+    def _run(self, job: Job, lease: Lease, abort: AbortSignal, delivery: Delivery, result: DrainResult) -> None:
+        queue = self.services.queue
         try:
-            with keeper:
-                outcome = self.orchestrator.run(job, lease, abort)
+            outcome = self.orchestrator.run(job, lease, abort)
         except ProviderError as exc:
             log.warning("job %s failed: %s", job.external_id, exc)
             self.orchestrator.fail(job, lease, describe_failure(exc))
@@ -222,8 +276,6 @@ class Consumer:
                     exc_info=level == logging.ERROR)
             self._hand_back(job, lease, delivery, result, error=describe_failure(exc).message, failed=not outage)
             return
-        finally:
-            self._running = None
         self._settle(job, lease, delivery, outcome, result)
 
     def _settle(self, job: Job, lease: Lease, delivery: Delivery, outcome: RunOutcome, result: DrainResult) -> None:

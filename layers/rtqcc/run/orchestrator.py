@@ -2,14 +2,19 @@
 
 Order of writes for a section: content to S3, then the row marked done (fenced by the lease).
 A crash between the two leaves the row pending and the section is written again, to the same
-key, by whoever takes the job next: never lost, never counted twice."""
+key, by whoever takes the job next: never lost, never counted twice.
+
+A run keeps what it knows in memory (the sections, their texts, the usage and the spend so far),
+so a finished section costs one S3 PUT, one Postgres statement (its calls, its row, the next
+section marked running) and one pipeline of events (its completion, the job's usage, the next
+section's start), besides its token deltas."""
 
 from __future__ import annotations
 
 import hashlib
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 from ..writing.abort import AbortSignal, StopReason
@@ -19,6 +24,8 @@ from ..errors import ProviderError, StreamCut
 from .failures import PublicFailure
 from ..bus.events import EventLog
 from .failpoints import DISABLED, Failpoints
+from ..store.attempts import billed_total
+from ..store.db import Row
 from ..store.jobs import DEFAULT_SECTION_COUNT, Attempt, Job, JobStore, Lease, Section
 from ..writing.pricing import DEFAULT_PRICES, Price, cost_usd, price_for
 from ..writing.prompts import outline_request, parse_outline, section_request
@@ -52,7 +59,9 @@ class DeltaBuffer:
         self._interval = flush_interval_s
         self._clock = clock
         self._pending: list[str] = []
-        self._last_flush = 0.0
+        # As if a flush had just happened: the first tokens wait for the interval too, so a fast
+        # provider's section goes out in as few events as the interval allows.
+        self._last_flush = clock()
         self._lock = threading.Condition()
         self._closed = False
         self._timer: threading.Thread | None = None
@@ -116,65 +125,71 @@ class ManuscriptOrchestrator:
     def run(self, job: Job, lease: Lease, abort: AbortSignal) -> RunOutcome:
         ext = job.external_id
         self.events.publish(ext, "status", {"status": JobStatus.RUNNING.value})
-        sections = self.jobs.sections(job.id)
-        if not sections:
-            if not self._write_outline(job, lease, abort):
-                return self._stopped(job, lease, abort, 0)
-            sections = self.jobs.sections(job.id)
-        else:
-            self._announce_last_done(job, sections)
+        run = JobRun(job, lease, abort, sections=self.jobs.sections(job.id))
+        if run.sections:
+            run.usage = self.jobs.usage_by_section(job.id)
+            self._announce_last_done(run)
+        if job.budget:
+            run.spent_tokens, run.spent_cost = self.jobs.spent(job.id)
+        if not run.sections:
+            if not self._write_outline(run):
+                return self._stopped(run)
+            run.sections = self.jobs.sections(job.id)
 
-        texts: dict[int, str] = {}
-        written = 0
-        for section in sections:
-            if section.status == SectionStatus.DONE:
-                continue
-            if abort.aborted:
-                return self._stopped(job, lease, abort, written)
-            previous = self._text_of(sections, section.idx - 1, texts) if section.idx > 0 else ""
-            text = self._write_section(job, lease, sections, section, previous, abort)
+        pending = [section for section in run.sections if section.status != SectionStatus.DONE]
+        upcoming = self._prepare(run, pending[0]) if pending else None
+        if upcoming is not None:  # later sections are marked running by the statement that ends the one before
+            self.jobs.mark_section_running(lease, upcoming.section.idx)
+            self.events.publish(ext, *upcoming.started_event())
+        for position in range(len(pending)):
+            if upcoming is None or abort.aborted:
+                return self._stopped(run)
+            current = upcoming
+            text = self._write_section(run, current)
             if text is None:
-                return self._stopped(job, lease, abort, written)
-            texts[section.idx] = text
-            written += 1
+                return self._stopped(run)
+            following = pending[position + 1] if position + 1 < len(pending) else None
+            upcoming = (self._prepare(run, following, previous_text=text, unrecorded=current.attempts)
+                        if following is not None else None)
+            self._complete_section(run, current, text, upcoming)
 
         key = manuscript_key(ext)
-        body = assemble(job.title, [(s.title, self._text_of(sections, s.idx, texts)) for s in sections])
+        body = assemble(job.title, [(s.title, self._text_of(run, s.idx)) for s in run.sections])
         self.blobs.put(key, body.encode("utf-8"))
         if not self.jobs.finish(lease, JobStatus.COMPLETED, manuscript_key=key):
             # Paused or cancelled after the last section: the control handler owns that story.
             return RunOutcome(status=None, stopped_by=abort.reason or StopReason.STATE_CHANGED,
-                              sections_written=written)
+                              sections_written=run.written)
         self.events.publish_many(ext, [
             ("status", {"status": JobStatus.COMPLETED.value}),
             ("done", {"status": JobStatus.COMPLETED.value}),
         ])
-        return RunOutcome(status=JobStatus.COMPLETED, stopped_by=None, sections_written=written)
+        return RunOutcome(status=JobStatus.COMPLETED, stopped_by=None, sections_written=run.written)
 
-    def _stopped(self, job: Job, lease: Lease, abort: AbortSignal, written: int) -> RunOutcome:
-        reason = abort.reason
+    def _stopped(self, run: "JobRun") -> RunOutcome:
+        job, reason = run.job, run.abort.reason
         if reason is None or not reason.pauses_the_job_itself:
-            return RunOutcome(status=None, stopped_by=reason, sections_written=written)
+            return RunOutcome(status=None, stopped_by=reason, sections_written=run.written)
         # Our own stop: pause the job (fenced: only if it is still running under our lease).
-        if not self.jobs.finish(lease, JobStatus.PAUSED, reason=reason):
-            return RunOutcome(status=None, stopped_by=reason, sections_written=written)
+        if not self.jobs.finish(run.lease, JobStatus.PAUSED, reason=reason):
+            return RunOutcome(status=None, stopped_by=reason, sections_written=run.written)
         tokens, cost = self.jobs.spent(job.id)
         paused = {"status": JobStatus.PAUSED.value, "reason": reason, "budget": job.budget,
                   "spent": {"total_tokens": tokens, "cost_usd": money(cost)}}
         if reason == StopReason.QUOTA_EXCEEDED and self.quotas is not None:
             paused["quota"] = self.quotas.standing(job.tenant, count_active=False).public()
         self.events.publish(job.external_id, "status", paused)
-        return RunOutcome(status=JobStatus.PAUSED, stopped_by=reason, sections_written=written)
+        return RunOutcome(status=JobStatus.PAUSED, stopped_by=reason, sections_written=run.written)
 
-    def _announce_last_done(self, job: Job, sections: list[Section]) -> None:
+    def _announce_last_done(self, run: "JobRun") -> None:
         """A run that died between marking a section done and announcing it left watchers
         without its `section.completed`. Only the last done section can be in that state (they
         are written in order), so a resumed run announces it again; watchers take it as a no-op."""
-        done = [s for s in sections if s.status == SectionStatus.DONE]
+        done = [s for s in run.sections if s.status == SectionStatus.DONE]
         if done:
-            usage = self.jobs.usage_by_section(job.id)
-            self.events.publish(job.external_id, "section.completed", {
-                "index": done[-1].idx, "chars": done[-1].content_chars, "usage": public_usage(usage.get(done[-1].idx))})
+            self.events.publish(run.job.external_id, "section.completed", {
+                "index": done[-1].idx, "chars": done[-1].content_chars,
+                "usage": public_usage(run.usage.get(done[-1].idx))})
 
     def fail(self, job: Job, lease: Lease, failure: PublicFailure) -> bool:
         if not self.jobs.finish(lease, JobStatus.FAILED, error=failure.message, reason=failure.code):
@@ -185,34 +200,41 @@ class ManuscriptOrchestrator:
 
     # ---- steps ------------------------------------------------------------------------------
 
-    def _write_outline(self, job: Job, lease: Lease, abort: AbortSignal) -> bool:
+    def _write_outline(self, run: "JobRun") -> bool:
+        job, abort = run.job, run.abort
         request = outline_request(job)
-        meter = self._meter(job, request, abort)
+        meter = self._meter(run, request)
         if abort.aborted:
             return False
-        result = self._generate(job, None, request, abort, lambda _delta: None, meter)
+        result, attempts = self._generate(run, None, request, lambda _delta: None, meter)
+        self.jobs.record_attempts(job.id, attempts)
         if result.aborted:
             return False
         if result.finish_reason is None:
             raise StreamCut(f"Job {job.external_id}: the outline stream ended early")
         outline = parse_outline(result.text, job.section_count or DEFAULT_SECTION_COUNT)
-        self.jobs.save_outline(lease, outline)
+        self.jobs.save_outline(run.lease, outline)
+        run.usage = self.jobs.usage_by_section(job.id)
         self.events.publish(job.external_id, "outline", {
             "sections": [{"index": i, "title": item.title, "brief": item.brief} for i, item in enumerate(outline)]
         })
         return True
 
-    def _write_section(self, job: Job, lease: Lease, sections: list[Section], section: Section,
-                       previous: str, abort: AbortSignal) -> str | None:
-        ext = job.external_id
-        request = section_request(job, sections, section, previous)
-        meter = self._meter(job, request, abort)
-        if abort.aborted:
-            return None
-        self.jobs.mark_section_running(lease, section.idx)
-        self.events.publish(ext, "section.started", {
-            "index": section.idx, "title": section.title, "resumed_chars": len(section.partial_text),
-        })
+    def _prepare(self, run: "JobRun", section: Section, previous_text: str | None = None,
+                 unrecorded: list[Attempt] = ()) -> "UpcomingSection | None":
+        """The next section's request, checked against the budget and quota: None (the reason
+        raised on the abort signal) when its call would pass a limit with its first token.
+        `unrecorded`: calls paid for but not yet in Postgres (the section before, not yet completed)."""
+        if previous_text is None:
+            previous_text = self._text_of(run, section.idx - 1) if section.idx > 0 else ""
+        request = section_request(run.job, run.sections, section, previous_text)
+        meter = self._meter(run, request, unrecorded)
+        return None if run.abort.aborted else UpcomingSection(section, request, meter)
+
+    def _write_section(self, run: "JobRun", upcoming: "UpcomingSection") -> str | None:
+        """Stream one section; its text (its calls kept on `upcoming` for the statement that
+        completes it), or None when the run stopped mid-way (the partial text and calls saved)."""
+        ext, section, lease = run.job.external_id, upcoming.section, run.lease
         deltas = DeltaBuffer(
             lambda text: self.events.publish(ext, "section.delta", {"index": section.idx, "text": text}),
             self.delta_flush_s,
@@ -223,7 +245,7 @@ class ManuscriptOrchestrator:
             self.failpoints.hit("mid_token")
 
         try:
-            result = self._generate(job, section.idx, request, abort, on_delta, meter)
+            result, upcoming.attempts = self._generate(run, section.idx, upcoming.request, on_delta, upcoming.meter)
         except ProviderRefused as exc:
             if exc.partial is not None and exc.partial.text:  # paid for: keep it for a retry of the job
                 self.jobs.save_partial(lease, section.idx, section.partial_text + strip_unstorable(exc.partial.text))
@@ -233,49 +255,58 @@ class ManuscriptOrchestrator:
         text = section.partial_text + strip_unstorable(result.text)
         if result.finish_reason is None:
             # Keep every token paid for: the next run continues after this text.
+            self.jobs.record_attempts(run.job.id, upcoming.attempts)
             self.jobs.save_partial(lease, section.idx, text)
             if result.aborted:
                 return None
             raise StreamCut(f"Job {ext}: section {section.idx} stream ended without a finish reason")
+        return text
 
+    def _complete_section(self, run: "JobRun", written: "UpcomingSection", text: str,
+                          following: "UpcomingSection | None") -> None:
+        ext, section = run.job.external_id, written.section
         body = text.encode("utf-8")
         key = section_key(ext, section.idx)
         self.blobs.put(key, body)
         self.failpoints.hit("after_s3_put")
-        self.jobs.mark_section_done(lease, section.idx, key=key, sha256=hashlib.sha256(body).hexdigest(),
-                                    chars=len(text))
+        run.usage[section.idx] = self.jobs.complete_section(
+            run.lease, section.idx, key=key, sha256=hashlib.sha256(body).hexdigest(), chars=len(text),
+            attempts=written.attempts, start_next=[following.section.idx] if following is not None else [])
         self.failpoints.hit("after_commit")
-        usage = self.jobs.usage_by_section(job.id)
-        self.events.publish_many(ext, [
-            ("section.completed", {"index": section.idx, "chars": len(text),
-                                   "usage": public_usage(usage.get(section.idx))}),
-            ("usage", public_job_usage(usage)),
-        ])
-        return text
+        run.texts[section.idx] = text
+        run.written += 1
+        events = [("section.completed", {"index": section.idx, "chars": len(text),
+                                         "usage": public_usage(run.usage[section.idx])}),
+                  ("usage", public_job_usage(run.usage))]
+        if following is not None:
+            events.append(following.started_event())
+        self.events.publish_many(ext, events)
 
-    def _meter(self, job: Job, request: GenerationRequest, abort: AbortSignal) -> BudgetMeter | None:
+    def _meter(self, run: "JobRun", request: GenerationRequest, unrecorded: list[Attempt] = ()) -> BudgetMeter | None:
         """The job's budget and its tenant's daily quota for this call (None without either).
         Raises the limit's reason (`budget_exceeded`, `quota_exceeded`) on the abort signal,
         instead of calling, when the call would pass it with its first token."""
-        limits = []
+        job, limits = run.job, []
         if job.budget:
-            tokens, cost = self.jobs.spent(job.id)
-            limits.append(job_limit(job.budget, spent_tokens=tokens, spent_cost_usd=cost))
+            limits.append(job_limit(job.budget, spent_tokens=run.spent_tokens, spent_cost_usd=run.spent_cost))
         if self.quotas is not None:  # one query per call: the tenant's spend today
             daily = self.quotas.standing(job.tenant, measure=False, count_active=False).daily_limit()
             if daily is not None:
-                limits.append(daily)
+                limits.append(daily.plus(*billed_total(unrecorded)))
         meter = BudgetMeter(limits, price=price_for(request.model, self.prices), model=request.model)
         if not meter.limited:
             return None
         # A chat provider's prompt, framing included: what a provider that counts calls records.
         if reason := meter.start_call(count_chat_tokens(chat_messages(request, request.prefix), request.model)):
-            abort.abort(reason)
+            run.abort.abort(reason)
         return meter
 
-    def _generate(self, job: Job, idx: int | None, request: GenerationRequest, abort: AbortSignal,
-                  on_delta: Callable[[str], None], meter: BudgetMeter | None) -> GenerationResult:
-        """One answer from the provider, metered against the budget, every call it made recorded."""
+    def _generate(self, run: "JobRun", idx: int | None, request: GenerationRequest,
+                  on_delta: Callable[[str], None], meter: BudgetMeter | None) -> tuple[GenerationResult, list[Attempt]]:
+        """One answer from the provider, metered against the budget, with every call it made
+        (each was paid for) as attempts for the caller to record, counted in the run's spend."""
+        abort = run.abort
+
         def metered(text: str) -> None:
             on_delta(text)
             if reason := meter.add_output(count_tokens(text, request.model)):
@@ -285,13 +316,12 @@ class ManuscriptOrchestrator:
             result = self.provider.stream(request, abort, metered if meter is not None else on_delta)
         except ProviderRefused as exc:
             if exc.partial is not None:
-                self._record(job, idx, request, exc.partial)
+                self.jobs.record_attempts(run.job.id, run.spend(self._attempts(idx, request, exc.partial)))
             raise
-        self._record(job, idx, request, result)
-        return result
+        return result, run.spend(self._attempts(idx, request, result))
 
-    def _record(self, job: Job, idx: int | None, request: GenerationRequest, result: GenerationResult) -> None:
-        """One generation_attempts row per HTTP call the provider made (each was paid for)."""
+    def _attempts(self, idx: int | None, request: GenerationRequest, result: GenerationResult) -> list[Attempt]:
+        """One attempt per HTTP call the provider made, priced."""
         calls = result.calls or [CallUsage(
             reported_prompt_tokens=result.reported_prompt_tokens,
             reported_completion_tokens=result.reported_completion_tokens,
@@ -300,6 +330,7 @@ class ManuscriptOrchestrator:
             finish_reason=result.finish_reason,
             aborted=result.aborted,
         )]
+        attempts = []
         for call in calls:
             attempt = Attempt(
                 section_idx=idx,
@@ -312,13 +343,49 @@ class ManuscriptOrchestrator:
                 aborted=call.aborted,
             )
             cost = cost_usd(request.model, attempt.billed_prompt_tokens, attempt.billed_completion_tokens, self.prices)
-            self.jobs.record_attempt(job.id, replace(attempt, cost_usd=cost))
+            attempts.append(replace(attempt, cost_usd=cost))
+        return attempts
 
-    def _text_of(self, sections: list[Section], idx: int, texts: dict[int, str]) -> str:
-        if idx not in texts:
-            key = sections[idx].content_key
-            texts[idx] = self.blobs.get(key).decode("utf-8") if key else ""
-        return texts[idx]
+    def _text_of(self, run: "JobRun", idx: int) -> str:
+        if idx not in run.texts:
+            key = run.sections[idx].content_key
+            run.texts[idx] = self.blobs.get(key).decode("utf-8") if key else ""
+        return run.texts[idx]
+
+
+@dataclass
+class UpcomingSection:
+    """A section about to be written: its request, its meter, and once written, its calls."""
+
+    section: Section
+    request: GenerationRequest
+    meter: BudgetMeter | None
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def started_event(self) -> tuple[str, dict]:
+        return "section.started", {"index": self.section.idx, "title": self.section.title,
+                                   "resumed_chars": len(self.section.partial_text)}
+
+
+@dataclass
+class JobRun:
+    """What one run of a job knows, kept in memory for its length instead of asked of Postgres."""
+
+    job: Job
+    lease: Lease
+    abort: AbortSignal
+    sections: list[Section]
+    texts: dict[int, str] = field(default_factory=dict)
+    usage: dict[int | None, Row] = field(default_factory=dict)  # usage_by_section's rows
+    spent_tokens: int = 0              # billed tokens of every call of the job so far (with a budget)
+    spent_cost: float | None = 0.0     # their cost; None once a call had no price
+    written: int = 0
+
+    def spend(self, attempts: list[Attempt]) -> list[Attempt]:
+        tokens, cost = billed_total(attempts)
+        self.spent_tokens += tokens
+        self.spent_cost = None if self.spent_cost is None or cost is None else self.spent_cost + cost
+        return attempts
 
 
 def assemble(title: str, sections: list[tuple[str, str]]) -> str:

@@ -4,7 +4,9 @@ holds the lease."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from typing import Iterable
 
 from .db import Database, Row
 
@@ -18,6 +20,33 @@ def billed_tokens_sql(kind: str, alias: str = "") -> str:
 
 BILLED_PROMPT = billed_tokens_sql("prompt")
 BILLED_COMPLETION = billed_tokens_sql("completion")
+
+# One section's usage (or the outline step's) summed over rows of generation_attempts: what
+# public_usage() shows.
+USAGE_COLUMNS = (
+    f"SUM({BILLED_PROMPT})::int AS prompt_tokens,"
+    f" SUM({BILLED_COMPLETION})::int AS completion_tokens,"
+    " SUM(reported_prompt_tokens)::int AS reported_prompt_tokens,"
+    " SUM(reported_completion_tokens)::int AS reported_completion_tokens,"
+    " SUM(counted_prompt_tokens)::int AS counted_prompt_tokens,"
+    " SUM(counted_completion_tokens)::int AS counted_completion_tokens,"
+    " BOOL_OR(reported_prompt_tokens IS NULL OR reported_completion_tokens IS NULL) AS estimated,"
+    " COUNT(*)::int AS attempts,"
+    # Reported minus counted, over the attempts the provider reported (how far off our count is).
+    " SUM(reported_prompt_tokens - counted_prompt_tokens)::int AS prompt_difference,"
+    " SUM(reported_completion_tokens - counted_completion_tokens)::int AS completion_difference,"
+    " SUM(cost_usd) AS cost_usd,"
+    " COALESCE(array_agg(DISTINCT model) FILTER (WHERE cost_usd IS NULL), '{}') AS unpriced_models"
+)
+ATTEMPT_COLUMNS = ("section_idx, model, reported_prompt_tokens, reported_completion_tokens, counted_prompt_tokens,"
+                   " counted_completion_tokens, finish_reason, aborted, cost_usd")
+# Attempts of job :j from :attempts (attempts_json), as one statement whatever their number.
+INSERT_ATTEMPTS = (
+    f"INSERT INTO generation_attempts (job_id, {ATTEMPT_COLUMNS}) SELECT :j, {ATTEMPT_COLUMNS}"
+    " FROM jsonb_to_recordset(CAST(:attempts AS jsonb)) AS a(section_idx int, model text,"
+    " reported_prompt_tokens int, reported_completion_tokens int, counted_prompt_tokens int,"
+    " counted_completion_tokens int, finish_reason text, aborted text, cost_usd float8)"
+)
 
 
 @dataclass(frozen=True)
@@ -44,48 +73,34 @@ class Attempt:
                 else self.counted_completion_tokens)
 
 
+def billed_total(attempts: Iterable[Attempt]) -> tuple[int, float | None]:
+    """Billed tokens of `attempts` and their cost (None if any had no price): what spent() sums."""
+    tokens, cost = 0, 0.0
+    for attempt in attempts:
+        tokens += attempt.billed_prompt_tokens + attempt.billed_completion_tokens
+        cost = None if cost is None or attempt.cost_usd is None else cost + attempt.cost_usd
+    return tokens, cost
+
+
+def attempts_json(attempts: list[Attempt]) -> str:
+    return json.dumps([asdict(attempt) for attempt in attempts])
+
+
 class AttemptLedger:
     """The attempts of jobs: recorded as calls end, summed for usage and budgets."""
 
     db: Database
 
-    def record_attempt(self, job_id: int, attempt: Attempt) -> None:
-        self.db.run(
-            "INSERT INTO generation_attempts (job_id, section_idx, model, reported_prompt_tokens,"
-            " reported_completion_tokens, counted_prompt_tokens, counted_completion_tokens, finish_reason, aborted,"
-            " cost_usd) VALUES (:j, :i, :model, :rp, :rc, :cp, :cc, :finish, :aborted, :cost)",
-            j=job_id,
-            i=attempt.section_idx,
-            model=attempt.model,
-            rp=attempt.reported_prompt_tokens,
-            rc=attempt.reported_completion_tokens,
-            cp=attempt.counted_prompt_tokens,
-            cc=attempt.counted_completion_tokens,
-            finish=attempt.finish_reason,
-            aborted=attempt.aborted,
-            cost=attempt.cost_usd,
-        )
+    def record_attempts(self, job_id: int, attempts: list[Attempt]) -> None:
+        """Record calls in one statement (outline calls, and calls of a run stopped mid-section;
+        a completed section's go with it: `complete_section`)."""
+        if attempts:
+            self.db.run(INSERT_ATTEMPTS, j=job_id, attempts=attempts_json(attempts))
 
     def usage_by_section(self, job_id: int) -> dict[int | None, Row]:
         """Billed tokens per section (None: the outline step), summed over every attempt."""
-        rows = self.db.rows(
-            "SELECT section_idx,"
-            f" SUM({BILLED_PROMPT})::int AS prompt_tokens,"
-            f" SUM({BILLED_COMPLETION})::int AS completion_tokens,"
-            " SUM(reported_prompt_tokens)::int AS reported_prompt_tokens,"
-            " SUM(reported_completion_tokens)::int AS reported_completion_tokens,"
-            " SUM(counted_prompt_tokens)::int AS counted_prompt_tokens,"
-            " SUM(counted_completion_tokens)::int AS counted_completion_tokens,"
-            " BOOL_OR(reported_prompt_tokens IS NULL OR reported_completion_tokens IS NULL) AS estimated,"
-            " COUNT(*)::int AS attempts,"
-            # Reported minus counted, over the attempts the provider reported (how far off our count is).
-            " SUM(reported_prompt_tokens - counted_prompt_tokens)::int AS prompt_difference,"
-            " SUM(reported_completion_tokens - counted_completion_tokens)::int AS completion_difference,"
-            " SUM(cost_usd) AS cost_usd,"
-            " COALESCE(array_agg(DISTINCT model) FILTER (WHERE cost_usd IS NULL), '{}') AS unpriced_models"
-            " FROM generation_attempts WHERE job_id = :j GROUP BY section_idx",
-            j=job_id,
-        )
+        rows = self.db.rows(f"SELECT section_idx, {USAGE_COLUMNS} FROM generation_attempts WHERE job_id = :j"
+                            " GROUP BY section_idx", j=job_id)
         return {row["section_idx"]: row for row in rows}
 
     def spent(self, job_id: int) -> tuple[int, float | None]:

@@ -20,6 +20,8 @@ def _make_client(settings: Settings) -> Any:
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=3,
         read_timeout=10,
+        # One connection for each job a consumer runs at once (botocore's default pool is 10).
+        max_pool_connections=max(10, settings.max_in_flight),
         s3={"addressing_style": "path"} if settings.s3_endpoint_url or settings.localstack_host else None,
     )
     if settings.localstack_host and not settings.s3_endpoint_url:

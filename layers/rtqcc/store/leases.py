@@ -8,7 +8,8 @@ from typing import Any, Iterable
 
 from ..errors import LeaseLost
 from ..status import JobStatus
-from .db import Connection, Database
+from .attempts import ATTEMPT_COLUMNS, INSERT_ATTEMPTS, USAGE_COLUMNS, Attempt, attempts_json
+from .db import Connection, Database, Row
 from .sections import OutlineItem, insert_sections
 
 
@@ -53,15 +54,25 @@ class LeaseWrites:
 
     def renew_lease(self, lease: Lease, ttl_s: float) -> JobStatus | None:
         """Extend the lease; return the job's status, or None if the lease is lost."""
-        row = self.db.row(
+        return self.renew_leases([lease], ttl_s).get(lease.job_id)
+
+    def renew_leases(self, leases: list[Lease], ttl_s: float) -> dict[int, JobStatus]:
+        """Extend every lease of one consumer in one statement; each job's status by its id. A job
+        missing from the answer has lost its lease."""
+        if not leases:
+            return {}
+        rows = self.db.rows(
             "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :ttl)"
-            " WHERE id = :j AND lease_version = :v AND lease_owner = :owner RETURNING status",
-            j=lease.job_id,
-            v=lease.version,
-            owner=lease.owner,
+            " FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:owners AS text[]))"
+            " AS held(id, version, owner)"
+            " WHERE jobs.id = held.id AND jobs.lease_version = held.version AND jobs.lease_owner = held.owner"
+            " RETURNING jobs.id, jobs.status",
+            ids=[lease.job_id for lease in leases],
+            versions=[lease.version for lease in leases],
+            owners=[lease.owner for lease in leases],
             ttl=float(ttl_s),
         )
-        return JobStatus(row["status"]) if row else None
+        return {row["id"]: JobStatus(row["status"]) for row in rows}
 
     def release_lease(self, lease: Lease, *, requeue: bool = False, error: str | None = None,
                       failed: bool = False) -> JobStatus | None:
@@ -119,13 +130,31 @@ class LeaseWrites:
         """Keep the text generated so far, so a resume continues it instead of paying again."""
         self._fenced_section_update(lease, idx, "status = 'pending', partial_text = :text", text=text)
 
-    def mark_section_done(self, lease: Lease, idx: int, *, key: str, sha256: str, chars: int) -> bool:
-        """Point the section at its stored content. Called only after the S3 write succeeded."""
-        return self._fenced_section_update(
-            lease, idx,
-            "status = 'done', partial_text = '', content_key = :key, content_sha256 = :sha,"
-            " content_chars = :chars, written_version = :v, completed_at = now()",
-            key=key, sha=sha256, chars=chars)
+    def complete_section(self, lease: Lease, idx: int, *, key: str, sha256: str, chars: int,
+                         attempts: list[Attempt], start_next: list[int]) -> Row:
+        """Everything a finished section writes to Postgres, in one statement: its calls (recorded
+        whoever holds the lease: they were paid for), the row pointing at its stored content
+        (fenced; called only after the S3 write succeeded), and the sections to write next marked
+        running. Returns the section's usage over all its calls (usage_by_section's row). Raises
+        LeaseLost, after recording the calls, if the lease is no longer ours."""
+        row = self.db.row(
+            "WITH fence AS (SELECT id FROM jobs WHERE id = :j AND lease_version = :v AND lease_owner = :owner"
+            f" FOR SHARE), added AS ({INSERT_ATTEMPTS} RETURNING {ATTEMPT_COLUMNS}),"
+            " done AS (UPDATE sections SET status = 'done', partial_text = '', content_key = :key,"
+            " content_sha256 = :sha, content_chars = :chars, written_version = :v, completed_at = now() FROM fence"
+            " WHERE sections.job_id = fence.id AND sections.idx = :i AND sections.status <> 'done' RETURNING 1),"
+            " started AS (UPDATE sections SET status = 'running', started_at = COALESCE(sections.started_at, now())"
+            " FROM fence WHERE sections.job_id = fence.id AND sections.idx = ANY(CAST(:next AS int[]))"
+            " AND sections.status <> 'done' RETURNING 1),"
+            f" calls AS (SELECT {ATTEMPT_COLUMNS} FROM generation_attempts WHERE job_id = :j AND section_idx = :i"
+            f" UNION ALL SELECT {ATTEMPT_COLUMNS} FROM added WHERE section_idx = :i)"
+            f" SELECT (SELECT COUNT(*) FROM fence)::int AS held, {USAGE_COLUMNS} FROM calls",
+            j=lease.job_id, v=lease.version, owner=lease.owner, i=idx, key=key, sha=sha256, chars=chars,
+            attempts=attempts_json(attempts), next=start_next)
+        assert row is not None
+        if not row.pop("held"):
+            raise LeaseLost(f"Job {lease.external_id}: lease version {lease.version} is no longer held by {lease.owner}")
+        return row
 
     def _fenced_section_update(self, lease: Lease, idx: int, assignments: str, **params: Any) -> bool:
         """One statement: lock the job row (FOR SHARE, so a takeover waits for us), check the lease

@@ -14,7 +14,7 @@ closed: the call does not start."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
 from .abort import StopReason
@@ -33,6 +33,11 @@ class Limit:
     max_cost_usd: float | None
     spent_tokens: int
     spent_cost_usd: float | None  # None: unknown (an attempt without a price)
+
+    def plus(self, tokens: int, cost_usd: float | None) -> "Limit":
+        """The same limit with more already spent under it."""
+        cost = None if self.spent_cost_usd is None or cost_usd is None else self.spent_cost_usd + cost_usd
+        return replace(self, spent_tokens=self.spent_tokens + tokens, spent_cost_usd=cost)
 
     @property
     def limited(self) -> bool:
