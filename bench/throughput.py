@@ -1,6 +1,7 @@
 """Sections per second through 1 and 2 consumers with an instant fake provider, beside as many
 bare loops doing the minimum storage work a section needs: one S3 PUT, one Postgres commit, one
-XADD. Both are processes (`python -m bench.throughput worker ...`) started the same way: each
+XADD. The consumers run one job at a time (`RTQCC_MAX_IN_FLIGHT=1`, like for like with a bare
+loop's one section at a time: the per-section overhead), and then with their default slots. Both are processes (`python -m bench.throughput worker ...`) started the same way: each
 builds its clients and makes one call to each service, says it is ready, and waits; when all are
 ready they are told to go at once, and each reports the wall-clock time its work ended. A race
 lasts from the go to the last end, by the same clock for both. The consumer's end is when its
@@ -91,9 +92,9 @@ def worker(argv: list[str]) -> None:
 
 # ---- the races --------------------------------------------------------------------------------
 
-def _race(settings: Settings, commands: list[list[str]]) -> tuple[float, list[dict]]:
+def _race(settings: Settings, commands: list[list[str]], **env: str) -> tuple[float, list[dict]]:
     """Start the workers, let them go together; (seconds from the go to the last end, their reports)."""
-    env = service_env(settings, RTQCC_CONSUMER_IDLE_EXIT_MS="1")
+    env = service_env(settings, RTQCC_CONSUMER_IDLE_EXIT_MS="1", **env)
     processes = [subprocess.Popen([sys.executable, "-m", "bench.throughput", "worker", *command], cwd=ROOT, env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                  for command in commands]
@@ -119,11 +120,12 @@ def _race(settings: Settings, commands: list[list[str]]) -> tuple[float, list[di
     return max(report["ended"] for report in reports) - went, reports
 
 
-def ours(settings: Settings, jobs: int, consumers: int) -> float:
+def ours(settings: Settings, jobs: int, consumers: int, in_flight: int | None = 1) -> float:
     services = fresh_services(settings)
     _create_jobs(services, jobs)
     services.close()
-    seconds, reports = _race(settings, [["consumer", f"bench-consumer-{n}"] for n in range(consumers)])
+    slots = {"RTQCC_MAX_IN_FLIGHT": str(in_flight)} if in_flight else {}
+    seconds, reports = _race(settings, [["consumer", f"bench-consumer-{n}"] for n in range(consumers)], **slots)
     completed = sum(report["jobs"] for report in reports)
     if completed != jobs:
         raise RuntimeError(f"the consumers completed {completed} of {jobs} jobs: {reports}")
@@ -148,19 +150,21 @@ def run(settings: Settings, *, jobs: int = 60, rounds: int = 3) -> dict:
                     "tokens_per_section": TOKENS_PER_SECTION, "rounds": rounds,
                     "timing": "from the go, given to every ready process at once, to the last one's end; one clock"}
     for consumers in (1, 2):
-        races: dict[str, list[float]] = {"ours": [], "baseline": []}
+        races: dict[str, list[float]] = {"ours": [], "ours_default_slots": [], "baseline": []}
         for n in range(rounds):  # ours first, then the bare loops first: drift hits both alike
-            order = ("ours", "baseline") if n % 2 == 0 else ("baseline", "ours")
+            order = ("ours", "ours_default_slots", "baseline") if n % 2 == 0 else ("baseline", "ours_default_slots", "ours")
             for side in order:
                 races[side].append(ours(settings, jobs, consumers) if side == "ours"
+                                   else ours(settings, jobs, consumers, in_flight=None) if side == "ours_default_slots"
                                    else baseline(settings, sections, consumers))
         fresh_services(settings).close()
-        ours_rate, base_rate = statistics.median(races["ours"]), statistics.median(races["baseline"])
+        rates = {side: statistics.median(values) for side, values in races.items()}
         result[f"consumers_{consumers}"] = {
-            "ours_sections_per_s": round(ours_rate, 1), "baseline_sections_per_s": round(base_rate, 1),
-            "ratio": round(ours_rate / base_rate, 3),
-            "ours_per_race": [round(rate, 1) for rate in races["ours"]],
-            "baseline_per_race": [round(rate, 1) for rate in races["baseline"]],
+            "ours_sections_per_s": round(rates["ours"], 1), "baseline_sections_per_s": round(rates["baseline"], 1),
+            "ratio": round(rates["ours"] / rates["baseline"], 3),
+            "ours_default_slots_sections_per_s": round(rates["ours_default_slots"], 1),
+            "ratio_default_slots": round(rates["ours_default_slots"] / rates["baseline"], 3),
+            **{f"{side}_per_race": [round(rate, 1) for rate in values] for side, values in races.items()},
         }
     result["goal_ratio"] = GOAL_RATIO
     return result

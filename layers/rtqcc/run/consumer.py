@@ -94,9 +94,10 @@ class Consumer:
         self.failpoints = Failpoints(self.settings.crash_at)
         self._shutting_down = threading.Event()
         self._keeper: LeaseKeeper | None = None
+        self.metrics = MetricsRecorder(services.redis)
         self.orchestrator = ManuscriptOrchestrator(
             jobs=services.jobs, blobs=services.blobs, events=services.events,
-            provider=MeasuredProvider(services.provider, MetricsRecorder(services.redis),
+            provider=MeasuredProvider(services.provider, self.metrics,
                                       model_label=ModelLabels(services.settings)),
             delta_flush_ms=self.settings.delta_flush_ms,
             failpoints=self.failpoints,
@@ -134,6 +135,7 @@ class Consumer:
                 self._dispatch(runs, keeper, deadline, result)
         finally:
             self._keeper = None
+            self.metrics.flush()
         try:
             self._checkpoint(result)
         except TRANSIENT_ERRORS as exc:

@@ -29,7 +29,7 @@ from ..store.db import Row
 from ..store.jobs import DEFAULT_SECTION_COUNT, Attempt, Job, JobStore, Lease, Section
 from ..writing.pricing import DEFAULT_PRICES, Price, cost_usd, price_for
 from ..writing.prompts import outline_request, parse_outline, section_request
-from ..writing.quotas import QuotaStore
+from ..writing.quotas import QuotaStore, Standing
 from ..writing.providers.base import (CallUsage, GenerationRequest, GenerationResult, Provider, ProviderRefused,
                              chat_messages)
 from ..status import JobStatus, SectionStatus
@@ -289,8 +289,11 @@ class ManuscriptOrchestrator:
         job, limits = run.job, []
         if job.budget:
             limits.append(job_limit(job.budget, spent_tokens=run.spent_tokens, spent_cost_usd=run.spent_cost))
-        if self.quotas is not None:  # one query per call: the tenant's spend today
-            daily = self.quotas.standing(job.tenant, measure=False, count_active=False).daily_limit()
+        if self.quotas is not None:
+            # The tenant's quotas once a run; under a daily one, its spend today (all its jobs') each call.
+            if run.quota is None or run.quota.quota.daily:
+                run.quota = self.quotas.standing(job.tenant, measure=False, count_active=False)
+            daily = run.quota.daily_limit()
             if daily is not None:
                 limits.append(daily.plus(*billed_total(unrecorded)))
         meter = BudgetMeter(limits, price=price_for(request.model, self.prices), model=request.model)
@@ -379,6 +382,7 @@ class JobRun:
     usage: dict[int | None, Row] = field(default_factory=dict)  # usage_by_section's rows
     spent_tokens: int = 0              # billed tokens of every call of the job so far (with a budget)
     spent_cost: float | None = 0.0     # their cost; None once a call had no price
+    quota: Standing | None = None      # the tenant's quotas, read at the run's first call
     written: int = 0
 
     def spend(self, attempts: list[Attempt]) -> list[Attempt]:
