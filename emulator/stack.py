@@ -31,6 +31,7 @@ class StackOptions:
     consumers: int = 2
     consumer_budget_s: float = 60.0
     max_in_flight: int | None = None  # jobs per consumer at once; None: RTQCC_MAX_IN_FLIGHT or its default
+    max_running_per_tenant: int | None = None  # None: RTQCC_MAX_RUNNING_PER_TENANT, else no cap (0)
 
 
 class LocalStack:
@@ -78,6 +79,9 @@ class LocalStack:
         env.setdefault("RTQCC_CONSUMER_IDLE_EXIT_MS", "0")
         if self.options.max_in_flight is not None:
             env["RTQCC_MAX_IN_FLIGHT"] = str(self.options.max_in_flight)
+        if self.options.max_running_per_tenant is not None:
+            env["RTQCC_MAX_RUNNING_PER_TENANT"] = str(self.options.max_running_per_tenant)
+        env.setdefault("RTQCC_MAX_RUNNING_PER_TENANT", "0")  # one user on a laptop: no cap unless asked
         self.env = env
         settings = Settings.from_env(env)
         settings.check_serving()

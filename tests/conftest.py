@@ -254,6 +254,26 @@ class ApiClient:
 
 
 @pytest.fixture
+def make_api(make_services):
+    """An API client (tenant A) over services with setting overrides, and those services."""
+    from chalice.test import Client
+
+    from rtqcc.api import create_app
+
+    opened = []
+
+    def make(**overrides):
+        services = make_services(**overrides)
+        client = Client(create_app(lambda: services))
+        opened.append(client.__enter__())
+        return ApiClient(opened[-1], API_KEY), services
+
+    yield make
+    for client in opened:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
 def run_consumer(make_services) -> Callable[..., DrainResult]:
     """Invoke a consumer to drain the queue, like one scheduled Lambda invocation."""
 

@@ -16,26 +16,6 @@ OUTLINE = [{"title": "Beginnings", "brief": "how it started"}, {"title": "Ending
 PARAMS = {"max_tokens_per_section": 200}
 
 
-@pytest.fixture
-def make_api(make_services):
-    """An API client (tenant A) over services with setting overrides, and those services."""
-    from chalice.test import Client
-
-    from rtqcc.api import create_app
-
-    opened = []
-
-    def make(**overrides):
-        services = make_services(**overrides)
-        client = Client(create_app(lambda: services))
-        opened.append(client.__enter__())
-        return ApiClient(opened[-1], API_KEY), services
-
-    yield make
-    for client in opened:
-        client.__exit__(None, None, None)
-
-
 def expect_error(response, status: int, code: str) -> dict:
     assert response.status_code == status, (response.status_code, response.body[:500])
     body = response.json_body

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     up_cmd.add_argument("--consumer-budget-s", type=float, default=60.0, help="each invocation's time budget")
     up_cmd.add_argument("--max-in-flight", type=int, default=None,
                         help="jobs each consumer runs at once (default: RTQCC_MAX_IN_FLIGHT, else 32)")
+    up_cmd.add_argument("--max-running-per-tenant", type=int, default=None,
+                        help="jobs one tenant runs at once, 0 for no cap (default: RTQCC_MAX_RUNNING_PER_TENANT,"
+                             " else none: a laptop's stack has one user)")
 
     demo_cmd = commands.add_parser("demo", help="run a sample manuscript job on the local stack")
     demo_cmd.add_argument("--sections", type=int, default=4)
@@ -127,6 +130,7 @@ def _up(args: argparse.Namespace) -> int:
         port=args.port, data_dir=Path(args.data_dir), streaming=args.sse == "streaming",
         integration_timeout_s=args.integration_timeout_s, consumers=args.consumers,
         consumer_budget_s=args.consumer_budget_s, max_in_flight=args.max_in_flight,
+        max_running_per_tenant=args.max_running_per_tenant,
     ), os.environ)
     stack.start()
     try:

@@ -34,6 +34,23 @@ TRANSITIONS: dict[str, tuple[frozenset[JobStatus], JobStatus]] = {
 }
 
 
+class JobPriority(str, Enum):
+    """Which of a tenant's jobs take its running slots first when it has more queued than its cap
+    lets run (`RTQCC_MAX_RUNNING_PER_TENANT`): high, then normal, then low, each oldest first.
+    Between tenants, no priority: each has its own cap."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        return _PRIORITY_RANKS[self]
+
+
+_PRIORITY_RANKS = {JobPriority.HIGH: 0, JobPriority.NORMAL: 1, JobPriority.LOW: 2}
+
+
 class SectionStatus(str, Enum):
     PENDING = "pending"  # not started, or started and interrupted (partial text may be kept)
     RUNNING = "running"  # a consumer is streaming it now

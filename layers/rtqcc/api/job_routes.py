@@ -4,12 +4,15 @@ them behind the one error mapping."""
 
 from __future__ import annotations
 
+import logging
+
 from chalice import Response
+from redis.exceptions import RedisError
 
 from ..bus.control import ControlCommand, send_control
 from ..errors import BadRequest, NotFound, NotReady
 from ..ids import is_external_id
-from ..status import JobStatus
+from ..status import JobPriority, JobStatus
 from ..store.idempotency import Answer
 from ..store.jobs import NewJob, OutlineItem
 from ..store.usage import public_usage
@@ -17,6 +20,8 @@ from ..store.views import job_document, job_links, job_summary
 from . import stream_tokens
 from .access import SSE_HEADERS, check_external_id, client_address, find_job, issue_stream_token, open_job_stream
 from .edge import ApiCall, route
+
+log = logging.getLogger(__name__)
 
 MAX_PAGE = 100
 MAX_SECTION_INDEX = 100_000
@@ -53,6 +58,7 @@ def create_job(call: ApiCall) -> Response:
             params=spec.params.model_dump(exclude_none=True),
             budget=budget,
             metadata=spec.metadata,
+            priority=JobPriority(spec.priority),
         ))
         s.events.publish(job.external_id, "status", {"status": job.status.value})
         return Answer(201, {"externalId": job.external_id, "status": job.status.value,
@@ -83,7 +89,24 @@ def list_jobs(call: ApiCall) -> dict:
 
 @route("/jobs/{external_id}", "GET")
 def get_job(call: ApiCall, external_id: str) -> dict:
-    return job_document(call.svc.jobs, call.job(external_id))
+    job = call.job(external_id)
+    document = job_document(call.svc.jobs, job)
+    if job.status == JobStatus.QUEUED:
+        try:
+            document["queue"] = _queue_wait(call.svc, job)
+        except RedisError as exc:  # the job's state is Postgres's: answer it without the detail
+            log.warning("no queue position for %s, Redis is unavailable: %s", job.external_id, exc)
+    return document
+
+
+def _queue_wait(s, job) -> dict:
+    """Why a queued job is not running yet: its tenant's cap (and its place among the tenant's
+    waiting jobs), or no consumer slot free yet."""
+    position = s.queue.waiting_position(job.tenant, job.external_id)
+    if position is None:
+        return {"waiting_for": "consumer"}
+    return {"waiting_for": "tenant_cap", "position": position,
+            "running": s.jobs.running_counts([job.tenant])[job.tenant], "cap": s.settings.max_running_per_tenant}
 
 
 @route("/jobs/{external_id}/start", "POST")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ValidationFailed
@@ -40,6 +42,9 @@ class CreateJobIn(_Strict):
         "The job pauses (status_reason budget_exceeded) the moment it would pass it. A field left out gets the "
         "tenant's default, else its cap; a field above the cap, or max_cost_usd on a model without a price, is 422."))
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
+    priority: Literal["high", "normal", "low"] = Field(default="normal", description=(
+        "Which of the tenant's jobs run first when it has more queued than its running cap "
+        "(RTQCC_MAX_RUNNING_PER_TENANT) lets run: high, then normal, then low, each oldest first."))
 
 
 def parse_create_job(payload: object, *, max_sections: int) -> CreateJobIn:
@@ -170,7 +175,19 @@ class SectionSummary(_Out):
     usage: Usage
 
 
+class QueueWait(_Out):
+    """Where a queued job stands."""
+    waiting_for: Literal["tenant_cap", "consumer"] = Field(description=(
+        "tenant_cap: the tenant runs as many jobs as its cap allows and this one is next in `position`; "
+        "consumer: it is on the queue for the next free consumer slot"))
+    position: int | None = Field(default=None, description="1: the tenant's next job to run")
+    running: int | None = Field(default=None, description="The tenant's jobs running now")
+    cap: int | None = Field(default=None, description="The most the tenant may run at once")
+
+
 class JobDocument(JobSummary):
+    priority: str
+    queue: QueueWait | None = Field(default=None, description="Only while the job is queued")
     brief: str
     metadata: dict[str, str]
     progress: Progress

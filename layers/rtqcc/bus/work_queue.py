@@ -13,6 +13,27 @@ from redis.exceptions import ResponseError
 STREAM = "jobs:pending"
 GROUP = "orchestrators"
 DEAD_LETTERS = "jobs:dead"
+# Jobs of a tenant at its running cap wait aside, off the stream, in a sorted set per tenant
+# (priority, then age); WAITING_TENANTS holds the tenants with waiting jobs, by when one of their
+# jobs was last put back on the stream (the oldest first: round robin).
+WAITING_TENANTS = "jobs:waiting"
+
+
+def waiting_key(tenant: str) -> str:
+    return f"jobs:waiting:{tenant}"
+
+
+# Put up to ARGV[1] of a tenant's waiting jobs back on the stream, best first, in one step.
+_PROMOTE = """
+local popped = redis.call('ZPOPMIN', KEYS[1], ARGV[1])
+for i = 1, #popped, 2 do redis.call('XADD', KEYS[2], '*', 'externalId', popped[i]) end
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[3], ARGV[2])
+elseif #popped > 0 then
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+end
+return #popped / 2
+"""
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,32 @@ class WorkQueue:
                   maxlen=100_000, approximate=True)
         pipe.xack(self.stream, self.group, message_id)
         pipe.execute()
+
+    def park_then_ack(self, tenant: str, external_id: str, message_id: str, *, rank: int, created_ms: int,
+                      now_ms: int) -> None:
+        """Set a job aside until its tenant has a free running slot, and take its message off the
+        stream, in one transaction. Parking a job twice keeps one entry (a set member)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(waiting_key(tenant), {external_id: rank * 10**13 + created_ms})
+        pipe.zadd(WAITING_TENANTS, {tenant: now_ms}, nx=True)
+        pipe.xack(self.stream, self.group, message_id)
+        pipe.execute()
+
+    def promote(self, tenant: str, count: int, *, now_ms: int) -> int:
+        """Put up to `count` of the tenant's waiting jobs back on the stream; how many moved."""
+        if count <= 0:
+            return 0
+        return int(self.redis.eval(_PROMOTE, 3, waiting_key(tenant), self.stream, WAITING_TENANTS,
+                                   count, tenant, now_ms))
+
+    def waiting_tenants(self) -> list[str]:
+        """Tenants with jobs set aside, the longest unserved first."""
+        return self.redis.zrange(WAITING_TENANTS, 0, -1)
+
+    def waiting_position(self, tenant: str, external_id: str) -> int | None:
+        """1 for the tenant's next job to run, None when the job is not waiting aside."""
+        rank = self.redis.zrank(waiting_key(tenant), external_id)
+        return None if rank is None else rank + 1
 
     def requeue_then_ack(self, external_id: str, message_id: str) -> None:
         """Hand unfinished work back. The new entry is written before the old one is acknowledged,

@@ -22,6 +22,7 @@ from ..bus.events import stream_id_tuple
 from ..store.checkpoints import ConsumerCheckpoints
 from .lease_keeper import LeaseKeeper
 from ..store.jobs import Job, Lease
+from ..store.leases import TenantAtCapacity
 from ..logs import configure_logging, log_context
 from ..metrics import MeasuredProvider, MetricsRecorder, ModelLabels
 from .orchestrator import ManuscriptOrchestrator, RunOutcome
@@ -47,6 +48,7 @@ class DrainResult:
     stopped: int = 0     # jobs stopped by pause or cancel
     failed: int = 0
     skipped: int = 0     # messages that needed nothing (finished job, duplicate, someone else's lease)
+    parked: int = 0      # jobs set aside: their tenant ran as many as its cap allows
     returned: int = 0    # messages read as the budget ran out, put back on the queue untouched
     sections_written: int = 0
     last_id: str | None = None
@@ -75,6 +77,10 @@ class TimeBudget:
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._deadline - self._clock()) * 1000))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def default_consumer_name() -> str:
@@ -179,7 +185,10 @@ class Consumer:
                     queue.ensure_group()
                     group_ready = True
                 if self.clock() >= next_claim:
-                    # Messages of consumers that died are taken over once their lease has expired.
+                    # Messages of consumers that died are taken over once their lease has expired,
+                    # and jobs waiting aside whose tenant has a free slot go back on the stream
+                    # (their promotion was lost with a crash, or raced with their parking).
+                    self._promote_waiting()
                     start(queue.claim_stale(self.name, min_idle_ms=int(settings.lease_ttl_s * 1000), count=free))
                     next_claim = self.clock() + settings.lease_ttl_s / 2
                     backoff_s = 0.0
@@ -227,8 +236,19 @@ class Consumer:
             result.processed += 1
             return
         abort = AbortSignal()
+        cap = self.settings.max_running_per_tenant
         with keeper.watching(job.external_id, abort) as watched:
-            lease = jobs.acquire_lease(job.external_id, self.name, self.settings.lease_ttl_s)
+            try:
+                lease = jobs.acquire_lease(job.external_id, self.name, self.settings.lease_ttl_s,
+                                           tenant_cap=(job.tenant, cap) if cap else None)
+            except TenantAtCapacity:
+                # Its tenant's slots are taken: it waits aside, by priority, off the stream, and
+                # comes back when one of the tenant's runs ends (see _promote_waiting).
+                queue.park_then_ack(job.tenant, job.external_id, delivery.message_id, rank=job.priority.rank,
+                                    created_ms=int(job.created_at.timestamp() * 1000), now_ms=_now_ms())
+                result.parked += 1
+                result.processed += 1
+                return
             if lease is None and delivery.reclaimed and job.status == JobStatus.RUNNING:
                 # Claimed from a consumer that went quiet, but its lease has not expired yet: this
                 # may be that consumer's own message, the job's only one. Leave it pending; it is
@@ -251,7 +271,11 @@ class Consumer:
                 result.processed += 1
                 return
             watched.hold(lease, delivery.message_id)
-            self._run(job, lease, abort, delivery, result)
+            try:
+                self._run(job, lease, abort, delivery, result)
+            finally:
+                if cap:
+                    self._promote(job.tenant, 1)  # the slot this run held is free: the tenant's next may go
 
     def _run(self, job: Job, lease: Lease, abort: AbortSignal, delivery: Delivery, result: DrainResult) -> None:
         queue = self.services.queue
@@ -279,6 +303,23 @@ class Consumer:
             self._hand_back(job, lease, delivery, result, error=describe_failure(exc).message, failed=not outage)
             return
         self._settle(job, lease, delivery, outcome, result)
+
+    def _promote(self, tenant: str, count: int) -> None:
+        try:
+            self.services.queue.promote(tenant, count, now_ms=_now_ms())
+        except TRANSIENT_ERRORS as exc:  # the next promotion round puts it back
+            log.warning("could not put a waiting job of %s back on the queue: %s", tenant, exc)
+
+    def _promote_waiting(self) -> None:
+        """Every tenant with jobs waiting aside gets as many back on the stream as it has free
+        slots, the longest unserved tenant first."""
+        tenants = self.services.queue.waiting_tenants()
+        if not tenants:
+            return
+        cap = self.settings.max_running_per_tenant
+        running = self.services.jobs.running_counts(tenants)
+        for tenant in tenants:
+            self._promote(tenant, (cap - running[tenant]) if cap else self.settings.max_in_flight)
 
     def _settle(self, job: Job, lease: Lease, delivery: Delivery, outcome: RunOutcome, result: DrainResult) -> None:
         queue, jobs = self.services.queue, self.services.jobs

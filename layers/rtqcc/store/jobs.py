@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ..errors import InvalidTransition, JobNotFound
 from ..ids import new_external_id
-from ..status import TRANSITIONS, JobStatus
+from ..status import TRANSITIONS, JobPriority, JobStatus
 from .attempts import Attempt, AttemptLedger
 from .db import Connection, Database, Row
 from .leases import Lease, LeaseWrites
@@ -36,6 +37,7 @@ class NewJob:
     params: dict[str, Any]
     budget: dict[str, Any]
     metadata: dict[str, str]
+    priority: JobPriority = JobPriority.NORMAL
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Job:
     status_reason: str | None
     error: str | None
     manuscript_key: str | None
+    priority: JobPriority = JobPriority.NORMAL
+    created_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> "Job":
@@ -72,6 +76,8 @@ class Job:
             status_reason=row["status_reason"],
             error=row["error"],
             manuscript_key=row["manuscript_key"],
+            priority=JobPriority(row["priority"]),
+            created_at=row["created_at"],
         )
 
 
@@ -84,7 +90,7 @@ class TransitionResult:
 
 _JOB_COLUMNS = (
     "id, external_id, tenant, title, brief, model, params, budget, metadata, section_count, status,"
-    " status_reason, error, manuscript_key"
+    " status_reason, error, manuscript_key, priority, created_at"
 )
 
 
@@ -102,9 +108,9 @@ class JobStore(LeaseWrites, AttemptLedger):
         with self.db.transaction() as conn:
             row = conn.row(
                 f"INSERT INTO jobs (external_id, tenant, title, brief, model, params, budget, metadata,"
-                f" section_count, outline_given, status)"
+                f" section_count, outline_given, priority, status)"
                 f" VALUES (:e, :t, :title, :brief, :model, CAST(:params AS jsonb), CAST(:budget AS jsonb),"
-                f" CAST(:metadata AS jsonb), :count, :given, 'created') RETURNING {_JOB_COLUMNS}",
+                f" CAST(:metadata AS jsonb), :count, :given, :priority, 'created') RETURNING {_JOB_COLUMNS}",
                 e=external_id,
                 t=spec.tenant,
                 title=spec.title,
@@ -115,6 +121,7 @@ class JobStore(LeaseWrites, AttemptLedger):
                 metadata=json.dumps(spec.metadata),
                 count=len(spec.outline) if spec.outline else spec.section_count,
                 given=spec.outline is not None,
+                priority=spec.priority.value,
             )
             assert row is not None
             if spec.outline:
@@ -158,6 +165,13 @@ class JobStore(LeaseWrites, AttemptLedger):
             stale=float(queued_stale_after_s),
         )
         return [row["external_id"] for row in rows]
+
+    def running_counts(self, tenants: list[str]) -> dict[str, int]:
+        """How many jobs each tenant runs under a live lease now (0 for those running none)."""
+        rows = self.db.rows(
+            "SELECT tenant, COUNT(*)::int AS n FROM jobs WHERE tenant = ANY(CAST(:t AS text[])) AND status = 'running'"
+            " AND lease_owner IS NOT NULL AND lease_expires_at > now() GROUP BY tenant", t=list(tenants))
+        return {tenant: 0 for tenant in tenants} | {row["tenant"]: row["n"] for row in rows}
 
     def sections(self, job_id: int) -> list[Section]:
         rows = self.db.rows(

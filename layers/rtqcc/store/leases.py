@@ -25,32 +25,61 @@ class Lease:
     last_error: str | None = None
 
 
+# pg_advisory_xact_lock(namespace, hashtext(tenant)) around counting a tenant's running jobs and
+# taking one more (store/tenant_usage.py's admission lock is another namespace).
+_RUNNING_SLOTS_LOCK = 0x5154_5253
+
+_ACQUIRE = (
+    "UPDATE jobs SET status = 'running', lease_owner = :owner,"
+    " lease_expires_at = now() + make_interval(secs => :ttl), lease_version = lease_version + 1,"
+    " deliveries = deliveries + 1, started_at = COALESCE(started_at, now()), updated_at = now(),"
+    # Taking over a job still marked running means its last consumer died mid-run.
+    " failures = failures + CASE WHEN status = 'running' THEN 1 ELSE 0 END,"
+    " error = CASE WHEN status = 'running' THEN 'its consumer stopped mid-run (crash or timeout)'"
+    " ELSE error END"
+    " WHERE external_id = :e AND (status = 'queued' OR status = 'running')"
+    " AND (lease_owner IS NULL OR lease_expires_at < now())"
+    " RETURNING id, lease_version, failures, error"
+)
+
+
+class TenantAtCapacity(Exception):
+    """The job's tenant already runs as many jobs as its cap allows: the job waits its turn."""
+
+    def __init__(self, tenant: str, running: int, cap: int):
+        super().__init__(f"tenant {tenant} runs {running} jobs, its cap is {cap}")
+        self.tenant, self.running, self.cap = tenant, running, cap
+
+
+def _lease_from(row: Row | None, external_id: str, owner: str) -> Lease | None:
+    if row is None:
+        return None
+    return Lease(job_id=row["id"], external_id=external_id, owner=owner, version=row["lease_version"],
+                 failures=row["failures"], last_error=row["error"])
+
+
 class LeaseWrites:
     """What the consumer holding a job's lease writes: each statement checks the lease."""
 
     db: Database
 
-    def acquire_lease(self, external_id: str, owner: str, ttl_s: float) -> Lease | None:
-        """Take the job if it should run and nobody holds a live lease on it."""
-        row = self.db.row(
-            "UPDATE jobs SET status = 'running', lease_owner = :owner,"
-            " lease_expires_at = now() + make_interval(secs => :ttl), lease_version = lease_version + 1,"
-            " deliveries = deliveries + 1, started_at = COALESCE(started_at, now()), updated_at = now(),"
-            # Taking over a job still marked running means its last consumer died mid-run.
-            " failures = failures + CASE WHEN status = 'running' THEN 1 ELSE 0 END,"
-            " error = CASE WHEN status = 'running' THEN 'its consumer stopped mid-run (crash or timeout)'"
-            " ELSE error END"
-            " WHERE external_id = :e AND (status = 'queued' OR status = 'running')"
-            " AND (lease_owner IS NULL OR lease_expires_at < now())"
-            " RETURNING id, lease_version, failures, error",
-            e=external_id,
-            owner=owner,
-            ttl=float(ttl_s),
-        )
-        if row is None:
-            return None
-        return Lease(job_id=row["id"], external_id=external_id, owner=owner, version=row["lease_version"],
-                     failures=row["failures"], last_error=row["error"])
+    def acquire_lease(self, external_id: str, owner: str, ttl_s: float, *,
+                      tenant_cap: tuple[str, int] | None = None) -> Lease | None:
+        """Take the job if it should run and nobody holds a live lease on it. With `tenant_cap`
+        (the job's tenant, the most jobs it may run at once), raise TenantAtCapacity instead when
+        the tenant already runs that many under live leases; a tenant's takings queue behind one
+        lock, so two consumers cannot both take its last slot."""
+        if tenant_cap is None:
+            return _lease_from(self.db.row(_ACQUIRE, e=external_id, owner=owner, ttl=float(ttl_s)), external_id, owner)
+        tenant, cap = tenant_cap
+        with self.db.transaction() as conn:
+            conn.run("SELECT pg_advisory_xact_lock(:ns, hashtext(:t))", ns=_RUNNING_SLOTS_LOCK, t=tenant)
+            running = conn.row(
+                "SELECT COUNT(*)::int AS n FROM jobs WHERE tenant = :t AND status = 'running'"
+                " AND lease_owner IS NOT NULL AND lease_expires_at > now() AND external_id <> :e", t=tenant, e=external_id)
+            if running["n"] >= cap:
+                raise TenantAtCapacity(tenant, running["n"], cap)
+            return _lease_from(conn.row(_ACQUIRE, e=external_id, owner=owner, ttl=float(ttl_s)), external_id, owner)
 
     def renew_lease(self, lease: Lease, ttl_s: float) -> JobStatus | None:
         """Extend the lease; return the job's status, or None if the lease is lost."""

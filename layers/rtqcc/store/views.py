@@ -36,6 +36,7 @@ def job_document(jobs: JobStore, job: Job) -> dict:
     usage = jobs.usage_by_section(job.id)
     document = {
         **job_summary(job),
+        "priority": job.priority.value,
         "brief": job.brief,
         "metadata": job.metadata,
         "progress": {
