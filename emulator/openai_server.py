@@ -22,6 +22,10 @@ Control API (the same in-process through methods, and over HTTP for a standalone
   `reject_response_format` (400 when structured output is asked for), `answer` (send `text`
   instead of the usual answer).
 - `DELETE /_faults` drops queued faults; `POST /_pace` `{"tokens_per_s", "first_token_ms"}`.
+- `POST /_limits` `{"requests_per_min", "tokens_per_min"}` (null: none) enforces rate limits as
+  OpenAI does: each request is counted as its prompt plus its max tokens against buckets refilled
+  continuously, holding one second's worth; a request over either is a 429 `rate_limit_exceeded`
+  with `retry-after(-ms)`, and every answer carries `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
 - `GET /_requests`: every chat request seen, with what was sent, the usage reported, and when
   the client disconnected before the end (`disconnected_at`, `time.monotonic()` of this process).
 
@@ -122,9 +126,70 @@ class _QuietCuts(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], _Cut))
 
 
+class RateLimits:
+    """Requests and tokens per minute, as token buckets refilled continuously and holding one
+    second's worth (OpenAI enforces its per-minute limits in such short quanta)."""
+
+    QUANTUM_S = 1.0
+
+    def __init__(self, requests_per_min: float | None, tokens_per_min: float | None, clock=time.monotonic):
+        self.requests_per_min, self.tokens_per_min = requests_per_min, tokens_per_min
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._requests = self._capacity(requests_per_min)
+        self._tokens = self._capacity(tokens_per_min)
+        self._at = clock()
+        self.refused = 0
+
+    def _capacity(self, per_min: float | None) -> float:
+        return per_min * self.QUANTUM_S / 60 if per_min else 0.0
+
+    def admit(self, tokens: int) -> Response | None:
+        """None when the request fits (and is counted), else the 429 answer."""
+        if not self.requests_per_min and not self.tokens_per_min:
+            return None
+        with self._lock:
+            now = self._clock()
+            elapsed, self._at = now - self._at, now
+            wait_s = 0.0
+            if self.requests_per_min:
+                self._requests = min(self._capacity(self.requests_per_min),
+                                     self._requests + elapsed * self.requests_per_min / 60)
+                if self._requests < 1:
+                    wait_s = max(wait_s, (1 - self._requests) * 60 / self.requests_per_min)
+            if self.tokens_per_min:
+                self._tokens = min(self._capacity(self.tokens_per_min), self._tokens + elapsed * self.tokens_per_min / 60)
+                needed = min(tokens, self._capacity(self.tokens_per_min))
+                if self._tokens < needed:
+                    wait_s = max(wait_s, (needed - self._tokens) * 60 / self.tokens_per_min)
+            if wait_s == 0:
+                self._requests -= 1 if self.requests_per_min else 0
+                self._tokens -= tokens if self.tokens_per_min else 0
+                return None
+            self.refused += 1
+            which = "requests" if self.requests_per_min and self._requests < 1 else "tokens"
+            headers = {"retry-after": f"{max(1, round(wait_s))}", "retry-after-ms": f"{max(1, int(wait_s * 1000))}",
+                       **self.headers()}
+        return _error(429, f"Rate limit reached for {which} per min. Please try again in {wait_s * 1000:.0f}ms.",
+                      which, "rate_limit_exceeded", headers=headers)
+
+    def headers(self) -> dict[str, str]:
+        """x-ratelimit-* as OpenAI sends them (the per-minute limit, what is left now)."""
+        found = {}
+        for kind, per_min, left in (("requests", self.requests_per_min, self._requests),
+                                    ("tokens", self.tokens_per_min, self._tokens)):
+            if per_min:
+                found[f"x-ratelimit-limit-{kind}"] = f"{per_min:g}"
+                found[f"x-ratelimit-remaining-{kind}"] = f"{max(0, int(left))}"
+                found[f"x-ratelimit-reset-{kind}"] = f"{max(0.0, (1 - min(left, 1)) * 60 / per_min):.3f}s"
+        return found
+
+
 class OpenAIServer:
     def __init__(self, *, tokens_per_s: float = 0.0, first_token_ms: int = 0, api_key: str | None = None,
-                 host: str = "127.0.0.1", port: int | None = None):
+                 host: str = "127.0.0.1", port: int | None = None,
+                 requests_per_min: float | None = None, tokens_per_min: float | None = None):
+        self.limits = RateLimits(requests_per_min, tokens_per_min)
         self.tokens_per_s = tokens_per_s
         self.first_token_ms = first_token_ms
         self.api_key = api_key
@@ -172,6 +237,7 @@ class OpenAIServer:
         with self._lock:
             self._faults.clear()
             self._records.clear()
+            self.limits = RateLimits(None, None)
 
     def start(self) -> "OpenAIServer":
         """Serve on `port`, or on a free one when it is None or 0 (bound here: see ServerThread)."""
@@ -216,6 +282,12 @@ class OpenAIServer:
         async def requests(request: Request) -> Response:
             return JSONResponse({"requests": [record.as_dict() for record in self.requests]})
 
+        async def limits(request: Request) -> Response:
+            body = await request.json()
+            self.limits = RateLimits(body.get("requests_per_min"), body.get("tokens_per_min"))
+            return JSONResponse({"requests_per_min": self.limits.requests_per_min,
+                                 "tokens_per_min": self.limits.tokens_per_min})
+
         async def models(request: Request) -> Response:
             return JSONResponse({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "owned_by": "rtqcc"}]})
 
@@ -225,6 +297,7 @@ class OpenAIServer:
             Route("/_faults", faults, methods=["POST", "DELETE"]),
             Route("/_pace", pace, methods=["POST"]),
             Route("/_requests", requests, methods=["GET"]),
+            Route("/_limits", limits, methods=["POST"]),
         ])
 
     async def _chat(self, request: Request):
@@ -247,6 +320,8 @@ class OpenAIServer:
             self._records.append(record)
 
         refusal = self._refusal(fault, body)
+        if refusal is None:
+            refusal = self.limits.admit(self._estimate(model, messages, body))
         if refusal is not None:
             record.status, record.ended_at = refusal.status_code, time.monotonic()
             return refusal
@@ -273,6 +348,11 @@ class OpenAIServer:
             return _error(400, "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
                           "invalid_request_error", None, param="response_format")
         return None
+
+    def _estimate(self, model: str, messages: list, body: dict[str, Any]) -> int:
+        """What the rate limit counts a request as before answering it: prompt plus max tokens."""
+        prompt = sum(self._tokenizer(model).count(str(m.get("content") or "")) for m in messages if isinstance(m, dict))
+        return prompt + int(body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_ANSWER_TOKENS)
 
     # ---- answers ------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ FAST_ENV = {
 }
 _PROVIDER_FIELDS = ("provider", "openai_api_key", "openai_base_url", "openai_organization", "openai_project",
                     "openai_timeout_s", "openai_idle_timeout_s", "openai_max_retries", "openai_max_continuations",
-                    "openai_backoff_s", "openai_backoff_max_s", "prices", "default_model")
+                    "openai_backoff_s", "openai_backoff_max_s", "prices", "default_model", "provider_limits")
 
 
 @pytest.fixture(scope="session")

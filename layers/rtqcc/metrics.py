@@ -26,6 +26,10 @@ HISTOGRAMS = {
     "provider_first_token_seconds": ("Time from request to the provider's first token", ("provider", "model")),
     "provider_stream_seconds": ("Duration of one provider stream", ("provider", "model")),
     "abort_latency_seconds": ("Time from an abort signal to the provider stream stopping", ("reason",)),
+    "provider_limiter_wait_seconds": ("Time a provider call waited for the shared rate limits (or a 429's hold)",
+                                      ("provider", "model")),
+    "provider_429_retry_after_seconds": ("The wait each 429 of the provider asked for (its count: the 429s)",
+                                         ("provider", "model")),
 }
 _KEY = "metrics:hist:{}"
 

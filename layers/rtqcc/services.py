@@ -21,13 +21,16 @@ from .bus.work_queue import WorkQueue
 
 if TYPE_CHECKING:
     from .api.auth import Authenticator
+    from .metrics import MetricsRecorder
 
 
 REDIS_SOCKET_TIMEOUT_S = 60.0
 REDIS_MAX_CONNECTIONS = 5000
 
 
-def make_provider(settings: Settings) -> Provider:
+def make_provider(settings: Settings, redis: Redis | None = None, metrics: "MetricsRecorder | None" = None) -> Provider:
+    """The configured provider; with `redis`, its calls share the configured rate limits (and the
+    holds a 429 sets) with every other consumer, their waits and 429s observed in `metrics`."""
     if settings.provider == "fake":
         from .writing.providers.fake import FakeProvider
 
@@ -35,7 +38,19 @@ def make_provider(settings: Settings) -> Provider:
     if settings.provider == "openai":
         from .writing.providers.openai import OpenAIProvider  # the SDK is heavy: only where it is used
 
-        return OpenAIProvider.from_settings(settings)
+        limiter = None
+        if redis is not None:
+            from .metrics import ModelLabels
+            from .writing.rate_limits import ProviderRateLimiter
+
+            label = ModelLabels(settings)
+
+            def observe(name: str, model: str, seconds: float) -> None:
+                if metrics is not None:
+                    metrics.observe(name, seconds, provider="openai", model=label(model))
+
+            limiter = ProviderRateLimiter(redis, "openai", settings.provider_limits, observe=observe)
+        return OpenAIProvider.from_settings(settings, limiter=limiter)
     raise ConfigError(f"RTQCC_PROVIDER must be 'fake' or 'openai', got {settings.provider!r}")
 
 
@@ -71,7 +86,15 @@ class Services:
 
     @cached_property
     def provider(self) -> Provider:
-        return make_provider(self.settings)
+        return make_provider(self.settings, self.redis, self.metrics)
+
+    @cached_property
+    def metrics(self) -> "MetricsRecorder":
+        """The histograms this process observes (provider latency, limiter waits), written to Redis
+        once a second."""
+        from .metrics import MetricsRecorder
+
+        return MetricsRecorder(self.redis)
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -106,6 +129,8 @@ class Services:
         return WorkQueue(self.redis)
 
     def close(self) -> None:
+        if "metrics" in self.__dict__:
+            self.metrics.flush()
         close_provider = getattr(self.__dict__.get("provider"), "close", None)
         if close_provider is not None:
             close_provider()

@@ -11,6 +11,7 @@ from typing import Mapping
 from .errors import ConfigError
 from .redact import redact_urls
 from .writing.pricing import DEFAULT_PRICES, Price, load_prices
+from .writing.rate_limits import ModelLimit, parse_limits
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/rtqcc"
@@ -178,6 +179,8 @@ class Settings:
     openai_backoff_s: float = 0.5          # first retry delay; doubles, with full jitter
     openai_backoff_max_s: float = 20.0
     prices: Mapping[str, Price] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+    # Requests and tokens per minute per model, shared by every consumer (writing/rate_limits.py).
+    provider_limits: Mapping[str, ModelLimit] = field(default_factory=dict)
 
     api_keys: dict[str, str] = field(default_factory=dict)
     # "production" (the default: deployed stages) or "local" (`rtqcc up`, which makes its own secrets)
@@ -266,6 +269,7 @@ class Settings:
             openai_backoff_s=_float(env, "RTQCC_OPENAI_BACKOFF_S", 0.5),
             openai_backoff_max_s=_float(env, "RTQCC_OPENAI_BACKOFF_MAX_S", 20.0),
             prices=load_prices(env),
+            provider_limits=parse_limits(env.get("RTQCC_PROVIDER_LIMITS", "")),
             api_keys=_api_keys(env),
             environment=_environment(env),
             stream_token_secret=_secret(env, "RTQCC_STREAM_TOKEN_SECRET"),

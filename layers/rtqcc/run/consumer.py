@@ -24,7 +24,7 @@ from .lease_keeper import LeaseKeeper
 from ..store.jobs import Job, Lease
 from ..store.leases import TenantAtCapacity
 from ..logs import configure_logging, log_context
-from ..metrics import MeasuredProvider, MetricsRecorder, ModelLabels
+from ..metrics import MeasuredProvider, ModelLabels
 from .orchestrator import ManuscriptOrchestrator, RunOutcome
 from ..writing.quotas import QuotaStore
 from ..services import Services
@@ -100,7 +100,7 @@ class Consumer:
         self.failpoints = Failpoints(self.settings.crash_at)
         self._shutting_down = threading.Event()
         self._keeper: LeaseKeeper | None = None
-        self.metrics = MetricsRecorder(services.redis)
+        self.metrics = services.metrics
         self.orchestrator = ManuscriptOrchestrator(
             jobs=services.jobs, blobs=services.blobs, events=services.events,
             provider=MeasuredProvider(services.provider, self.metrics,

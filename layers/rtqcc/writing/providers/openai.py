@@ -36,6 +36,7 @@ import httpx2
 import openai
 
 from ..abort import AbortSignal
+from ..rate_limits import ProviderRateLimiter
 from ..tokens import tokenizer_for
 from .base import (CONTINUE_INSTRUCTION, CallUsage, GenerationRequest, GenerationResult, ProviderRefused,
                    ProviderUnavailable, QuotaExceeded, chat_messages)
@@ -155,6 +156,10 @@ class _Call:
     cut: str | None  # why the stream ended early, when it was not aborted
 
 
+# What a call without max_tokens is counted as before it starts, against a tokens-per-minute limit.
+ESTIMATED_ANSWER_TOKENS = 1000
+
+
 class OpenAIProvider:
     name = "openai"
 
@@ -162,7 +167,8 @@ class OpenAIProvider:
                  project: str | None = None, timeout_s: float = 60.0, idle_timeout_s: float = 30.0,
                  max_retries: int = 4, max_continuations: int = 2, backoff_s: float = 0.5,
                  backoff_max_s: float = 20.0, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, limiter: ProviderRateLimiter | None = None):
+        self.limiter = limiter  # the requests and tokens per minute every consumer shares (None: none)
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_retries = max_retries
@@ -192,8 +198,8 @@ class OpenAIProvider:
         )
 
     @classmethod
-    def from_settings(cls, settings) -> "OpenAIProvider":
-        return cls(
+    def from_settings(cls, settings, *, limiter: ProviderRateLimiter | None = None) -> "OpenAIProvider":
+        return cls(limiter=limiter,
             api_key=settings.openai_api_key, base_url=settings.openai_base_url,
             organization=settings.openai_organization, project=settings.openai_project,
             timeout_s=settings.openai_timeout_s, idle_timeout_s=settings.openai_idle_timeout_s,
@@ -272,6 +278,11 @@ class OpenAIProvider:
         messages = chat_messages(request, prefix)
         fmt = self._formats.get(request.model, _RESPONSE_FORMATS[0]) if request.json_schema is not None else None
         params = self._params(request, messages, fmt)
+        estimate = tokenizer.count_chat(messages) + (request.max_tokens or ESTIMATED_ANSWER_TOKENS)
+        if self.limiter is not None:
+            self.limiter.acquire(request.model, estimate, abort)
+            if abort.aborted:
+                raise _AbortedEarly(abort.reason or "aborted")
         connection = _Connection()
         unregister = abort.on_abort(connection.shut)
         pieces: list[str] = []
@@ -322,6 +333,10 @@ class OpenAIProvider:
                 stream.close()
         text = "".join(pieces)
         aborted = (abort.reason or "aborted") if abort.aborted and finish is None else None
+        if self.limiter is not None:
+            used = (usage.prompt_tokens + usage.completion_tokens if usage is not None
+                    else tokenizer.count_chat(messages) + tokenizer.count(text))
+            self.limiter.settle(request.model, estimated=estimate, used=used)
         return _Call(
             text=text,
             finish_reason=None if aborted else finish,
@@ -366,7 +381,11 @@ class OpenAIProvider:
                 f"{self.server} refused {request.model}: insufficient_quota: the API key's account has no "
                 f"quota left ({message}). Check its plan and billing, then retry the job.", status=status)
         if status in RETRYABLE_STATUS or status >= 500:
-            raise _Retry(f"{self.server} answered {status} {code or kind}".rstrip(), _retry_after_s(exc.response))
+            retry_after_s = _retry_after_s(exc.response)
+            if status == 429 and self.limiter is not None:
+                # Every consumer holds this model back, not only this call.
+                self.limiter.hold(request.model, retry_after_s if retry_after_s is not None else self.backoff_s)
+            raise _Retry(f"{self.server} answered {status} {code or kind}".rstrip(), retry_after_s)
         if fmt is not None and fmt != "none" and status in (400, 422) and _about_response_format(exc):
             following = _RESPONSE_FORMATS[_RESPONSE_FORMATS.index(fmt) + 1]
             log.info("%s does not take response_format %s for %s; trying %s", self.server, fmt, request.model, following)
