@@ -15,12 +15,8 @@ import asyncio
 import json
 import math
 import multiprocessing
-import os
-import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,7 +28,7 @@ from redis import Redis
 
 from rtqcc.bus.events import events_key
 
-from .stack import BENCH_KEY, fresh_services, percentile
+from .stack import BENCH_KEY, fresh_services, percentile, start_local_stack, stop_local_stack
 
 JOBS = 10
 TOKENS_PER_S = 40
@@ -48,45 +44,11 @@ TOKENS_PER_JOB = 12_000
 
 
 def _start_stack(settings, data_dir: Path) -> tuple[subprocess.Popen, str]:
-    """`rtqcc up` on a port it binds itself; the stack and the base URL it printed."""
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "S3_ENDPOINT_URL": settings.s3_endpoint_url,
-        "S3_BUCKET": settings.s3_bucket,
-        "RTQCC_API_KEYS": f"{BENCH_KEY}:bench",
-        "RTQCC_RATE_LIMIT_PER_MIN": "0",
-        # One tenant plays all 1,000 clients: lift its stream caps, or the bench measures the 429s.
-        "RTQCC_MAX_STREAMS_PER_TENANT": "100000",
-        "RTQCC_MAX_STREAMS_PER_KEY": "100000",
-        "RTQCC_FAKE_TOKENS_PER_S": str(TOKENS_PER_S),
-        "RTQCC_DELTA_FLUSH_MS": "0",
-        "RTQCC_SSE_HEARTBEAT_S": "5",
-    }
-    log_path = data_dir / "stack.log"
-    with open(log_path, "w") as log:  # a file, not a pipe nobody drains: a full pipe would stall the server
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rtqcc.cli", "up", "--port", "0", "--data-dir", str(data_dir),
-             "--consumers", str(JOBS), "--consumer-budget-s", "600"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        printed = log_path.read_text()
-        if "ready" in printed.splitlines():
-            return process, re.search(r"local stack at (http://\S+)", printed).group(1)
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"the stack did not become ready; see {log_path}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
+    # One tenant plays all 1,000 clients: lift its stream caps, or the bench measures the 429s.
+    return start_local_stack(settings, data_dir, args=("--consumers", str(JOBS), "--consumer-budget-s", "600"),
+                             RTQCC_MAX_STREAMS_PER_TENANT="100000", RTQCC_MAX_STREAMS_PER_KEY="100000",
+                             RTQCC_FAKE_TOKENS_PER_S=str(TOKENS_PER_S), RTQCC_DELTA_FLUSH_MS="0",
+                             RTQCC_SSE_HEARTBEAT_S="5")
 
 
 class Window:
@@ -249,7 +211,7 @@ def run(settings, *, client_counts: tuple[int, ...] = (100, 1000)) -> dict:
             for external_id in job_ids:
                 http.post(f"/jobs/{external_id}/cancel")
     finally:
-        _stop(process)
+        stop_local_stack(process)
     shutil.rmtree(data_dir, ignore_errors=True)  # kept after a failure: its stack.log says why
     results["goal_p99_ms"] = {"clients_100": 50, "clients_1000": 250}
     return results

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import signal
+import subprocess
+import sys
+import time
 import shutil
 import statistics
 import tempfile
@@ -111,3 +116,42 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         env["AWS_SECRET_ACCESS_KEY"] = settings.aws_secret_access_key
     env.update(extra)
     return env
+
+
+def start_local_stack(settings: Settings, data_dir: Path, *, args: tuple[str, ...] = (),
+                      **env: str) -> tuple[subprocess.Popen, str]:
+    """`rtqcc up` over the bench's services, on a port it binds itself, with `args` and `env`
+    added; the process and the base URL it printed. Stop it with `stop_local_stack`."""
+    environment = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "S3_BUCKET": settings.s3_bucket,
+        "RTQCC_API_KEYS": f"{BENCH_KEY}:bench",
+        "RTQCC_RATE_LIMIT_PER_MIN": "0",
+        **env,
+    }
+    log_path = data_dir / "stack.log"
+    with open(log_path, "w") as log:  # a file, not a pipe nobody drains: a full pipe would stall the server
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rtqcc.cli", "up", "--port", "0", "--data-dir", str(data_dir), *args],
+            env=environment, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        printed = log_path.read_text()
+        if "ready" in printed.splitlines():
+            return process, re.search(r"local stack at (http://\S+)", printed).group(1)
+        time.sleep(0.1)
+    process.kill()
+    process.wait(5)
+    raise RuntimeError(f"the stack did not become ready; see {log_path}")
+
+
+def stop_local_stack(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)

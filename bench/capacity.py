@@ -1,0 +1,192 @@
+"""Many jobs at once on the local stack (`rtqcc up`, its default consumers and slots), the fake
+provider paced at 50 tokens a second, three-section jobs with their outline given:
+
+- together: N jobs started at once against one job alone (the baseline, measured in the same
+  run, before and after): how much longer N take than one, the peak of jobs running at once, and
+  the consumers' memory per job in flight (their RSS at the peak beside their RSS running one);
+- fairness: tenant A starts 300 jobs, then tenant B one, on a stack with the production cap on a
+  tenant's running jobs (32): how long B's job waits to start, beside how long A's last one waits.
+
+Jobs are started as the API would (Postgres queued, then one XADD each, pipelined), so that the
+clock measures the consumers, not an HTTP client."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from rtqcc.services import Services
+from rtqcc.settings import Settings
+from rtqcc.store.jobs import NewJob, OutlineItem
+
+from .stack import fresh_services, start_local_stack, stop_local_stack
+
+TOKENS_PER_S = 50
+TOKENS_PER_SECTION = 120
+SECTIONS = 3
+PRODUCTION_TENANT_CAP = 32
+
+
+def _create(services: Services, count: int, tenant: str = "bench") -> list[str]:
+    outline = [OutlineItem(title=f"Part {n}", brief="what it covers") for n in range(SECTIONS)]
+    return [services.jobs.create(NewJob(
+        tenant=tenant, title=f"Capacity {n}", brief="many at once", model="fake", outline=outline,
+        section_count=None, params={"max_tokens_per_section": TOKENS_PER_SECTION}, budget={}, metadata={},
+    )).external_id for n in range(count)]
+
+
+def _start(services: Services, ids: list[str]) -> float:
+    """Queue every job in Postgres, then put them all on the stream at once; when they went."""
+    services.db.run("UPDATE jobs SET status = 'queued', updated_at = now() WHERE external_id = ANY(CAST(:e AS text[]))",
+                    e=ids)
+    pipe = services.redis.pipeline(transaction=False)
+    for external_id in ids:
+        services.queue.enqueue(external_id, pipeline=pipe)
+    went = time.time()
+    pipe.execute()
+    return went
+
+
+class Sampler:
+    """While jobs run: the most running at once (Postgres), and the consumers' RSS then (/proc)."""
+
+    def __init__(self, services: Services, stack_pid: int):
+        self.services = services
+        self.stack_pid = stack_pid
+        self.peak_running = 0
+        self.rss_at_peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            running = self.services.db.row("SELECT COUNT(*)::int AS n FROM jobs WHERE status = 'running'")["n"]
+            if running > self.peak_running:
+                self.peak_running, self.rss_at_peak_kb = running, consumers_rss_kb(self.stack_pid)
+            elif running == self.peak_running:
+                self.rss_at_peak_kb = max(self.rss_at_peak_kb, consumers_rss_kb(self.stack_pid))
+
+
+def consumers_rss_kb(stack_pid: int) -> int:
+    """The resident memory of the stack's consumer processes (its children running `consume`)."""
+    total = 0
+    for child in _children(stack_pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"invoke_consumer" not in cmdline and b" consume" not in cmdline:
+                continue
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _wait_done(services: Services, ids: list[str], timeout_s: float) -> float:
+    """When the last of `ids` completed (wall clock, from Postgres)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        row = services.db.row(
+            "SELECT COUNT(*) FILTER (WHERE status = 'completed')::int AS done,"
+            " COUNT(*) FILTER (WHERE status = 'failed')::int AS failed, EXTRACT(EPOCH FROM MAX(finished_at)) AS last"
+            " FROM jobs WHERE external_id = ANY(CAST(:e AS text[]))", e=ids)
+        if row["failed"]:
+            raise RuntimeError(f"{row['failed']} of {len(ids)} jobs failed")
+        if row["done"] == len(ids):
+            return float(row["last"])
+        time.sleep(0.1)
+    raise RuntimeError(f"{len(ids)} jobs did not complete within {timeout_s:.0f}s")
+
+
+def _together(services: Services, stack_pid: int, count: int) -> dict:
+    ids = _create(services, count)
+    with Sampler(services, stack_pid) as sampler:
+        went = _start(services, ids)
+        ended = _wait_done(services, ids, timeout_s=600)
+    return {"jobs": count, "seconds": round(ended - went, 2), "peak_running": sampler.peak_running,
+            "consumers_rss_kb_at_peak": sampler.rss_at_peak_kb}
+
+
+def _stack(settings: Settings, *args: str) -> tuple:
+    data_dir = Path(tempfile.mkdtemp(prefix="rtqcc-bench-capacity-"))
+    process, _ = start_local_stack(settings, data_dir, args=("--consumer-budget-s", "600", *args),
+                                   RTQCC_FAKE_TOKENS_PER_S=str(TOKENS_PER_S))
+    return process, data_dir
+
+
+def together(settings: Settings, counts: tuple[int, ...]) -> dict:
+    services = fresh_services(settings)
+    process, data_dir = _stack(settings)
+    try:
+        time.sleep(2)  # the scheduler's consumers up and reading (not a measurement window)
+        alone = [_together(services, process.pid, 1)]
+        runs = [_together(services, process.pid, count) for count in counts]
+        alone.append(_together(services, process.pid, 1))
+    finally:
+        stop_local_stack(process)
+        services.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    one = statistics.mean(run["seconds"] for run in alone)
+    rss_one = max(run["consumers_rss_kb_at_peak"] for run in alone)
+    result: dict = {"baseline_one_job": {"seconds_each": [run["seconds"] for run in alone],
+                                         "consumers_rss_kb": rss_one}}
+    for run in runs:
+        in_flight = max(run["peak_running"] - 1, 1)
+        result[f"jobs_{run['jobs']}"] = {
+            **run, "ratio_to_one_alone": round(run["seconds"] / one, 2),
+            "rss_kb_per_job_in_flight": round((run["consumers_rss_kb_at_peak"] - rss_one) / in_flight, 1),
+        }
+    result["goals"] = {"jobs_200_ratio": 1.3, "jobs_1000_ratio": 2.0, "rss_kb_per_job": 1024}
+    return result
+
+
+def fairness(settings: Settings, flood: int = 300) -> dict:
+    services = fresh_services(settings)
+    process, data_dir = _stack(settings, "--max-running-per-tenant", str(PRODUCTION_TENANT_CAP))
+    try:
+        time.sleep(2)
+        flooding = _create(services, flood, tenant="tenant-a")
+        lone = _create(services, 1, tenant="tenant-b")
+        went_a = _start(services, flooding)
+        went_b = _start(services, lone)
+        _wait_done(services, [*flooding, *lone], timeout_s=900)
+        started = {row["external_id"]: float(row["started"]) for row in services.db.rows(
+            "SELECT external_id, EXTRACT(EPOCH FROM started_at) AS started FROM jobs"
+            " WHERE external_id = ANY(CAST(:e AS text[]))", e=[*flooding, *lone])}
+    finally:
+        stop_local_stack(process)
+        services.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    a_waits = sorted(started[e] - went_a for e in flooding)
+    return {"tenant_a_jobs": flood, "cap_per_tenant": PRODUCTION_TENANT_CAP,
+            "tenant_b_wait_s": round(started[lone[0]] - went_b, 3),
+            "tenant_a_first_wait_s": round(a_waits[0], 3), "tenant_a_last_wait_s": round(a_waits[-1], 3),
+            "goal_tenant_b_wait_s": 2.0}
+
+
+def run(settings: Settings, *, counts: tuple[int, ...] = (50, 200, 1000)) -> dict:
+    return {"tokens_per_s": TOKENS_PER_S, "sections_per_job": SECTIONS, "tokens_per_section": TOKENS_PER_SECTION,
+            "together": together(settings, counts), "fairness": fairness(settings)}
