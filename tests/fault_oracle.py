@@ -26,7 +26,7 @@ from rtqcc.store.blobs import BlobMissing, manuscript_key, section_key
 from rtqcc.store.db import Database
 from rtqcc.store.jobs import JobStore
 from rtqcc.run.orchestrator import assemble
-from rtqcc.writing.prompts import section_request
+from rtqcc.writing.prompts import parallel_width, section_request
 from rtqcc.writing.providers.fake import FakeProvider
 from rtqcc.status import JobStatus, SectionStatus
 from rtqcc.bus.events import stream_id_tuple
@@ -123,9 +123,10 @@ def check_job(external_id: str, *, db: Database, blobs, redis: Redis, provider: 
 
     if provider is not None:  # the text one uninterrupted generation gives, section by section
         for section in sections:
-            if section.idx not in texts or (section.idx > 0 and section.idx - 1 not in texts):
+            in_parallel = parallel_width(job) > 1  # then no section's prompt holds the text before it
+            if section.idx not in texts or (not in_parallel and section.idx > 0 and section.idx - 1 not in texts):
                 continue
-            previous = texts[section.idx - 1] if section.idx > 0 else ""
+            previous = None if in_parallel else texts[section.idx - 1] if section.idx > 0 else ""
             expected = provider.full_text(section_request(job, sections, section, previous))
             got = texts[section.idx]
             if got != expected:

@@ -191,15 +191,18 @@ def kill_while_it_holds_a_job(victim: subprocess.Popen, db, external_ids, *, rep
 
 def test_consumers_killed_at_random_moments_lose_nothing(api, settings, s3_endpoint, database, redis_client,
                                                           start_consumer, oracle, capsys, request):
-    """Three consumers in a row are SIGKILLed while they hold a job, each after a random number of
-    the jobs' events (RTQCC_FAULT_SEED replays the choices); then a healthy consumer alone (no
-    sweeper) finishes the work from the last checkpoints."""
+    """Three consumers in a row, each running every job at once, are SIGKILLed while they hold a
+    job, each after a random number of the jobs' events (RTQCC_FAULT_SEED replays the choices);
+    then a healthy consumer alone (no sweeper) finishes the work from the last checkpoints. One
+    job writes three sections at once."""
     replay = f" (random kills with RTQCC_FAULT_SEED={SEED})"
     with capsys.disabled():
         print(f"\nrandom kills: RTQCC_FAULT_SEED={SEED}")
     request.node.add_report_section("call", "seed", f"RTQCC_FAULT_SEED={SEED} replays these random kills")
     rng = random.Random(SEED)
-    ids = create_jobs(api)
+    ids = [*create_jobs(api), api.create(title="Written at once", outline=[{"title": f"Part {n}"} for n in range(4)],
+                                         params={**SMALL["params"], "parallel_sections": 3})]
+    assert api.post(f"/jobs/{ids[-1]}/start").status_code == 202
     paced = {"RTQCC_FAKE_TOKENS_PER_S": "150"}  # about a quarter of a second a section
     killed_holding = []
     for _ in range(3):

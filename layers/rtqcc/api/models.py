@@ -22,6 +22,9 @@ class OutlineEntryIn(_Strict):
 class ParamsIn(_Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens_per_section: int | None = Field(default=None, ge=1, le=32_000)
+    parallel_sections: int | None = Field(default=None, ge=1, le=16, description=(
+        "Sections written at once once the outline is known (1, the default: in order, each prompt "
+        "quoting the end of the section before; more: each prompt describes its neighbours instead)."))
 
 
 class BudgetIn(_Strict):

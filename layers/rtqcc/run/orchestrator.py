@@ -28,7 +28,7 @@ from ..store.attempts import billed_total
 from ..store.db import Row
 from ..store.jobs import DEFAULT_SECTION_COUNT, Attempt, Job, JobStore, Lease, Section
 from ..writing.pricing import DEFAULT_PRICES, Price, cost_usd, price_for
-from ..writing.prompts import outline_request, parse_outline, section_request
+from ..writing.prompts import outline_request, parallel_width, parse_outline, section_request
 from ..writing.quotas import QuotaStore, Standing
 from ..writing.providers.base import (CallUsage, GenerationRequest, GenerationResult, Provider, ProviderRefused,
                              chat_messages)
@@ -137,6 +137,12 @@ class ManuscriptOrchestrator:
             run.sections = self.jobs.sections(job.id)
 
         pending = [section for section in run.sections if section.status != SectionStatus.DONE]
+        width = min(parallel_width(job), len(pending))
+        if width > 1:
+            self._write_in_parallel(run, pending, width)
+            if abort.aborted or run.written < len(pending):
+                return self._stopped(run)
+            pending = []
         upcoming = self._prepare(run, pending[0]) if pending else None
         if upcoming is not None:  # later sections are marked running by the statement that ends the one before
             self.jobs.mark_section_running(lease, upcoming.section.idx)
@@ -183,13 +189,15 @@ class ManuscriptOrchestrator:
 
     def _announce_last_done(self, run: "JobRun") -> None:
         """A run that died between marking a section done and announcing it left watchers
-        without its `section.completed`. Only the last done section can be in that state (they
-        are written in order), so a resumed run announces it again; watchers take it as a no-op."""
+        without its `section.completed`. Written in order, only the last done section can be in
+        that state, so a resumed run announces it again; watchers take it as a no-op."""
         done = [s for s in run.sections if s.status == SectionStatus.DONE]
-        if done:
-            self.events.publish(run.job.external_id, "section.completed", {
-                "index": done[-1].idx, "chars": done[-1].content_chars,
-                "usage": public_usage(run.usage.get(done[-1].idx))})
+        # Written at once, any of them may be in that state.
+        unannounced = done if parallel_width(run.job) > 1 else done[-1:]
+        if unannounced:
+            self.events.publish_many(run.job.external_id, [("section.completed", {
+                "index": section.idx, "chars": section.content_chars,
+                "usage": public_usage(run.usage.get(section.idx))}) for section in unannounced])
 
     def fail(self, job: Job, lease: Lease, failure: PublicFailure) -> bool:
         if not self.jobs.finish(lease, JobStatus.FAILED, error=failure.message, reason=failure.code):
@@ -221,11 +229,14 @@ class ManuscriptOrchestrator:
         return True
 
     def _prepare(self, run: "JobRun", section: Section, previous_text: str | None = None,
-                 unrecorded: list[Attempt] = ()) -> "UpcomingSection | None":
+                 unrecorded: list[Attempt] = (), *, in_parallel: bool = False) -> "UpcomingSection | None":
         """The next section's request, checked against the budget and quota: None (the reason
         raised on the abort signal) when its call would pass a limit with its first token.
-        `unrecorded`: calls paid for but not yet in Postgres (the section before, not yet completed)."""
-        if previous_text is None:
+        `unrecorded`: calls paid for but not yet in Postgres (the section before, not yet completed).
+        `in_parallel`: its prompt describes its neighbours instead of quoting the text before it."""
+        if in_parallel:
+            previous_text = None
+        elif previous_text is None:
             previous_text = self._text_of(run, section.idx - 1) if section.idx > 0 else ""
         request = section_request(run.job, run.sections, section, previous_text)
         meter = self._meter(run, request, unrecorded)
@@ -262,6 +273,44 @@ class ManuscriptOrchestrator:
             raise StreamCut(f"Job {ext}: section {section.idx} stream ended without a finish reason")
         return text
 
+    def _write_in_parallel(self, run: "JobRun", pending: list[Section], width: int) -> None:
+        """Write `pending` sections `width` at once, each as a sequential run writes one (its own
+        deltas, S3 then its fenced row, its events), until all are done or the run is stopped:
+        a pause or cancel stops every stream, each keeping its partial text. A worker that fails
+        stops taking sections; the first error is raised once every section in flight has ended."""
+        queue = iter(pending)
+        taking = threading.Lock()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            while not run.abort.aborted and not errors:
+                with taking:
+                    section = next(queue, None)
+                if section is None:
+                    return
+                try:
+                    upcoming = self._prepare(run, section, in_parallel=True)
+                    if upcoming is None:
+                        return
+                    self.jobs.mark_section_running(run.lease, section.idx)
+                    self.events.publish(run.job.external_id, *upcoming.started_event())
+                    text = self._write_section(run, upcoming)
+                    if text is None:
+                        return
+                    self._complete_section(run, upcoming, text, None)
+                except BaseException as exc:  # raised below, on the run's own thread
+                    errors.append(exc)
+                    return
+
+        workers = [threading.Thread(target=work, name=f"section-{run.job.external_id}-{n}", daemon=True)
+                   for n in range(width)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        if errors:
+            raise errors[0]
+
     def _complete_section(self, run: "JobRun", written: "UpcomingSection", text: str,
                           following: "UpcomingSection | None") -> None:
         ext, section = run.job.external_id, written.section
@@ -269,15 +318,17 @@ class ManuscriptOrchestrator:
         key = section_key(ext, section.idx)
         self.blobs.put(key, body)
         self.failpoints.hit("after_s3_put")
-        run.usage[section.idx] = self.jobs.complete_section(
+        usage = self.jobs.complete_section(
             run.lease, section.idx, key=key, sha256=hashlib.sha256(body).hexdigest(), chars=len(text),
             attempts=written.attempts, start_next=[following.section.idx] if following is not None else [])
         self.failpoints.hit("after_commit")
-        run.texts[section.idx] = text
-        run.written += 1
-        events = [("section.completed", {"index": section.idx, "chars": len(text),
-                                         "usage": public_usage(run.usage[section.idx])}),
-                  ("usage", public_job_usage(run.usage))]
+        with run.lock:  # sections written at once complete on threads of their own
+            run.usage[section.idx] = usage
+            run.texts[section.idx] = text
+            run.written += 1
+            job_usage = public_job_usage(run.usage)
+        events = [("section.completed", {"index": section.idx, "chars": len(text), "usage": public_usage(usage)}),
+                  ("usage", job_usage)]
         if following is not None:
             events.append(following.started_event())
         self.events.publish_many(ext, events)
@@ -384,11 +435,13 @@ class JobRun:
     spent_cost: float | None = 0.0     # their cost; None once a call had no price
     quota: Standing | None = None      # the tenant's quotas, read at the run's first call
     written: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def spend(self, attempts: list[Attempt]) -> list[Attempt]:
         tokens, cost = billed_total(attempts)
-        self.spent_tokens += tokens
-        self.spent_cost = None if self.spent_cost is None or cost is None else self.spent_cost + cost
+        with self.lock:
+            self.spent_tokens += tokens
+            self.spent_cost = None if self.spent_cost is None or cost is None else self.spent_cost + cost
         return attempts
 
 

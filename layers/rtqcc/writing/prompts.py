@@ -81,7 +81,15 @@ def parse_outline(text: str, expected_count: int) -> list[OutlineItem]:
             for entry in outline.sections]
 
 
-def section_request(job: Job, sections: list[Section], section: Section, previous_text: str) -> GenerationRequest:
+def parallel_width(job: Job) -> int:
+    """How many of the job's sections may be written at once (`params.parallel_sections`, 1 by default)."""
+    return max(1, int(job.params.get("parallel_sections") or 1))
+
+
+def section_request(job: Job, sections: list[Section], section: Section, previous_text: str | None) -> GenerationRequest:
+    """The prompt of one section: the document, the whole outline, the section's own brief, and
+    the tail of the section before it; or, with `previous_text` None (sections written at once,
+    when the one before may not exist yet), what its neighbours cover instead."""
     outline = "\n".join(f"{s.idx + 1}. {s.title}" + (f": {s.brief}" if s.brief else "") for s in sections)
     parts = [
         f"Document: {job.title}",
@@ -91,6 +99,13 @@ def section_request(job: Job, sections: list[Section], section: Section, previou
     ]
     if previous_text:
         parts.append(f"The previous section ended with:\n…{previous_text[-PREVIOUS_TAIL_CHARS:]}")
+    elif previous_text is None:
+        for neighbour, where in ((section.idx - 1, "comes before it"), (section.idx + 1, "comes after it")):
+            if 0 <= neighbour < len(sections):
+                other = sections[neighbour]
+                parts.append(f"Section {neighbour + 1}, \"{other.title}\", {where}"
+                             + (f" and covers: {other.brief}" if other.brief else "")
+                             + "; do not repeat what it covers.")
     parts.append("Write only the body of this section, without its heading.")
     return GenerationRequest(
         model=job.model,
