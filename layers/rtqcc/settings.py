@@ -214,8 +214,8 @@ class Settings:
     sse_retry_ms: int = 1000
 
     # Jobs one consumer invocation runs at once (a worker thread each, waiting on the provider);
-    # `rtqcc up`'s two consumers run 64 together.
-    max_in_flight: int = 32
+    # `rtqcc up`'s two consumers run 128 together.
+    max_in_flight: int = 64
     # Jobs one tenant runs at once across every consumer (None: no cap). Its other jobs wait aside,
     # by priority, and take its slots as they free: a tenant's batch cannot hold everyone back.
     max_running_per_tenant: int | None = 32
@@ -298,7 +298,7 @@ class Settings:
             # Under API Gateway's 29 s integration timeout, with room to answer.
             sse_long_poll_s=_float(env, "RTQCC_SSE_LONG_POLL_S", 25.0, minimum=0.1, maximum=27.0),
             sse_retry_ms=_int(env, "RTQCC_SSE_RETRY_MS", 1000),
-            max_in_flight=_int(env, "RTQCC_MAX_IN_FLIGHT", 32, minimum=1),
+            max_in_flight=_int(env, "RTQCC_MAX_IN_FLIGHT", 64, minimum=1),
             max_running_per_tenant=_int(env, "RTQCC_MAX_RUNNING_PER_TENANT", 32) or None,
             consumer_idle_exit_ms=_int(env, "RTQCC_CONSUMER_IDLE_EXIT_MS", 1000),
             consumer_safety_margin_ms=_int(env, "RTQCC_CONSUMER_SAFETY_MARGIN_MS", 2000),

@@ -2,9 +2,12 @@
 Redis, so a fleet of consumers stays inside the limits of one API key.
 
 Each (provider, model) has a bucket of requests and one of tokens in a Redis hash, refilled
-continuously at the configured rate and holding one second's worth (providers enforce per-minute
-limits in short quanta, so a minute's allowance spent in one burst would be refused). A call is
-estimated before it starts as its prompt plus its max tokens, and settled with what it used after.
+continuously at the configured rate and holding a quarter second's worth: providers enforce
+per-minute limits in short quanta (a minute's allowance spent in one burst would be refused), and
+calls granted here reach the provider with the jitter of threads and sockets, which a bucket
+smaller than the provider's absorbs. A call is
+counted before it starts as its prompt plus its max tokens, as providers count it against their
+limit; one that used more (a provider counting differently) takes the difference after.
 A 429 sets a hold on the model for its `retry-after`: every consumer waits it out, not only the one
 that was refused. Redis away: calls go ahead unlimited (the provider's own 429s, retried with
 backoff, are the backstop), and the failure is logged.
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ANY_MODEL = "*"
-QUANTUM_S = 1.0  # the burst a bucket holds: one second's worth of the per-minute rate
+QUANTUM_S = 0.25  # the burst a bucket holds: a quarter second's worth of the per-minute rate
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,16 @@ def _rate(text: str) -> float | None:
     return value
 
 
-# KEYS: bucket hash, hold key. ARGV: now_ms, requests/min (0: none), tokens/min (0: none),
-# tokens wanted. Returns 0 when granted (taken from the buckets), else the ms to wait.
+# KEYS: bucket hash, hold key. ARGV: requests/min (0: none), tokens/min (0: none), tokens
+# wanted, the bucket's quantum in seconds. Returns 0 when granted (taken from the buckets), else
+# the ms to wait. Time is Redis's own: every consumer's calls are counted on one clock, which never
+# runs backwards between two of them (a client's clock read before a delayed call could).
 _ACQUIRE = """
 local hold = redis.call('PTTL', KEYS[2])
 if hold > 0 then return hold end
-local now, rpm, tpm, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local quantum = tonumber(ARGV[5])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local rpm, tpm, want, quantum = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local r_cap, t_cap = rpm * quantum / 60, tpm * quantum / 60
 local b = redis.call('HMGET', KEYS[1], 'r', 't', 'ts')
 local r, t, ts = tonumber(b[1]) or r_cap, tonumber(b[2]) or t_cap, tonumber(b[3]) or now
@@ -109,13 +115,11 @@ return 1
 
 class ProviderRateLimiter:
     def __init__(self, redis: "Redis", provider: str, limits: Mapping[str, ModelLimit], *,
-                 observe: Callable[[str, str, float], None] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 observe: Callable[[str, str, float], None] | None = None):
         self.redis = redis
         self.provider = provider
         self.limits = dict(limits)
         self._observe = observe  # (histogram, model, seconds)
-        self._clock = clock
         self._acquire = redis.register_script(_ACQUIRE)
         self._settle = redis.register_script(_SETTLE)
         self._hold = redis.register_script(_HOLD)
@@ -136,8 +140,7 @@ class ProviderRateLimiter:
         while not abort.aborted:
             try:
                 wait_ms = int(self._acquire(keys=self._keys(model), args=[
-                    int(self._clock() * 1000), limit.requests_per_min or 0, limit.tokens_per_min or 0,
-                    max(0, tokens), QUANTUM_S]))
+                    limit.requests_per_min or 0, limit.tokens_per_min or 0, max(0, tokens), QUANTUM_S]))
             except Exception as exc:
                 log.warning("the rate limits of %s are unavailable, calling unlimited: %s", model, exc)
                 break
@@ -149,9 +152,10 @@ class ProviderRateLimiter:
         return waited
 
     def settle(self, model: str, *, estimated: int, used: int) -> None:
-        """Give back what a call estimated and did not use (or take what it used beyond)."""
+        """Take what a call used beyond its estimate. What it did not use is not given back: the
+        provider counted the estimate (prompt plus max tokens) against its own limit too."""
         limit = self.limit_for(model)
-        if limit is None or not limit.tokens_per_min or estimated == used:
+        if limit is None or not limit.tokens_per_min or used <= estimated:
             return
         try:
             self._settle(keys=[self._keys(model)[0]], args=[estimated - used, limit.tokens_per_min, QUANTUM_S])
