@@ -167,14 +167,57 @@ def scale_rows(f: dict) -> list[Row]:
     return rows
 
 
+def capacity_rows(f: dict) -> list[Row]:
+    together, one = f["together"], f["together"]["baseline_one_job"]
+    alone = sum(one["seconds_each"]) / len(one["seconds_each"])
+    goals = {200: together["goals"]["jobs_200_ratio"], 1000: together["goals"]["jobs_1000_ratio"]}
+    rows = []
+    for key, run in together.items():
+        if not key.startswith("jobs_"):
+            continue
+        goal = goals.get(run["jobs"])
+        rows.append((f"{run['jobs']:,} three-section jobs started together on `rtqcc up` (fake provider at "
+                     f"{f['tokens_per_s']} tokens/s)", f"{_n(run['seconds'])} s, at most {run['peak_running']} running "
+                     f"at once, {_n(run['rss_kb_per_job_in_flight'])} KB of consumer RSS a job in flight",
+                     f"one job alone: {_n(alone)} s", f"×{run['ratio_to_one_alone']:.2f}",
+                     _goal(run["ratio_to_one_alone"] <= goal, f"×{goal}") if goal else
+                     _goal(run["rss_kb_per_job_in_flight"] <= together["goals"]["rss_kb_per_job"], "< 1 MB a job")))
+    fair = f["fairness"]
+    rows.append((f"fairness: tenant A starts {fair['tenant_a_jobs']} jobs, then tenant B one (cap "
+                 f"{fair['cap_per_tenant']} running a tenant)", f"B's job started after {_n(fair['tenant_b_wait_s'], 2)} s",
+                 f"A's first after {_n(fair['tenant_a_first_wait_s'], 2)} s, its last after "
+                 f"{_n(fair['tenant_a_last_wait_s'])} s", "", _goal(fair["tenant_b_wait_s"] <= fair["goal_tenant_b_wait_s"],
+                                                                   f"< {fair['goal_tenant_b_wait_s']:g} s")))
+    par = f["parallel_sections"]
+    rows.append((f"a {par['sections']}-section job with `parallel_sections: {par['parallel_sections']}`",
+                 f"{_n(sum(par['parallel_s']) / len(par['parallel_s']))} s",
+                 f"the same job in order: {_n(sum(par['in_order_s']) / len(par['in_order_s']))} s",
+                 f"{par['ratio']:.2f}", _goal(par["ratio"] <= par["goal_ratio"], f"≤ {par['goal_ratio']}")))
+    return rows
+
+
+def rate_limits_rows(f: dict) -> list[Row]:
+    limits = f["server_limits"]
+    return [(f"shared rate limits: {f['jobs']} jobs, 2 consumers, against the local OpenAI server enforcing "
+             f"{limits['requests_per_min']} RPM / {limits['tokens_per_min']:,} TPM (ours set to `{f['configured']}`)",
+             f"{f['refused_429']} of {f['calls']} calls refused ({f['refused_share']:.2%}); "
+             f"{_n(f['requests_per_min'])} requests/min, {f['tokens_per_min_as_counted']:,} tokens/min as the server counts",
+             "the server's limits", f"{f['share_of_allowed_rate']:.2f} of the allowed rate",
+             _goal(f["refused_share"] < f["goals"]["refused_share_below"]
+                   and f["share_of_allowed_rate"] >= f["goals"]["share_of_allowed_rate_at_least"], "< 1% refused, ≥ 0.90 used"))]
+
+
 NOTES: dict[str, Callable[[dict], list[str]]] = {"cold_start": cold_start_notes}
 ROWS: dict[str, Callable[[dict], list[Row]]] = {
     "throughput": throughput_rows, "sse": sse_rows, "control": control_rows, "abort": abort_rows,
-    "cold_start": cold_start_rows, "peers": peers_rows, "scale": scale_rows,
+    "cold_start": cold_start_rows, "peers": peers_rows, "scale": scale_rows, "capacity": capacity_rows,
+    "rate_limits": rate_limits_rows,
 }
 
 
-def render(results: dict, source: str) -> str:
+def render(results: dict, source: str, earlier: list[tuple[dict, str]] = ()) -> str:
+    """The latest file's figures; a bench it did not run, from the latest earlier file that did
+    (on the same machine), marked with that file."""
     m = results["machine"]
     loads = sorted(load for bench in results["benches"].values() for load in bench["load_avg_1m_before_after"])
     lines = [
@@ -188,17 +231,30 @@ def render(results: dict, source: str) -> str:
         "| benchmark | ours | baseline in the same run | ratio | goal |",
         "| --- | --- | --- | --- | --- |",
     ]
+    found: dict[str, tuple[dict, str | None]] = {name: (bench, None) for name, bench in results["benches"].items()}
+    for older, older_source in earlier:
+        if older["machine"] == m:
+            for name, bench in older["benches"].items():
+                found.setdefault(name, (bench, older_source))
     for name, rows in ROWS.items():
-        if name in results["benches"]:
-            lines += ["| " + " | ".join(row) + " |" for row in rows(results["benches"][name]["figures"])]
-    notes = [note for name, notes_of in NOTES.items() if name in results["benches"]
-             for note in notes_of(results["benches"][name]["figures"])]
+        if name in found:
+            bench, from_source = found[name]
+            marked = [(f"{row[0]} (from [{from_source}]({from_source}))" if from_source else row[0], *row[1:])
+                      for row in rows(bench["figures"])]
+            lines += ["| " + " | ".join(row) + " |" for row in marked]
+    notes = [note for name, notes_of in NOTES.items() if name in found for note in notes_of(found[name][0]["figures"])]
     if notes:
         lines += ["", *notes]
-    missing = [name for name in ROWS if name not in results["benches"]]
+    missing = [name for name in ROWS if name not in found]
     if missing:
         lines += ["", f"Not in this file: {', '.join(missing)} (`./dev bench {' '.join(missing)}`)."]
     return "\n".join(lines)
+
+
+def _source(path: Path) -> str:
+    """The file as the README links it."""
+    return path.resolve().relative_to(README.parent.resolve()).as_posix() \
+        if path.resolve().is_relative_to(README.parent.resolve()) else str(path)
 
 
 def updated_readme(readme: str, table: str) -> str:
@@ -215,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check that the README is up to date")
     args = parser.parse_args(argv)
     path = args.results or latest_results()
-    source = path.resolve().relative_to(README.parent.resolve()).as_posix() \
-        if path.resolve().is_relative_to(README.parent.resolve()) else str(path)
+    earlier = sorted((older for older in path.parent.glob("[0-9]*.json") if older.name < path.name), reverse=True)
     readme = README.read_text()
-    new = updated_readme(readme, render(json.loads(path.read_text()), source))
+    new = updated_readme(readme, render(json.loads(path.read_text()), _source(path),
+                                        [(json.loads(older.read_text()), _source(older)) for older in earlier]))
     if args.check:
         if new != readme:
             print(f"{README} does not show {path}: run `python -m bench.report`", file=sys.stderr)

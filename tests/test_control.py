@@ -154,3 +154,37 @@ def test_control_reaches_the_running_stream_through_redis_not_the_postgres_poll(
         what=f"the {verb} to stop the provider stream")
     consumer.consumer.shut_down()
     consumer.join()
+
+
+def test_pausing_one_job_among_a_hundred_in_flight_stops_its_stream_alone(api, start_consumer, database, redis_client):
+    """One consumer runs a hundred jobs at once; a pause reaches the one job it names through the
+    consumer's single control subscription, its stream stops and keeps its text, and the other
+    ninety-nine go on streaming."""
+    ids = [api.create(outline=[{"title": "Long"}], params={"max_tokens_per_section": 4000}) for _ in range(100)]
+    for external_id in ids:
+        api.post(f"/jobs/{external_id}/start")
+    consumer = start_consumer(budget_s=120, fake_tokens_per_s=20.0, max_in_flight=100, max_running_per_tenant=None,
+                              control_poll_s=3600.0)  # Postgres polling is not what stops it
+    running = lambda: database.row("SELECT COUNT(*)::int AS n FROM jobs WHERE status = 'running'")["n"]  # noqa: E731
+    try:
+        wait_for(lambda: running() == 100, timeout_s=60, interval_s=0.1, what="all hundred to run")
+        paused, others = ids[37], [e for e in ids if e != ids[37]]
+        assert api.post(f"/jobs/{paused}/pause").status_code == 202
+        wait_for(lambda: database.row(
+            "SELECT COUNT(*)::int AS n FROM generation_attempts a JOIN jobs j ON j.id = a.job_id"
+            " WHERE j.external_id = :e AND a.aborted = 'pause'", e=paused)["n"] == 1,
+            timeout_s=20, what="the paused job's stream to stop")
+        before = {e: redis_client.xlen(f"job:{e}:events") for e in others}
+        wait_for(lambda: all(redis_client.xlen(f"job:{e}:events") > before[e] for e in others), timeout_s=30,
+                 interval_s=0.1, what="every other job to go on streaming")
+        assert running() == 99
+        partial = database.row("SELECT s.partial_text FROM sections s JOIN jobs j ON j.id = s.job_id"
+                               " WHERE j.external_id = :e", e=paused)["partial_text"]
+        assert partial, "the paused stream's text was not kept"
+    finally:
+        for external_id in ids:
+            api.post(f"/jobs/{external_id}/cancel")
+    result = consumer.join(60)
+    assert result.stopped == 100  # one paused, ninety-nine cancelled
+    assert {row["status"] for row in database.rows(
+        "SELECT status FROM jobs WHERE external_id = ANY(CAST(:e AS text[]))", e=others)} == {"cancelled"}
