@@ -30,6 +30,7 @@ TOKENS_PER_S = 50
 TOKENS_PER_SECTION = 120
 SECTIONS = 3
 PRODUCTION_TENANT_CAP = 32
+POLL_S = 0.1  # how often Postgres and Redis are asked whether the jobs are done, the consumers up
 
 
 def _create(services: Services, count: int, tenant: str = "bench", *, sections: int = SECTIONS,
@@ -119,8 +120,21 @@ def _wait_done(services: Services, ids: list[str], timeout_s: float) -> float:
             raise RuntimeError(f"{row['failed']} of {len(ids)} jobs failed")
         if row["done"] == len(ids):
             return float(row["last"])
-        time.sleep(0.1)
+        time.sleep(POLL_S)
     raise RuntimeError(f"{len(ids)} jobs did not complete within {timeout_s:.0f}s")
+
+
+def wait_for_consumers(services: Services, count: int = 2, timeout_s: float = 60) -> None:
+    """Until `count` consumers have read the queue (they are up and waiting for work)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if len(services.redis.xinfo_consumers(services.queue.stream, services.queue.group)) >= count:
+                return
+        except Exception:  # the group is made by the first consumer
+            pass
+        time.sleep(POLL_S)
+    raise RuntimeError(f"fewer than {count} consumers read the queue within {timeout_s:.0f}s")
 
 
 def _together(services: Services, stack_pid: int, count: int) -> dict:
@@ -145,7 +159,7 @@ def together(settings: Settings, counts: tuple[int, ...]) -> dict:
     services = fresh_services(settings)
     process, data_dir = _stack(settings)
     try:
-        time.sleep(2)  # the scheduler's consumers up and reading (not a measurement window)
+        wait_for_consumers(services)
         alone = [_together(services, process.pid, 1)]
         runs = [_together(services, process.pid, count) for count in counts]
         alone.append(_together(services, process.pid, 1))
@@ -166,7 +180,7 @@ def fairness(settings: Settings, flood: int = 300) -> dict:
     services = fresh_services(settings)
     process, data_dir = _stack(settings, "--max-running-per-tenant", str(PRODUCTION_TENANT_CAP))
     try:
-        time.sleep(2)
+        wait_for_consumers(services)
         flooding = _create(services, flood, tenant="tenant-a")
         lone = _create(services, 1, tenant="tenant-b")
         went_a = _start(services, flooding)
@@ -190,7 +204,7 @@ def parallel_sections(settings: Settings, sections: int = 12, width: int = 4) ->
     services = fresh_services(settings)
     process, data_dir = _stack(settings)
     try:
-        time.sleep(2)
+        wait_for_consumers(services)
         timings: dict[str, list[float]] = {"in_order": [], "parallel": []}
         for side in ("in_order", "parallel", "parallel", "in_order"):  # ABBA: drift hits both alike
             ids = _create(services, 1, sections=sections, **({"parallel_sections": width} if side == "parallel" else {}))

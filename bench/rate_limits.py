@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from rtqcc.settings import Settings
 from rtqcc_emulator.openai_server import OpenAIServer
 
-from .capacity import _create, _start, _wait_done
+from .capacity import _create, _start, _wait_done, wait_for_consumers
 from .stack import fresh_services, start_local_stack, stop_local_stack
 
 JOBS = 100
@@ -32,7 +31,7 @@ def run(settings: Settings, *, jobs: int = JOBS) -> dict:
         settings, data_dir, args=("--consumer-budget-s", "600"), RTQCC_PROVIDER="openai", OPENAI_API_KEY=API_KEY,
         OPENAI_BASE_URL=server.base_url, RTQCC_DEFAULT_MODEL="gpt-4o-mini", RTQCC_PROVIDER_LIMITS=limits)
     try:
-        time.sleep(2)  # the consumers up and reading
+        wait_for_consumers(services)
         server.reset()
         server.limits = type(server.limits)(SERVER_RPM, SERVER_TPM)
         ids = _create(services, jobs)

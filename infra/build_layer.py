@@ -51,10 +51,23 @@ def _pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args], check=True)
 
 
+# What the wheel is built from: setuptools builds in the source tree's build/, so a copy of these
+# in a folder of the build's own keeps two builds at once (two test runs) from removing each
+# other's files.
+_WHEEL_SOURCES = ("pyproject.toml", "README.md", "layers", "emulator")
+
+
 def project_wheel(wheel_dir: Path) -> Path:
     """The project as a wheel (isolation is skipped when setuptools is already importable)."""
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    _pip("wheel", "--no-deps", *isolation, "-w", str(wheel_dir), str(ROOT))
+    with tempfile.TemporaryDirectory(prefix="rtqcc-source-") as tmp:
+        source = Path(tmp)
+        for name in _WHEEL_SOURCES:
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+            elif (ROOT / name).exists():
+                shutil.copy2(ROOT / name, source / name)
+        _pip("wheel", "--no-deps", *isolation, "-w", str(wheel_dir), str(source))
     wheels = sorted(wheel_dir.glob("rtqcc-*.whl"))
     if not wheels:
         raise SystemExit(f"build_layer: no rtqcc wheel was built in {wheel_dir}")

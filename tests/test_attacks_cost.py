@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 from conftest import API_KEY, OTHER_KEY, ApiClient, job_events
 
 from rtqcc.settings import Settings

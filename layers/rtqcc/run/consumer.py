@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 # Failures of a service that will come back: the consumer waits them out instead of crashing.
 TRANSIENT_ERRORS = (*OUTAGE_ERRORS, OSError)
-# With runs in flight, a read of the queue blocks at most this long, so that a slot a run frees
-# is filled soon after (a read returns at once when messages are waiting).
+# With runs in flight, a read of the queue blocks at most this long, so that slots runs free
+# meanwhile are asked for soon after (a read returns at once when messages are waiting).
 IN_FLIGHT_READ_BLOCK_MS = 200
 
 
@@ -194,7 +194,7 @@ class Consumer:
                     backoff_s = 0.0
                     continue
                 wait_ms = min(left_ms, int((next_claim - self.clock()) * 1000) + 1)
-                if in_flight:  # come back soon to fill the slots that runs free
+                if in_flight:  # runs ending meanwhile free slots this read does not ask for
                     wait_ms = min(wait_ms, IN_FLIGHT_READ_BLOCK_MS)
                 block_ms = max(1, min(wait_ms, settings.consumer_idle_exit_ms or wait_ms))
                 batch = queue.read(self.name, count=free, block_ms=block_ms)
