@@ -57,10 +57,12 @@ def test_metrics_follow_a_job_while_it_runs(api, start_consumer):
     before = _scrape(api)
     assert before[("rtqcc_jobs", (("status", "queued"),))] == 1
     assert before[("rtqcc_queue_length", ())] == 1
-    consumer = start_consumer(fake_tokens_per_s=200.0)
+    assert before[("rtqcc_jobs_queued", (("tenant", "tenant-a"),))] == 1
+    consumer = start_consumer(fake_tokens_per_s=200.0, name="consumer-metrics")
     running = wait_for(lambda: (s := _scrape(api)).get(("rtqcc_jobs", (("status", "running"),))) == 1 and s,
                        what="the job to show as running in /metrics")
     assert running[("rtqcc_queue_pending", (("group", "orchestrators"),))] == 1
+    assert running[("rtqcc_jobs_in_flight", (("consumer", "consumer-metrics"),))] == 1
     consumer.join()
 
     after = _scrape(api)
@@ -70,6 +72,8 @@ def test_metrics_follow_a_job_while_it_runs(api, start_consumer):
     streams = after[("rtqcc_provider_stream_seconds_count", (("model", "gpt-4o-mini"), ("provider", "fake")))]
     assert streams == 3  # the outline and two sections
     assert after[("rtqcc_provider_first_token_seconds_count", (("model", "gpt-4o-mini"), ("provider", "fake")))] == 3
+    assert after[("rtqcc_queue_wait_seconds_count", (("tenant", "tenant-a"),))] == 1  # its first run only
+    assert ("rtqcc_jobs_in_flight", (("consumer", "consumer-metrics"),)) not in after
 
 
 def test_abort_latency_is_measured_when_a_job_is_cancelled(api, start_consumer, redis_client):

@@ -30,6 +30,7 @@ HISTOGRAMS = {
                                       ("provider", "model")),
     "provider_429_retry_after_seconds": ("The wait each 429 of the provider asked for (its count: the 429s)",
                                          ("provider", "model")),
+    "queue_wait_seconds": ("From a job's creation to its first run", ("tenant",)),
 }
 _KEY = "metrics:hist:{}"
 
@@ -180,6 +181,16 @@ class _Collector:
         for (model, kind), count in per_kind.items():
             tokens.add_metric([model, kind], count)
         yield tokens
+
+        in_flight = GaugeMetricFamily("rtqcc_jobs_in_flight", "Jobs each consumer runs now", labels=["consumer"])
+        for consumer, count in stats.running_by_consumer().items():
+            in_flight.add_metric([consumer], count)
+        yield in_flight
+        queued = GaugeMetricFamily("rtqcc_jobs_queued", "Queued jobs by tenant, those waiting for its cap included",
+                                   labels=["tenant"])
+        for tenant, count in stats.waiting_by_tenant().items():
+            queued.add_metric([tenant], count)
+        yield queued
 
         queue = s.queue
         yield GaugeMetricFamily("rtqcc_queue_length", "Entries in jobs:pending", value=s.redis.xlen(queue.stream))

@@ -271,6 +271,9 @@ class Consumer:
                 result.processed += 1
                 return
             watched.hold(lease, delivery.message_id)
+            if lease.first_run and job.created_at is not None:
+                self.metrics.observe("queue_wait_seconds", max(0.0, time.time() - job.created_at.timestamp()),
+                                     tenant=job.tenant)
             try:
                 self._run(job, lease, abort, delivery, result)
             finally:

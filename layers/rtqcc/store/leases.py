@@ -23,6 +23,7 @@ class Lease:
     version: int
     failures: int = 0  # runs of this job that ended in an error or a crash, before this one
     last_error: str | None = None
+    first_run: bool = False  # the job had never run before this lease
 
 
 # pg_advisory_xact_lock(namespace, hashtext(tenant)) around counting a tenant's running jobs and
@@ -39,7 +40,9 @@ _ACQUIRE = (
     " ELSE error END"
     " WHERE external_id = :e AND (status = 'queued' OR status = 'running')"
     " AND (lease_owner IS NULL OR lease_expires_at < now())"
-    " RETURNING id, lease_version, failures, error"
+    # The subquery reads the row as it was before this update: whether the job runs for the first time.
+    " RETURNING id, lease_version, failures, error,"
+    " (SELECT before.started_at IS NULL FROM jobs before WHERE before.id = jobs.id) AS first_run"
 )
 
 
@@ -55,7 +58,7 @@ def _lease_from(row: Row | None, external_id: str, owner: str) -> Lease | None:
     if row is None:
         return None
     return Lease(job_id=row["id"], external_id=external_id, owner=owner, version=row["lease_version"],
-                 failures=row["failures"], last_error=row["error"])
+                 failures=row["failures"], last_error=row["error"], first_run=bool(row["first_run"]))
 
 
 class LeaseWrites:

@@ -23,3 +23,14 @@ class Stats:
         rows = self.db.rows(f"SELECT model, SUM({BILLED_PROMPT})::bigint AS prompt,"
                             f" SUM({BILLED_COMPLETION})::bigint AS completion FROM generation_attempts GROUP BY model")
         return {row["model"]: (row["prompt"] or 0, row["completion"] or 0) for row in rows}
+
+    def running_by_consumer(self) -> dict[str, int]:
+        """Jobs each consumer runs now under a live lease (consumers running none are absent)."""
+        rows = self.db.rows("SELECT lease_owner, COUNT(*)::int AS n FROM jobs WHERE status = 'running'"
+                            " AND lease_owner IS NOT NULL AND lease_expires_at > now() GROUP BY lease_owner")
+        return {row["lease_owner"]: row["n"] for row in rows}
+
+    def waiting_by_tenant(self) -> dict[str, int]:
+        """Queued jobs of each tenant (those waiting aside for its cap included)."""
+        rows = self.db.rows("SELECT tenant, COUNT(*)::int AS n FROM jobs WHERE status = 'queued' GROUP BY tenant")
+        return {row["tenant"]: row["n"] for row in rows}
