@@ -78,6 +78,7 @@ if hold > 0 then return hold end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 local rpm, tpm, want, quantum = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if rpm == 0 and tpm == 0 then return 0 end
 local r_cap, t_cap = rpm * quantum / 60, tpm * quantum / 60
 local b = redis.call('HMGET', KEYS[1], 'r', 't', 'ts')
 local r, t, ts = tonumber(b[1]) or r_cap, tonumber(b[2]) or t_cap, tonumber(b[3]) or now
