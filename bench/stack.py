@@ -138,11 +138,15 @@ def start_local_stack(settings: Settings, data_dir: Path, *, args: tuple[str, ..
             [sys.executable, "-m", "rtqcc.cli", "up", "--port", "0", "--data-dir", str(data_dir), *args],
             env=environment, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline:
         printed = log_path.read_text()
         if "ready" in printed.splitlines():
             return process, re.search(r"local stack at (http://\S+)", printed).group(1)
-        time.sleep(0.1)
+        try:  # look at the log again in a moment, or at once if the stack died
+            process.wait(0.1)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     process.kill()
     process.wait(5)
     raise RuntimeError(f"the stack did not become ready; see {log_path}")

@@ -331,7 +331,8 @@ class Follower(threading.Thread):
                                      headers={"Last-Event-ID": last_id} if last_id else {})
                 if answer.status_code == 503:
                     self.unavailable.append({"headers": dict(answer.headers), "body": answer.json_body})
-                    time.sleep(0.2)  # a client's pause before it reconnects, not a window anything is asserted in
+                    # As a client does: reconnect after the Retry-After the answer asks for.
+                    time.sleep(float(answer.headers["Retry-After"]))
                     continue
                 if answer.status_code == 204:
                     return

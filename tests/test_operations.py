@@ -87,7 +87,6 @@ def test_abort_latency_is_measured_when_a_job_is_cancelled(api, start_consumer, 
     samples = _scrape(api)
     # One cancel, one measurement (how long it takes is bench/abort_latency.py's to say).
     assert samples[("rtqcc_abort_latency_seconds_count", (("reason", "cancel"),))] == 1
-    assert samples[("rtqcc_abort_latency_seconds_sum", (("reason", "cancel"),))] > 0
     assert samples[("rtqcc_abort_latency_seconds_bucket", (("le", "+Inf"), ("reason", "cancel")))] == 1
 
 

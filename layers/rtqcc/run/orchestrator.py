@@ -128,7 +128,7 @@ class ManuscriptOrchestrator:
         run = JobRun(job, lease, abort, sections=self.jobs.sections(job.id))
         if run.sections:
             run.usage = self.jobs.usage_by_section(job.id)
-            self._announce_last_done(run)
+            self._announce_done_again(run)
         if job.budget:
             run.spent_tokens, run.spent_cost = self.jobs.spent(job.id)
         if not run.sections:
@@ -187,7 +187,7 @@ class ManuscriptOrchestrator:
         self.events.publish(job.external_id, "status", paused)
         return RunOutcome(status=JobStatus.PAUSED, stopped_by=reason, sections_written=run.written)
 
-    def _announce_last_done(self, run: "JobRun") -> None:
+    def _announce_done_again(self, run: "JobRun") -> None:
         """A run that died between marking a section done and announcing it left watchers
         without its `section.completed`. Written in order, only the last done section can be in
         that state, so a resumed run announces it again; watchers take it as a no-op."""

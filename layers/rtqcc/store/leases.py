@@ -84,10 +84,6 @@ class LeaseWrites:
                 raise TenantAtCapacity(tenant, running["n"], cap)
             return _lease_from(conn.row(_ACQUIRE, e=external_id, owner=owner, ttl=float(ttl_s)), external_id, owner)
 
-    def renew_lease(self, lease: Lease, ttl_s: float) -> JobStatus | None:
-        """Extend the lease; return the job's status, or None if the lease is lost."""
-        return self.renew_leases([lease], ttl_s).get(lease.job_id)
-
     def renew_leases(self, leases: list[Lease], ttl_s: float) -> dict[int, JobStatus]:
         """Extend every lease of one consumer in one statement; each job's status by its id. A job
         missing from the answer has lost its lease."""
