@@ -20,9 +20,9 @@ def _reference_texts(api, run_consumer, **fields):
     return section_texts(api, reference)
 
 
-def _first_delta(redis_client, external_id):
+def _first_delta(redis_client, external_id, timeout_s=10.0):
     return wait_for(lambda: [e for e in job_events(redis_client, external_id) if e["event"] == "section.delta"],
-                    what="the first token event")
+                    timeout_s=timeout_s, what="the first token event")
 
 
 def test_pause_mid_section_then_resume_writes_each_section_once(api, run_consumer, start_consumer, redis_client, database):
@@ -169,6 +169,7 @@ def test_pausing_one_job_among_a_hundred_in_flight_stops_its_stream_alone(api, s
     try:
         wait_for(lambda: running() == 100, timeout_s=60, interval_s=0.1, what="all hundred to run")
         paused, others = ids[37], [e for e in ids if e != ids[37]]
+        _first_delta(redis_client, paused, timeout_s=30)  # a pause before any token would keep no text
         assert api.post(f"/jobs/{paused}/pause").status_code == 202
         wait_for(lambda: database.row(
             "SELECT COUNT(*)::int AS n FROM generation_attempts a JOIN jobs j ON j.id = a.job_id"
