@@ -122,7 +122,7 @@ class Gateway:
             return too_large()
         match = self.match(request.path)
         if match is None or request.method not in self.app.routes[match.resource]:
-            return _missing_route()
+            return missing_route()
         event = self.build_event(request, match.resource, match.params)
         if match.resource == STREAM_RESOURCE and request.method == "GET":
             if self.config.streaming and self.stream_handler:
@@ -135,7 +135,7 @@ class Gateway:
         routes that never wait on anything (liveness), so they answer however busy the pools are."""
         match = self.match(request.path)
         if match is None or request.method not in self.app.routes[match.resource]:
-            return _missing_route()
+            return missing_route()
         return self._invoke(self.build_event(request, match.resource, match.params), None)
 
     def is_live_stream(self, request: GatewayRequest) -> bool:
@@ -261,7 +261,8 @@ def _bounded(chunks: Iterator[bytes], limit_s: float) -> Iterator[bytes]:
             close()
 
 
-def _missing_route() -> GatewayResponse:
+def missing_route() -> GatewayResponse:
+    """API Gateway's own answer to a path or method no resource has."""
     return _json(403, MISSING_ROUTE, {"x-amzn-ErrorType": "MissingAuthenticationTokenException"})
 
 

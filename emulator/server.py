@@ -35,7 +35,7 @@ from rtqcc.api.streaming import OpenedStream
 from rtqcc.settings import Settings
 from rtqcc.streaming.stream import JobEventStream, retry_hint
 
-from .gateway import Gateway, GatewayRequest, GatewayResponse, too_large
+from .gateway import Gateway, GatewayRequest, GatewayResponse, missing_route, too_large
 from .guards import AllowedHosts, SecurityHeaders, redact_access_log
 from rtqcc.streaming.hub import EventHub
 
@@ -112,6 +112,8 @@ def create_http_app(gateway: Gateway, *, hub: EventHub | None = None, allowed_ho
         ],
         middleware=middleware,
         lifespan=lifespan,
+        # A path the catch-all cannot match (a decoded newline in it) is answered as API Gateway would.
+        exception_handlers={404: lambda _request, _exc: _response(missing_route())},
     )
 
 

@@ -243,6 +243,11 @@ class ApiClient:
     def get(self, path: str, headers: dict | None = None):
         return self.client.http.get(path, headers=self.headers(headers))
 
+    def put(self, path: str, body: object, *, headers: dict | None = None):
+        import json
+
+        return self.client.http.put(path, body=json.dumps(body), headers=self.headers(headers))
+
     def as_key(self, key: str) -> "ApiClient":
         return ApiClient(self.client, key)
 

@@ -111,11 +111,13 @@ def test_a_consumer_that_lost_its_lease_cannot_write(api, services, database):
     assert fresh is not None and fresh.version == stale.version + 1
 
     with pytest.raises(LeaseLost):
-        jobs.complete_section(stale, 0, key="k", sha256="x", chars=1, attempts=[], start_next=[])
+        jobs.complete_section(stale, 0, version=1, key="k", sha256="x", chars=1, attempts=[], start_next=[],
+                              made_with={})
     with pytest.raises(LeaseLost):
         jobs.save_partial(stale, 0, "stale text")
     assert jobs.release_lease(stale) is None
-    assert jobs.complete_section(fresh, 0, key="k", sha256="x", chars=1, attempts=[], start_next=[])["attempts"] == 0
+    assert jobs.complete_section(fresh, 0, version=1, key="k", sha256="x", chars=1, attempts=[], start_next=[],
+                                 made_with={})["attempts"] == 0
     assert [row["written_version"] for row in _sections(database, external_id)] == [fresh.version]
 
 

@@ -23,7 +23,7 @@ from conftest import API_KEY, ApiClient, consumer_env, job_events, parse_sse, wa
 from fault_oracle import Tally, check_job, has_waiting_message
 from redis import Redis
 
-from rtqcc.store.blobs import S3BlobStore, section_key
+from rtqcc.store.blobs import S3BlobStore, manuscript_key, section_key
 from rtqcc.store.db import connect_kwargs
 from rtqcc.errors import ServiceUnavailable
 from rtqcc.run.failpoints import POINTS
@@ -167,6 +167,50 @@ def test_a_consumer_killed_at_a_crash_point_is_finished_by_a_healthy_one(
     if in_flight == 1:
         assert result.completed == (1 if point == "before_ack" else 2)
     oracle(ids)
+
+
+@pytest.mark.parametrize("point", ["mid_token:5", "after_s3_put:1", "after_commit:2"])
+def test_a_consumer_killed_mid_regeneration_leaves_the_old_version_current_and_bills_each_version_once(
+        point, api, settings, s3_endpoint, database, redis_client, blob_store, run_consumer, start_consumer, oracle):
+    """A completed job's first section regenerated in cascade; the consumer dies during it. Until
+    a healthy one finishes, every section's current version is a whole one (the old one, or a new
+    one already committed) and the manuscript is the one it had; after, every section has exactly
+    one new version, what one uninterrupted generation gives, each version's calls billed once."""
+    external_id = api.create(title="Revised", outline=[{"title": f"Part {n}"} for n in range(3)], **SMALL)
+    api.post(f"/jobs/{external_id}/start")
+    run_consumer()
+    before = {row["idx"]: row["content_sha256"] for row in database.rows(
+        "SELECT s.idx, s.content_sha256 FROM sections s JOIN jobs j ON j.id = s.job_id WHERE j.external_id = :e",
+        e=external_id)}
+    manuscript_before = blob_store.get(manuscript_key(external_id))
+    assert api.post(f"/jobs/{external_id}/sections/0/regenerate", {"cascade": True}).status_code == 202
+
+    crashing = consumer_process(settings, s3_endpoint, RTQCC_CRASH_AT=point)
+    _, stderr = crashing.communicate(timeout=30)
+    assert crashing.returncode == -signal.SIGKILL, f"the consumer did not die at {point}: {stderr[-2000:]}"
+    current = database.rows("SELECT s.idx, s.current_version, s.content_sha256, v.content_sha256 AS stored"
+                            " FROM sections s JOIN jobs j ON j.id = s.job_id JOIN section_versions v"
+                            " ON v.job_id = s.job_id AND v.idx = s.idx AND v.version = s.current_version"
+                            " WHERE j.external_id = :e ORDER BY s.idx", e=external_id)
+    assert all(row["content_sha256"] == row["stored"] for row in current)  # a whole version, never a half one
+    if point != "after_commit:2":
+        assert [(r["current_version"], r["content_sha256"]) for r in current] == [(1, before[i]) for i in range(3)]
+    if point == "after_s3_put:1":  # stored, not yet current: written again to the same key
+        assert section_key(external_id, 0, 2) in _keys(blob_store, external_id)
+    assert blob_store.get(manuscript_key(external_id)) == manuscript_before
+
+    finish_with_a_healthy_consumer(start_consumer, database, [external_id])
+    assert statuses(database, [external_id]) == {external_id: "completed"}
+    oracle([external_id])
+    versions = database.rows("SELECT idx, version FROM section_versions v JOIN jobs j ON j.id = v.job_id"
+                             " WHERE j.external_id = :e ORDER BY idx, version", e=external_id)
+    assert [(v["idx"], v["version"]) for v in versions] == [(i, n) for i in range(3) for n in (1, 2)]
+    finished_calls = database.rows(
+        "SELECT a.section_idx, a.section_version, COUNT(*)::int AS n FROM generation_attempts a JOIN jobs j"
+        " ON j.id = a.job_id WHERE j.external_id = :e AND a.section_idx IS NOT NULL AND a.finish_reason IS NOT NULL"
+        " GROUP BY 1, 2 ORDER BY 1, 2", e=external_id)
+    assert [(c["section_idx"], c["section_version"], c["n"]) for c in finished_calls] == [
+        (i, n, 1) for i in range(3) for n in (1, 2)]
 
 
 def kill_while_it_holds_a_job(victim: subprocess.Popen, db, external_ids, *, replay: str) -> str:

@@ -52,6 +52,28 @@ class NotReady(ApiError):
     code = "not_ready"
 
 
+class SectionLocked(ApiError):
+    status = 409
+    code = "section_locked"
+
+
+class Conflict(ApiError):
+    """The request is well formed but the job's state does not allow it now."""
+    status = 409
+    code = "conflict"
+
+
+class PreconditionFailed(ApiError):
+    """If-Match names a version that is no longer current: someone else changed it first."""
+    status = 412
+    code = "precondition_failed"
+
+
+class PreconditionRequired(ApiError):
+    status = 428
+    code = "precondition_required"
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     code = "payload_too_large"

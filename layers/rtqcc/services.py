@@ -22,6 +22,8 @@ from .bus.work_queue import WorkQueue
 if TYPE_CHECKING:
     from .api.auth import Authenticator
     from .metrics import MetricsRecorder
+    from .store.revisions import RevisionStore
+    from .store.versions import VersionStore
 
 
 REDIS_SOCKET_TIMEOUT_S = 60.0
@@ -99,6 +101,18 @@ class Services:
     @cached_property
     def jobs(self) -> JobStore:
         return JobStore(self.db)
+
+    @cached_property
+    def versions(self) -> "VersionStore":
+        from .store.versions import VersionStore
+
+        return VersionStore(self.db, self.blobs)
+
+    @cached_property
+    def revisions(self) -> "RevisionStore":
+        from .store.revisions import RevisionStore
+
+        return RevisionStore(self.db, self.jobs, self.blobs)
 
     @cached_property
     def events(self) -> EventLog:

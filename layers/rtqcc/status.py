@@ -8,6 +8,7 @@ from enum import Enum
 class JobStatus(str, Enum):
     CREATED = "created"      # stored, not yet asked to run
     QUEUED = "queued"        # waiting in `jobs:pending` for a consumer
+    AWAITING_REVIEW = "awaiting_review"  # outline drafted, waiting for the writer to approve it
     RUNNING = "running"      # a consumer holds its lease and is generating
     PAUSED = "paused"        # stopped on request; partial text kept; resumable
     COMPLETED = "completed"  # every section stored and the manuscript assembled
@@ -28,10 +29,17 @@ TRANSITIONS: dict[str, tuple[frozenset[JobStatus], JobStatus]] = {
     "resume": (frozenset({JobStatus.PAUSED}), JobStatus.QUEUED),
     "retry": (frozenset({JobStatus.FAILED}), JobStatus.QUEUED),
     "cancel": (
-        frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED}),
+        frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.AWAITING_REVIEW, JobStatus.RUNNING,
+                   JobStatus.PAUSED}),
         JobStatus.CANCELLED,
     ),
+    # Revision: a job that asked to review its outline, and a finished (or paused) one rewritten.
+    "review": (frozenset({JobStatus.CREATED}), JobStatus.AWAITING_REVIEW),  # start, its outline given
+    "approve": (frozenset({JobStatus.AWAITING_REVIEW}), JobStatus.QUEUED),
+    "regenerate": (frozenset({JobStatus.COMPLETED, JobStatus.PAUSED}), JobStatus.QUEUED),
 }
+# Where a job's sections may be edited, locked or restored by hand: no consumer is writing it.
+AT_REST = frozenset({JobStatus.COMPLETED, JobStatus.PAUSED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
 class JobPriority(str, Enum):

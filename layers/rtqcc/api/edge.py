@@ -181,7 +181,7 @@ class RouteSpec:
     path: str
     methods: tuple[str, ...]
     view: Callable[..., Any]
-    accepts_any_body: bool  # POST routes take any Content-Type here and check it themselves
+    accepts_any_body: bool  # POST and PUT routes take any Content-Type here and check it themselves
 
 
 ROUTES: list[RouteSpec] = []
@@ -190,7 +190,7 @@ ROUTES: list[RouteSpec] = []
 def route(path: str, *methods: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a route: `view(call, **path_params)` answers it, at module level, testable alone."""
     def register(view: Callable[..., Any]) -> Callable[..., Any]:
-        ROUTES.append(RouteSpec(path, methods, view, accepts_any_body="POST" in methods))
+        ROUTES.append(RouteSpec(path, methods, view, accepts_any_body=bool({"POST", "PUT"} & set(methods))))
         return view
 
     return register

@@ -12,10 +12,11 @@ from redis.exceptions import RedisError
 from ..bus.control import ControlCommand, send_control
 from ..errors import BadRequest, NotFound, NotReady
 from ..ids import is_external_id
-from ..status import JobPriority, JobStatus
+from ..status import JobPriority, JobStatus, SectionStatus
 from ..store.idempotency import Answer
-from ..store.jobs import NewJob, OutlineItem
+from ..store.jobs import NewJob
 from ..store.usage import public_usage
+from ..store.versions import etag
 from ..store.views import job_document, job_links, job_summary
 from . import stream_tokens
 from .access import SSE_HEADERS, check_external_id, client_address, find_job, issue_stream_token, open_job_stream
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 MAX_PAGE = 100
 MAX_SECTION_INDEX = 100_000
 STOP_COMMANDS = {"pause": ControlCommand.PAUSE, "cancel": ControlCommand.CANCEL}
-QUEUEING_VERBS = ("start", "resume", "retry")
+QUEUEING_VERBS = ("start", "resume", "retry", "approve", "regenerate")
 
 
 @route("/jobs", "POST")
@@ -39,7 +40,7 @@ def create_job(call: ApiCall) -> Response:
         from ..writing.model_policy import check_model
         from ..writing.pricing import price_for
         from ..writing.quotas import QuotaStore, job_budget
-        from .models import parse_create_job
+        from .models import outline_items, parse_create_job
 
         s = call.svc
         spec = parse_create_job(payload, max_sections=s.settings.max_sections)
@@ -53,12 +54,13 @@ def create_job(call: ApiCall) -> Response:
             title=spec.title,
             brief=spec.brief,
             model=model,
-            outline=[OutlineItem(title=o.title, brief=o.brief) for o in spec.outline] if spec.outline else None,
+            outline=outline_items(spec.outline) if spec.outline else None,
             section_count=spec.section_count,
             params=spec.params.model_dump(exclude_none=True),
             budget=budget,
             metadata=spec.metadata,
             priority=JobPriority(spec.priority),
+            options=job_options(spec),
         ))
         s.events.publish(job.external_id, "status", {"status": job.status.value})
         return Answer(201, {"externalId": job.external_id, "status": job.status.value,
@@ -99,6 +101,16 @@ def get_job(call: ApiCall, external_id: str) -> dict:
     return document
 
 
+def job_options(spec) -> dict:
+    """What a job asked for beyond its params, as stored (only what differs from the defaults)."""
+    options: dict = {}
+    if spec.review.outline:
+        options["review"] = {"outline": True}
+    if spec.context != "tail":
+        options["context"] = spec.context
+    return options
+
+
 def _queue_wait(s, job) -> dict:
     """Why a queued job is not running yet: its tenant's cap (and its place among the tenant's
     waiting jobs), or no consumer slot free yet."""
@@ -135,20 +147,32 @@ def retry_job(call: ApiCall, external_id: str) -> Response:
     return control(call, external_id, "retry")
 
 
-def control(call: ApiCall, external_id: str, verb: str) -> Response:
+def control(call: ApiCall, external_id: str, verb: str, *, along=None) -> Response:
+    """Move the job by `verb` (status.py's TRANSITIONS), tell its watchers, stop its stream if it
+    was running, queue it if it should run. `along(conn, job)`: what a queueing verb writes in the
+    same transaction (a regeneration's sections)."""
     owner = call.tenant()
     check_external_id(external_id)
     s = call.svc
-    if verb in QUEUEING_VERBS:
+    if verb == "start" and _starts_in_review(s, owner, external_id):
+        verb = "review"  # its outline is given and it asked to review it: nothing to draft first
+    # Cancelling the revision of a finished manuscript gives back the versions it had.
+    outcome = s.revisions.cancel_revision(owner, external_id) if verb == "cancel" else None
+    if outcome is None and verb in QUEUEING_VERBS:
         from ..writing.quotas import QuotaStore  # into the queue only within the tenant's quotas
 
-        outcome = QuotaStore(s.db, s.settings).admit(owner, external_id, verb, s.jobs)
-    else:
+        outcome = QuotaStore(s.db, s.settings).admit(owner, external_id, verb, s.jobs, along=along)
+    elif outcome is None:
         outcome = s.jobs.transition(owner, external_id, verb)
-    job = outcome.job
+    job = s.jobs.get(owner, external_id) if along is not None and outcome.changed else outcome.job
     if outcome.changed:
         # Published before the job is enqueued, so a fast consumer's "running" comes after it.
-        events = [("status", {"status": job.status.value})]
+        status = {"status": job.status.value}
+        if job.revision:
+            status["revision"] = job.revision
+        if job.status_reason == "revision_cancelled":
+            status["reason"] = job.status_reason
+        events = [("status", status)]
         if job.status.terminal:
             events.append(("done", {"status": job.status.value}))
         s.events.publish_many(external_id, events)
@@ -159,6 +183,11 @@ def control(call: ApiCall, external_id: str, verb: str) -> Response:
         # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
         s.queue.enqueue(external_id)
     return Response(body=job_document(s.jobs, job), status_code=202)
+
+
+def _starts_in_review(s, owner: str, external_id: str) -> bool:
+    job = find_job(s, owner, external_id)
+    return job.status == JobStatus.CREATED and job.reviews_outline and bool(s.jobs.sections(job.id))
 
 
 @route("/jobs/{external_id}/stream", "GET")
@@ -195,7 +224,7 @@ def get_manuscript(call: ApiCall, external_id: str) -> Response:
 
 
 @route("/jobs/{external_id}/sections/{index}", "GET")
-def get_section(call: ApiCall, external_id: str, index: str) -> dict:
+def get_section(call: ApiCall, external_id: str, index: str) -> Response:
     job = call.job(external_id)
     if not is_whole_number(index, MAX_SECTION_INDEX):
         raise BadRequest(f"The section index must be a whole number from 0, got {index[:40]!r}.")
@@ -206,12 +235,14 @@ def get_section(call: ApiCall, external_id: str, index: str) -> dict:
         raise NotFound(f"Job {external_id} has no section {index} (it has {len(sections)}).")
     usage = s.jobs.usage_by_section(job.id).get(section.idx)
     body = {"index": section.idx, "title": section.title, "brief": section.brief,
-            "status": section.status.value, "usage": public_usage(usage)}
+            "status": section.status.value, "version": section.current_version, "locked": section.locked,
+            "target_words": section.target_words, "usage": public_usage(usage)}
     if section.content_key:
         body["content"] = s.blobs.get(section.content_key).decode("utf-8")
-    else:
+    if section.status != SectionStatus.DONE:
         body["partial"] = section.partial_text
-    return body
+    headers = {"ETag": etag(section.current_version)} if section.current_version else {}
+    return Response(body=body, status_code=200, headers=headers)
 
 
 def _as_answer(response: Response) -> Answer:

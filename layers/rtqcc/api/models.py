@@ -17,6 +17,9 @@ class _Strict(BaseModel):
 class OutlineEntryIn(_Strict):
     title: str = Field(min_length=1, max_length=300)
     brief: str = Field(default="", max_length=4000)
+    target_words: int | None = Field(default=None, ge=1, le=20_000, description=(
+        "The section's length in words: the prompt asks for it, and a section the model ends under 80% of it "
+        "is continued (up to 3 more calls, each accounted)."))
 
 
 class ParamsIn(_Strict):
@@ -30,6 +33,12 @@ class ParamsIn(_Strict):
 class BudgetIn(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     max_cost_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
+class ReviewIn(_Strict):
+    outline: bool = Field(default=False, description=(
+        "Stop once the outline is drafted (or, for a given outline, at start), in status awaiting_review, until "
+        "POST /jobs/{id}/approve; PUT /jobs/{id}/outline may replace it meanwhile."))
 
 
 class CreateJobIn(_Strict):
@@ -48,21 +57,61 @@ class CreateJobIn(_Strict):
     priority: Literal["high", "normal", "low"] = Field(default="normal", description=(
         "Which of the tenant's jobs run first when it has more queued than its running cap "
         "(RTQCC_MAX_RUNNING_PER_TENANT) lets run: high, then normal, then low, each oldest first."))
+    review: ReviewIn = Field(default_factory=ReviewIn)
+    context: Literal["tail", "summary"] = Field(default="tail", description=(
+        "What each section's prompt carries of what came before: the end of the previous section (tail), or that "
+        "and a running summary of the whole document so far (summary: generated after each section, accounted as "
+        "its own attempts). Sections written in parallel carry their neighbours' briefs instead."))
 
 
-def parse_create_job(payload: object, *, max_sections: int) -> CreateJobIn:
+def outline_items(entries: list[OutlineEntryIn]) -> list:
+    from ..store.sections import OutlineItem
+
+    return [OutlineItem(title=e.title, brief=e.brief, target_words=e.target_words) for e in entries]
+
+
+class OutlineIn(_Strict):
+    outline: list[OutlineEntryIn] = Field(min_length=1)
+
+
+class RegenerateIn(_Strict):
+    instructions: str | None = Field(default=None, min_length=1, max_length=4000, description=(
+        "What to change: goes into the prompt beside the section's current text"))
+    brief: str | None = Field(default=None, max_length=4000, description="A new brief for the section, kept from now on")
+    cascade: bool = Field(default=False, description=(
+        "Also rewrite every later unlocked section, in order, each seeing the new text before it"))
+
+
+class EditSectionIn(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True)  # a person's text is kept as written
+    content: str = Field(min_length=1, max_length=500_000)
+
+
+class ForkIn(_Strict):
+    from_section: int = Field(ge=0, description=(
+        "Sections before it are shared with the new job (the same stored text, not written or billed again); "
+        "it writes this one and those after it"))
+    outline: list[OutlineEntryIn] | None = Field(default=None, min_length=1, description=(
+        "The sections from from_section on, in place of the source's"))
+
+
+def parse_body(model: type[BaseModel], payload: object, what: str):
+    """A request body validated against `model`, or a 422 naming each bad field."""
     if not isinstance(payload, dict):
         raise ValidationFailed("The body must be a JSON object.")
     bad = find_unstorable(payload)
     if bad:
         raise ValidationFailed(f"{bad}: text must not contain NUL characters or unpaired surrogates.")
     try:
-        spec = CreateJobIn.model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as exc:
-        raise ValidationFailed(describe(exc)) from None
+        raise ValidationFailed(describe(exc, what)) from None
+
+
+def parse_create_job(payload: object, *, max_sections: int) -> CreateJobIn:
+    spec = parse_body(CreateJobIn, payload, "job")
     count = len(spec.outline) if spec.outline else spec.section_count
-    if count is not None and count > max_sections:
-        raise ValidationFailed(f"A job may have at most {max_sections} sections; this one asks for {count}.")
+    check_section_count(count, max_sections)
     if spec.outline and spec.section_count is not None and spec.section_count != len(spec.outline):
         raise ValidationFailed(
             f"section_count is {spec.section_count} but the outline has {len(spec.outline)} sections; "
@@ -74,7 +123,12 @@ def parse_create_job(payload: object, *, max_sections: int) -> CreateJobIn:
     return spec
 
 
-def describe(exc: ValidationError) -> str:
+def check_section_count(count: int | None, max_sections: int) -> None:
+    if count is not None and count > max_sections:
+        raise ValidationFailed(f"A job may have at most {max_sections} sections; this one asks for {count}.")
+
+
+def describe(exc: ValidationError, what: str = "job") -> str:
     """Pydantic's errors as one sentence a person can act on, naming each field."""
     parts = []
     for error in exc.errors()[:5]:
@@ -84,7 +138,7 @@ def describe(exc: ValidationError) -> str:
         else:
             parts.append(f"{field}: {error['msg']}")
     more = len(exc.errors()) - 5
-    return "Invalid job: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "") + "."
+    return f"Invalid {what}: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "") + "."
 
 
 # ---- response models: the shapes the API answers with (documented in /openapi.json) ----------
@@ -175,6 +229,8 @@ class SectionSummary(_Out):
     index: int
     title: str
     status: str
+    version: int | None = Field(description="The current version (null until the first is written)")
+    locked: bool
     usage: Usage
 
 
@@ -188,8 +244,19 @@ class QueueWait(_Out):
     cap: int | None = Field(default=None, description="The most the tenant may run at once")
 
 
+class Revision(_Out):
+    """The regeneration under way."""
+    section: int
+    cascade: bool
+    sections: list[int] = Field(description="The sections being rewritten, in order")
+    instructions: str | None = None
+
+
 class JobDocument(JobSummary):
     priority: str
+    revision: Revision | None = Field(default=None, description=(
+        "While sections are being rewritten (the job is queued, running or paused); it returns to completed"))
+    forked_from: dict | None = Field(default=None, description="The job and section this one was forked from")
     queue: QueueWait | None = Field(default=None, description="Only while the job is queued")
     brief: str
     metadata: dict[str, str]
@@ -205,9 +272,50 @@ class SectionDocument(_Out):
     title: str
     brief: str
     status: str
+    version: int | None = Field(description="The current version, whose ETag the response carries")
+    locked: bool
+    target_words: int | None = None
     usage: Usage
-    content: str | None = Field(default=None, description="The stored text, once the section is done")
-    partial: str | None = Field(default=None, description="Text kept by a pause, before the section is done")
+    content: str | None = Field(default=None, description="The current version's text, once there is one")
+    partial: str | None = Field(default=None, description=(
+        "Text kept by a pause, of the version being written (a first draft, or a rewrite)"))
+
+
+class VersionUsage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: float | None
+
+
+class SectionVersion(_Out):
+    version: int
+    current: bool
+    maker: Literal["model", "human", "restore", "fork"]
+    made_with: dict = Field(description=(
+        "model: the model, its parameters and kind (draft, regeneration, cascade) and instructions; "
+        "human: the API key's reference; restore: restored_from; fork: the job, index and version shared"))
+    created_at: str
+    chars: int
+    sha256: str
+    usage: VersionUsage = Field(description="The calls that wrote this version (0 for a person's or a shared one)")
+    etag: str
+
+
+class SectionVersionWithContent(SectionVersion):
+    content: str
+
+
+class VersionList(_Out):
+    index: int
+    current: int | None
+    versions: list[SectionVersion]
+
+
+class SectionLock(_Out):
+    index: int
+    locked: bool
+    version: int | None
 
 
 class StreamToken(_Out):

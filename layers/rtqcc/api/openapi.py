@@ -26,6 +26,7 @@ class Operation:
 
 _ERRORS = {400: models.ErrorBody, 401: models.ErrorBody, 404: models.ErrorBody}
 _JOB = "/jobs/{external_id}"
+_SECTION = f"{_JOB}/sections/{{index}}"
 # Verbs that put a job in the queue are checked against the tenant's quotas (quota_exceeded).
 _QUEUEING = {verb: {429: models.ErrorBody} for verb in ("start", "resume", "retry")}
 
@@ -45,6 +46,25 @@ OPERATIONS = (
     Operation("GET", f"{_JOB}/manuscript", "Get the finished manuscript",
               {200: "text/markdown", 409: models.ErrorBody, **_ERRORS}),
     Operation("GET", f"{_JOB}/sections/{{index}}", "Get one section", {200: models.SectionDocument, **_ERRORS}),
+    Operation("PUT", f"{_JOB}/outline", "Replace the outline (created or awaiting review)",
+              {200: models.JobDocument, 409: models.ErrorBody, 422: models.ErrorBody, **_ERRORS}, body=models.OutlineIn),
+    Operation("POST", f"{_JOB}/approve", "Approve the outline and queue the writing",
+              {202: models.JobDocument, 409: models.ErrorBody, 429: models.ErrorBody, **_ERRORS}),
+    Operation("POST", f"{_SECTION}/regenerate", "Write a new version of a section (and, with cascade, of the later ones)",
+              {202: models.JobDocument, 409: models.ErrorBody, 422: models.ErrorBody, 429: models.ErrorBody, **_ERRORS},
+              body=models.RegenerateIn),
+    Operation("PUT", _SECTION, "Store a person's version of a section (If-Match: its ETag)",
+              {200: models.SectionVersion, 409: models.ErrorBody, 412: models.ErrorBody, 422: models.ErrorBody,
+               428: models.ErrorBody, **_ERRORS}, body=models.EditSectionIn),
+    *(Operation("POST", f"{_SECTION}/{verb}", f"{verb.capitalize()} a section against rewriting by the model",
+                {200: models.SectionLock, 409: models.ErrorBody, **_ERRORS}) for verb in ("lock", "unlock")),
+    Operation("GET", f"{_SECTION}/versions", "List a section's versions", {200: models.VersionList, **_ERRORS}),
+    Operation("GET", f"{_SECTION}/versions/{{version}}", "Get one version of a section, with its text",
+              {200: models.SectionVersionWithContent, **_ERRORS}),
+    Operation("POST", f"{_SECTION}/versions/{{version}}/restore", "Make an earlier version current again, as a new one",
+              {201: models.SectionVersion, 409: models.ErrorBody, 412: models.ErrorBody, **_ERRORS}),
+    Operation("POST", f"{_JOB}/fork", "Create a job that shares this one's first sections and writes the rest",
+              {201: models.JobDocument, 409: models.ErrorBody, 422: models.ErrorBody, **_ERRORS}, body=models.ForkIn),
     Operation("GET", "/metrics", "Prometheus metrics", {200: "text/plain"}, auth=False),
     Operation("GET", "/openapi.json", "This document", {200: "application/json"}, auth=False),
     Operation("GET", "/healthz", "Liveness", {200: models.Health}, auth=False),
@@ -57,7 +77,7 @@ OPERATIONS = (
 def openapi_document() -> dict:
     used = {op.body for op in OPERATIONS if op.body} | {
         r for op in OPERATIONS for r in op.responses.values() if isinstance(r, type)}
-    _, definitions = models_json_schema([(m, "validation" if m is models.CreateJobIn else "serialization")
+    _, definitions = models_json_schema([(m, "validation" if m.__name__.endswith("In") else "serialization")
                                          for m in sorted(used, key=lambda m: m.__name__)],
                                         ref_template="#/components/schemas/{model}")
     paths: dict[str, dict] = {}
@@ -83,7 +103,8 @@ def openapi_document() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "RTQCC", "version": __version__,
-                 "description": "Durable long-document generation jobs: create, watch live, pause, resume, cancel."
+                 "description": "Durable long-document generation jobs: create, watch live, pause, resume, cancel,"
+                                " review the outline, regenerate, edit and lock sections, keep every version, fork."
                                 " Field names are snake_case; `externalId` keeps its historical camelCase; the query"
                                 " parameter `lastEventId` mirrors the SSE `Last-Event-ID` header (EventSource's name)"
                                 " and `last_event_id` is accepted too."},
@@ -101,8 +122,8 @@ def _operation_id(op: Operation) -> str:
 def _describe(status: int) -> str:
     return {200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 400: "Bad request",
             401: "Missing or invalid API key", 404: "Not found", 409: "Conflict with the job's state",
-            413: "Body too large", 415: "Not JSON", 422: "Invalid body (also: a model not allowed, a budget above the"
+            412: "If-Match names a version that is no longer current", 413: "Body too large", 415: "Not JSON", 422: "Invalid body (also: a model not allowed, a budget above the"
             " tenant's cap, a cost limit on a model without a price)",
             429: "A quota is used up (quota_exceeded: tokens or cost today, with Retry-After until 00:00 UTC; jobs"
             " queued or running at once) or too many requests (rate_limited, with Retry-After)",
-            503: "A dependency is unavailable"}[status]
+            428: "If-Match is required", 503: "A dependency is unavailable"}[status]

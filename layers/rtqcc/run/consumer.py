@@ -333,6 +333,10 @@ class Consumer:
             queue.ack(delivery.message_id)
             result.completed += 1
             result.processed += 1
+        elif outcome.status == JobStatus.AWAITING_REVIEW:  # its outline waits for the writer; the lease is gone
+            queue.ack(delivery.message_id)
+            result.stopped += 1
+            result.processed += 1
         elif outcome.stopped_by is not None and (outcome.stopped_by.asked_by_the_tenant
                                                  or outcome.stopped_by.pauses_the_job_itself):
             # A budget or quota: the orchestrator has paused the job itself and let the lease go.

@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 
 from ..writing.abort import AbortSignal, StopReason
 from ..store.blobs import BlobStore, manuscript_key, section_key
+from ..store.manuscripts import assemble
 from ..writing.budget import BudgetMeter, job_limit
 from ..errors import ProviderError, StreamCut
 from .failures import PublicFailure
@@ -28,7 +29,8 @@ from ..store.attempts import billed_total
 from ..store.db import Row
 from ..store.jobs import DEFAULT_SECTION_COUNT, Attempt, Job, JobStore, Lease, Section
 from ..writing.pricing import DEFAULT_PRICES, Price, cost_usd, price_for
-from ..writing.prompts import outline_request, parallel_width, parse_outline, section_request
+from ..writing.prompts import (continuation_request, outline_request, parallel_width, parse_outline, section_request,
+                               summary_request, words_in)
 from ..writing.quotas import QuotaStore, Standing
 from ..writing.providers.base import (CallUsage, GenerationRequest, GenerationResult, Provider, ProviderRefused,
                              chat_messages)
@@ -36,6 +38,11 @@ from ..status import JobStatus, SectionStatus
 from ..text import strip_unstorable
 from ..writing.tokens import count_chat_tokens, count_tokens
 from ..store.usage import money, public_job_usage, public_usage
+
+
+MAX_CONTINUATIONS = 3  # calls after the first, for a section that ends well short of its target_words
+CONTINUE_BELOW = 0.8    # "well short": under this share of the target
+PARAGRAPH = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,10 @@ class ManuscriptOrchestrator:
 
     def run(self, job: Job, lease: Lease, abort: AbortSignal) -> RunOutcome:
         ext = job.external_id
-        self.events.publish(ext, "status", {"status": JobStatus.RUNNING.value})
+        running = {"status": JobStatus.RUNNING.value}
+        if job.revision:
+            running["revision"] = job.revision
+        self.events.publish(ext, "status", running)
         run = JobRun(job, lease, abort, sections=self.jobs.sections(job.id))
         if run.sections:
             run.usage = self.jobs.usage_by_section(job.id)
@@ -135,6 +145,8 @@ class ManuscriptOrchestrator:
             if not self._write_outline(run):
                 return self._stopped(run)
             run.sections = self.jobs.sections(job.id)
+            if job.reviews_outline:
+                return self._await_review(run)
 
         pending = [section for section in run.sections if section.status != SectionStatus.DONE]
         width = min(parallel_width(job), len(pending))
@@ -159,10 +171,12 @@ class ManuscriptOrchestrator:
                         if following is not None else None)
             self._complete_section(run, current, text, upcoming)
 
-        key = manuscript_key(ext)
+        # A revised job's manuscript goes under a key of its own, so the one it had stays whole until then.
+        revision = job.manuscript_revision + 1 if job.manuscript_key else 0
+        key = manuscript_key(ext, revision)
         body = assemble(job.title, [(s.title, self._text_of(run, s.idx)) for s in run.sections])
         self.blobs.put(key, body.encode("utf-8"))
-        if not self.jobs.finish(lease, JobStatus.COMPLETED, manuscript_key=key):
+        if not self.jobs.finish(lease, JobStatus.COMPLETED, manuscript_key=key, manuscript_revision=revision):
             # Paused or cancelled after the last section: the control handler owns that story.
             return RunOutcome(status=None, stopped_by=abort.reason or StopReason.STATE_CHANGED,
                               sections_written=run.written)
@@ -187,6 +201,13 @@ class ManuscriptOrchestrator:
         self.events.publish(job.external_id, "status", paused)
         return RunOutcome(status=JobStatus.PAUSED, stopped_by=reason, sections_written=run.written)
 
+    def _await_review(self, run: "JobRun") -> RunOutcome:
+        """The outline is drafted and the job asked to review it: stop until it is approved."""
+        if not self.jobs.finish(run.lease, JobStatus.AWAITING_REVIEW):
+            return RunOutcome(status=None, stopped_by=run.abort.reason or StopReason.STATE_CHANGED, sections_written=0)
+        self.events.publish(run.job.external_id, "status", {"status": JobStatus.AWAITING_REVIEW.value})
+        return RunOutcome(status=JobStatus.AWAITING_REVIEW, stopped_by=None, sections_written=0)
+
     def _announce_done_again(self, run: "JobRun") -> None:
         """A run that died between marking a section done and announcing it left watchers
         without its `section.completed`. Written in order, only the last done section can be in
@@ -196,7 +217,7 @@ class ManuscriptOrchestrator:
         unannounced = done if parallel_width(run.job) > 1 else done[-1:]
         if unannounced:
             self.events.publish_many(run.job.external_id, [("section.completed", {
-                "index": section.idx, "chars": section.content_chars,
+                "index": section.idx, "version": section.current_version, "chars": section.content_chars,
                 "usage": public_usage(run.usage.get(section.idx))}) for section in unannounced])
 
     def fail(self, job: Job, lease: Lease, failure: PublicFailure) -> bool:
@@ -214,7 +235,7 @@ class ManuscriptOrchestrator:
         meter = self._meter(run, request)
         if abort.aborted:
             return False
-        result, attempts = self._generate(run, None, request, lambda _delta: None, meter)
+        result, attempts = self._generate(run, None, request, lambda _delta: None, meter, purpose="outline")
         self.jobs.record_attempts(job.id, attempts)
         if result.aborted:
             return False
@@ -234,20 +255,54 @@ class ManuscriptOrchestrator:
         raised on the abort signal) when its call would pass a limit with its first token.
         `unrecorded`: calls paid for but not yet in Postgres (the section before, not yet completed).
         `in_parallel`: its prompt describes its neighbours instead of quoting the text before it."""
+        summary = None
         if in_parallel:
             previous_text = None
-        elif previous_text is None:
-            previous_text = self._text_of(run, section.idx - 1) if section.idx > 0 else ""
-        request = section_request(run.job, run.sections, section, previous_text)
+        else:
+            if previous_text is None:
+                previous_text = self._text_of(run, section.idx - 1) if section.idx > 0 else ""
+            if run.job.context == "summary" and section.idx > 0:
+                summary = self._summary_through(run, section.idx - 1, previous_text)
+                if summary is None:
+                    return None
+        current_text = self._text_of(run, section.idx) if section.rewrite is not None else None
+        request = section_request(run.job, run.sections, section, previous_text, current_text=current_text,
+                                  summary=summary)
         meter = self._meter(run, request, unrecorded)
         return None if run.abort.aborted else UpcomingSection(section, request, meter)
+
+    def _summary_through(self, run: "JobRun", idx: int, text: str) -> str | None:
+        """The running summary of the document through section `idx` (its text `text`): kept from
+        an earlier run, else written now from the one before it, its calls recorded as the
+        section's `summary` attempts. None when the run is stopped meanwhile."""
+        if idx in run.summaries:
+            return run.summaries[idx]
+        section = run.sections[idx]
+        before = run.summaries.get(idx - 1) if idx > 0 else None
+        request = summary_request(run.job, section, text, before)
+        meter = self._meter(run, request)
+        if run.abort.aborted:
+            return None
+        result, attempts = self._generate(run, idx, request, lambda _delta: None, meter, purpose="summary",
+                                          version=section.next_version if section.status != SectionStatus.DONE
+                                          else section.current_version)
+        self.jobs.record_attempts(run.job.id, attempts)
+        if result.finish_reason is None:
+            if result.aborted:
+                return None
+            raise StreamCut(f"Job {run.job.external_id}: the summary through section {idx} ended early")
+        summary = strip_unstorable(result.text).strip()
+        self.jobs.save_summary(run.lease, idx, summary)
+        run.summaries[idx] = summary
+        return summary
 
     def _write_section(self, run: "JobRun", upcoming: "UpcomingSection") -> str | None:
         """Stream one section; its text (its calls kept on `upcoming` for the statement that
         completes it), or None when the run stopped mid-way (the partial text and calls saved)."""
-        ext, section, lease = run.job.external_id, upcoming.section, run.lease
+        ext, section, lease, version = run.job.external_id, upcoming.section, run.lease, upcoming.version
         deltas = DeltaBuffer(
-            lambda text: self.events.publish(ext, "section.delta", {"index": section.idx, "text": text}),
+            lambda text: self.events.publish(ext, "section.delta", {"index": section.idx, "version": version,
+                                                                    "text": text}),
             self.delta_flush_s,
         )
 
@@ -255,15 +310,36 @@ class ManuscriptOrchestrator:
             deltas.add(text)
             self.failpoints.hit("mid_token")
 
+        text = section.partial_text
         try:
-            result, upcoming.attempts = self._generate(run, section.idx, upcoming.request, on_delta, upcoming.meter)
+            request, meter = upcoming.request, upcoming.meter
+            for call in range(MAX_CONTINUATIONS + 1):
+                result, attempts = self._generate(run, section.idx, request, on_delta, meter, version=version,
+                                                  purpose="draft" if call == 0 else "continuation")
+                upcoming.attempts += attempts
+                text += strip_unstorable(result.text)
+                short = (section.target_words or 0) * CONTINUE_BELOW - words_in(text)
+                if result.finish_reason is None or short <= 0 or call == MAX_CONTINUATIONS:
+                    break
+                # Well short of its target: go on after the text so far, each call paid and recorded,
+                # from a new paragraph (the model ended its own), which watchers see as the text does.
+                if not text[-1:].isspace():
+                    text += PARAGRAPH
+                    on_delta(PARAGRAPH)
+                request = continuation_request(upcoming.request, text, section.target_words - words_in(text))
+                meter = self._meter(run, request, upcoming.attempts)
+                if run.abort.aborted:
+                    result = replace(result, finish_reason=None, aborted=run.abort.reason)
+                    break
         except ProviderRefused as exc:
             if exc.partial is not None and exc.partial.text:  # paid for: keep it for a retry of the job
-                self.jobs.save_partial(lease, section.idx, section.partial_text + strip_unstorable(exc.partial.text))
+                text += strip_unstorable(exc.partial.text)
+            self.jobs.record_attempts(run.job.id, upcoming.attempts)  # the calls before the refused one
+            if text != section.partial_text:
+                self.jobs.save_partial(lease, section.idx, text)
             raise
         finally:
             deltas.close()
-        text = section.partial_text + strip_unstorable(result.text)
         if result.finish_reason is None:
             # Keep every token paid for: the next run continues after this text.
             self.jobs.record_attempts(run.job.id, upcoming.attempts)
@@ -313,21 +389,23 @@ class ManuscriptOrchestrator:
 
     def _complete_section(self, run: "JobRun", written: "UpcomingSection", text: str,
                           following: "UpcomingSection | None") -> None:
-        ext, section = run.job.external_id, written.section
+        ext, section, version = run.job.external_id, written.section, written.version
         body = text.encode("utf-8")
-        key = section_key(ext, section.idx)
+        key = section_key(ext, section.idx, version)
         self.blobs.put(key, body)
         self.failpoints.hit("after_s3_put")
         usage = self.jobs.complete_section(
-            run.lease, section.idx, key=key, sha256=hashlib.sha256(body).hexdigest(), chars=len(text),
-            attempts=written.attempts, start_next=[following.section.idx] if following is not None else [])
+            run.lease, section.idx, version=version, key=key, sha256=hashlib.sha256(body).hexdigest(),
+            chars=len(text), attempts=written.attempts, made_with=written.made_with(),
+            start_next=[following.section.idx] if following is not None else [])
         self.failpoints.hit("after_commit")
         with run.lock:  # sections written at once complete on threads of their own
             run.usage[section.idx] = usage
             run.texts[section.idx] = text
             run.written += 1
             job_usage = public_job_usage(run.usage)
-        events = [("section.completed", {"index": section.idx, "chars": len(text), "usage": public_usage(usage)}),
+        events = [("section.completed", {"index": section.idx, "version": version, "chars": len(text),
+                                         "usage": public_usage(usage)}),
                   ("usage", job_usage)]
         if following is not None:
             events.append(following.started_event())
@@ -356,9 +434,11 @@ class ManuscriptOrchestrator:
         return meter
 
     def _generate(self, run: "JobRun", idx: int | None, request: GenerationRequest,
-                  on_delta: Callable[[str], None], meter: BudgetMeter | None) -> tuple[GenerationResult, list[Attempt]]:
+                  on_delta: Callable[[str], None], meter: BudgetMeter | None, *, purpose: str,
+                  version: int | None = None) -> tuple[GenerationResult, list[Attempt]]:
         """One answer from the provider, metered against the budget, with every call it made
-        (each was paid for) as attempts for the caller to record, counted in the run's spend."""
+        (each was paid for) as attempts for the caller to record, counted in the run's spend:
+        for `purpose` (outline, draft, continuation, summary), of the section's `version`."""
         abort = run.abort
 
         def metered(text: str) -> None:
@@ -370,11 +450,12 @@ class ManuscriptOrchestrator:
             result = self.provider.stream(request, abort, metered if meter is not None else on_delta)
         except ProviderRefused as exc:
             if exc.partial is not None:
-                self.jobs.record_attempts(run.job.id, run.spend(self._attempts(idx, request, exc.partial)))
+                self.jobs.record_attempts(run.job.id, run.spend(self._attempts(idx, request, exc.partial, purpose, version)))
             raise
-        return result, run.spend(self._attempts(idx, request, result))
+        return result, run.spend(self._attempts(idx, request, result, purpose, version))
 
-    def _attempts(self, idx: int | None, request: GenerationRequest, result: GenerationResult) -> list[Attempt]:
+    def _attempts(self, idx: int | None, request: GenerationRequest, result: GenerationResult, purpose: str,
+                  version: int | None) -> list[Attempt]:
         """One attempt per HTTP call the provider made, priced."""
         calls = result.calls or [CallUsage(
             reported_prompt_tokens=result.reported_prompt_tokens,
@@ -395,6 +476,8 @@ class ManuscriptOrchestrator:
                 counted_completion_tokens=call.counted_completion_tokens,
                 finish_reason=call.finish_reason,
                 aborted=call.aborted,
+                section_version=version,
+                purpose=purpose,
             )
             cost = cost_usd(request.model, attempt.billed_prompt_tokens, attempt.billed_completion_tokens, self.prices)
             attempts.append(replace(attempt, cost_usd=cost))
@@ -416,8 +499,23 @@ class UpcomingSection:
     meter: BudgetMeter | None
     attempts: list[Attempt] = field(default_factory=list)
 
+    @property
+    def version(self) -> int:
+        return self.section.next_version
+
+    def made_with(self) -> dict:
+        """What made this version: the model and its parameters, and for a rewrite, why."""
+        request, rewrite = self.request, self.section.rewrite
+        made: dict = {"model": request.model, "temperature": request.temperature, "max_tokens": request.max_tokens,
+                      "kind": "draft" if rewrite is None else "cascade" if "after" in rewrite else "regeneration"}
+        if rewrite and rewrite.get("instructions"):
+            made["instructions"] = rewrite["instructions"]
+        if rewrite and "after" in rewrite:
+            made["after"] = rewrite["after"]
+        return {key: value for key, value in made.items() if value is not None}
+
     def started_event(self) -> tuple[str, dict]:
-        return "section.started", {"index": self.section.idx, "title": self.section.title,
+        return "section.started", {"index": self.section.idx, "version": self.version, "title": self.section.title,
                                    "resumed_chars": len(self.section.partial_text)}
 
 
@@ -435,7 +533,13 @@ class JobRun:
     spent_cost: float | None = 0.0     # their cost; None once a call had no price
     quota: Standing | None = None      # the tenant's quotas, read at the run's first call
     written: int = 0
+    summaries: dict[int, str] = field(default_factory=dict)  # the running summary through each section
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        # A summary holds for a done section, while its version does (a rewrite or an edit clears
+        # it); one saved before its section was stored is written again.
+        self.summaries = {s.idx: s.summary for s in self.sections if s.summary and s.status == SectionStatus.DONE}
 
     def spend(self, attempts: list[Attempt]) -> list[Attempt]:
         tokens, cost = billed_total(attempts)
@@ -443,13 +547,6 @@ class JobRun:
             self.spent_tokens += tokens
             self.spent_cost = None if self.spent_cost is None or cost is None else self.spent_cost + cost
         return attempts
-
-
-def assemble(title: str, sections: list[tuple[str, str]]) -> str:
-    parts = [f"# {title}\n"]
-    for heading, body in sections:
-        parts.append(f"## {heading}\n\n{body.strip()}\n")
-    return "\n".join(parts)
 
 
 def _prompt_tokens(request: GenerationRequest) -> int:

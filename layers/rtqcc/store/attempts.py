@@ -39,13 +39,14 @@ USAGE_COLUMNS = (
     " COALESCE(array_agg(DISTINCT model) FILTER (WHERE cost_usd IS NULL), '{}') AS unpriced_models"
 )
 ATTEMPT_COLUMNS = ("section_idx, model, reported_prompt_tokens, reported_completion_tokens, counted_prompt_tokens,"
-                   " counted_completion_tokens, finish_reason, aborted, cost_usd")
+                   " counted_completion_tokens, finish_reason, aborted, cost_usd, section_version, purpose")
 # Attempts of job :j from :attempts (attempts_json), as one statement whatever their number.
 INSERT_ATTEMPTS = (
     f"INSERT INTO generation_attempts (job_id, {ATTEMPT_COLUMNS}) SELECT :j, {ATTEMPT_COLUMNS}"
     " FROM jsonb_to_recordset(CAST(:attempts AS jsonb)) AS a(section_idx int, model text,"
     " reported_prompt_tokens int, reported_completion_tokens int, counted_prompt_tokens int,"
-    " counted_completion_tokens int, finish_reason text, aborted text, cost_usd float8)"
+    " counted_completion_tokens int, finish_reason text, aborted text, cost_usd float8, section_version int,"
+    " purpose text)"
 )
 
 
@@ -62,6 +63,8 @@ class Attempt:
     finish_reason: str | None
     aborted: str | None
     cost_usd: float | None = None  # billed tokens at the model's price; None: no price known
+    section_version: int | None = None  # the version of the section it was paid for (None: the outline)
+    purpose: str = "draft"  # outline, draft, continuation (a section short of its target) or summary
 
     @property
     def billed_prompt_tokens(self) -> int:

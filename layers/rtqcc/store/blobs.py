@@ -44,12 +44,19 @@ def _make_client(settings: Settings) -> Any:
     )
 
 
-def section_key(external_id: str, idx: int) -> str:
-    return f"manuscripts/{external_id}/sections/{idx}.md"
+def section_key(external_id: str, idx: int, version: int = 1) -> str:
+    """Where a version of a section is stored: the first at the key it always had, each later one
+    beside it. Deterministic, so a write retried after a crash lands on the same object."""
+    if version == 1:
+        return f"manuscripts/{external_id}/sections/{idx}.md"
+    return f"manuscripts/{external_id}/sections/{idx}.v{version}.md"
 
 
-def manuscript_key(external_id: str) -> str:
-    return f"manuscripts/{external_id}/manuscript.md"
+def manuscript_key(external_id: str, revision: int = 0) -> str:
+    """Where an assembly of the manuscript is stored: the first draft's, then one per revision."""
+    if revision == 0:
+        return f"manuscripts/{external_id}/manuscript.md"
+    return f"manuscripts/{external_id}/manuscript.r{revision}.md"
 
 
 class BlobStore(Protocol):

@@ -6,9 +6,9 @@ over one database."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import InvalidTransition, JobNotFound
 from ..ids import new_external_id
@@ -16,7 +16,7 @@ from ..status import TRANSITIONS, JobPriority, JobStatus
 from .attempts import Attempt, AttemptLedger
 from .db import Connection, Database, Row
 from .leases import Lease, LeaseWrites
-from .sections import OutlineItem, Section, insert_sections
+from .sections import SECTION_COLUMNS, OutlineItem, Section, insert_sections
 
 # Where callers have always found them.
 __all__ = ["Attempt", "DEFAULT_SECTION_COUNT", "Job", "JobStore", "Lease", "NewJob", "OutlineItem", "Section",
@@ -38,6 +38,7 @@ class NewJob:
     budget: dict[str, Any]
     metadata: dict[str, str]
     priority: JobPriority = JobPriority.NORMAL
+    options: dict[str, Any] | None = None  # review, context, forked_from
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,18 @@ class Job:
     manuscript_key: str | None
     priority: JobPriority = JobPriority.NORMAL
     created_at: datetime | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    revision: dict[str, Any] | None = None  # the regeneration under way
+    manuscript_revision: int = 0            # which assembly of the manuscript is current
+
+    @property
+    def reviews_outline(self) -> bool:
+        return bool((self.options.get("review") or {}).get("outline"))
+
+    @property
+    def context(self) -> str:
+        """What each section's prompt carries of what came before: "tail" or "summary"."""
+        return self.options.get("context") or "tail"
 
     @classmethod
     def from_row(cls, row: Row) -> "Job":
@@ -78,6 +91,9 @@ class Job:
             manuscript_key=row["manuscript_key"],
             priority=JobPriority(row["priority"]),
             created_at=row["created_at"],
+            options=row["options"] or {},
+            revision=row["revision"],
+            manuscript_revision=row["manuscript_revision"],
         )
 
 
@@ -90,7 +106,7 @@ class TransitionResult:
 
 _JOB_COLUMNS = (
     "id, external_id, tenant, title, brief, model, params, budget, metadata, section_count, status,"
-    " status_reason, error, manuscript_key, priority, created_at"
+    " status_reason, error, manuscript_key, priority, created_at, options, revision, manuscript_revision"
 )
 
 
@@ -103,14 +119,17 @@ class JobStore(LeaseWrites, AttemptLedger):
 
     # ---- creation and reads -------------------------------------------------------------
 
-    def create(self, spec: NewJob) -> Job:
+    def create(self, spec: NewJob, *, then: Callable[[Connection, Job], None] | None = None) -> Job:
+        """Store a new job and its outline; `then` writes more in the same transaction (a fork's
+        shared sections)."""
         external_id = new_external_id()
         with self.db.transaction() as conn:
             row = conn.row(
                 f"INSERT INTO jobs (external_id, tenant, title, brief, model, params, budget, metadata,"
-                f" section_count, outline_given, priority, status)"
+                f" section_count, outline_given, priority, options, status)"
                 f" VALUES (:e, :t, :title, :brief, :model, CAST(:params AS jsonb), CAST(:budget AS jsonb),"
-                f" CAST(:metadata AS jsonb), :count, :given, :priority, 'created') RETURNING {_JOB_COLUMNS}",
+                f" CAST(:metadata AS jsonb), :count, :given, :priority, CAST(:options AS jsonb), 'created')"
+                f" RETURNING {_JOB_COLUMNS}",
                 e=external_id,
                 t=spec.tenant,
                 title=spec.title,
@@ -122,11 +141,15 @@ class JobStore(LeaseWrites, AttemptLedger):
                 count=len(spec.outline) if spec.outline else spec.section_count,
                 given=spec.outline is not None,
                 priority=spec.priority.value,
+                options=json.dumps(spec.options or {}),
             )
             assert row is not None
             if spec.outline:
                 insert_sections(conn, row["id"], spec.outline)
-        return Job.from_row(row)
+            job = Job.from_row(row)
+            if then is not None:
+                then(conn, job)
+        return job
 
     def get(self, tenant: str, external_id: str) -> Job:
         row = self.db.row(
@@ -174,11 +197,7 @@ class JobStore(LeaseWrites, AttemptLedger):
         return {tenant: 0 for tenant in tenants} | {row["tenant"]: row["n"] for row in rows}
 
     def sections(self, job_id: int) -> list[Section]:
-        rows = self.db.rows(
-            "SELECT idx, title, brief, status, partial_text, content_key, content_sha256, content_chars"
-            " FROM sections WHERE job_id = :j ORDER BY idx",
-            j=job_id,
-        )
+        rows = self.db.rows(f"SELECT {SECTION_COLUMNS} FROM sections WHERE job_id = :j ORDER BY idx", j=job_id)
         return [Section.from_row(row) for row in rows]
 
     # ---- control: conditional transitions ---------------------------------------------------
@@ -206,7 +225,8 @@ class JobStore(LeaseWrites, AttemptLedger):
         if row is not None:
             return TransitionResult(job=Job.from_row(row), changed=True, previous=JobStatus(row["previous"]))
         current = self.get(tenant, external_id)
-        if verb == "start" and current.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        if verb in ("start", "review") and current.status in (JobStatus.QUEUED, JobStatus.RUNNING,
+                                                              JobStatus.AWAITING_REVIEW):
             return TransitionResult(job=current, changed=False, previous=current.status)
         raise InvalidTransition(_refusal(verb, current))
 
@@ -223,5 +243,8 @@ def _refusal(verb: str, job: Job) -> str:
         "resume": "only a paused job can be resumed",
         "cancel": "a finished job cannot be cancelled",
         "retry": "only a failed job can be retried",
+        "review": "only a created job can be started",
+        "approve": "only a job awaiting review can be approved",
+        "regenerate": "a section is regenerated on a completed or paused job (pause a running one first)",
     }
     return f"Cannot {verb} job {job.external_id}: it is {job.status.value}; {hints[verb]}."

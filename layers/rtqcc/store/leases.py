@@ -3,12 +3,14 @@ checks, so a consumer that lost its lease cannot overwrite newer work."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..errors import LeaseLost
 from ..status import JobStatus
 from .attempts import ATTEMPT_COLUMNS, INSERT_ATTEMPTS, USAGE_COLUMNS, Attempt, attempts_json
+from .versions import INSERT_VERSION, VERSION_COST
 from .db import Connection, Database, Row
 from .sections import OutlineItem, insert_sections
 
@@ -124,12 +126,17 @@ class LeaseWrites:
         return JobStatus(row["status"]) if row else None
 
     def finish(self, lease: Lease, status: JobStatus, *, error: str | None = None,
-               manuscript_key: str | None = None, reason: str | None = None) -> bool:
-        """Move a running job to a terminal or paused state; False if it was no longer running
-        under this lease (cancelled or paused meanwhile, or taken over)."""
+               manuscript_key: str | None = None, manuscript_revision: int | None = None,
+               reason: str | None = None) -> bool:
+        """Move a running job to a terminal, paused or awaiting_review state (a completed one ends
+        its revision, if any); False if it was no longer running under this lease (cancelled or
+        paused meanwhile, or taken over)."""
         changed = self.db.run(
             "UPDATE jobs SET status = :s, error = :error, status_reason = :reason,"
-            " manuscript_key = COALESCE(:key, manuscript_key), lease_owner = NULL, lease_expires_at = NULL,"
+            " manuscript_key = COALESCE(:key, manuscript_key),"
+            " manuscript_revision = COALESCE(CAST(:revision AS int), manuscript_revision),"
+            " revision = CASE WHEN :s = 'completed' THEN NULL ELSE revision END,"
+            " lease_owner = NULL, lease_expires_at = NULL,"
             " finished_at = CASE WHEN :s IN ('completed', 'failed', 'cancelled') THEN now() END,"
             " updated_at = now()"
             " WHERE id = :j AND lease_version = :v AND lease_owner = :owner AND status = 'running'",
@@ -137,6 +144,7 @@ class LeaseWrites:
             error=error,
             reason=reason,
             key=manuscript_key,
+            revision=manuscript_revision,
             j=lease.job_id,
             v=lease.version,
             owner=lease.owner,
@@ -158,31 +166,44 @@ class LeaseWrites:
         """Keep the text generated so far, so a resume continues it instead of paying again."""
         self._fenced_section_update(lease, idx, "status = 'pending', partial_text = :text", text=text)
 
-    def complete_section(self, lease: Lease, idx: int, *, key: str, sha256: str, chars: int,
-                         attempts: list[Attempt], start_next: list[int]) -> Row:
+    def complete_section(self, lease: Lease, idx: int, *, version: int, key: str, sha256: str, chars: int,
+                         attempts: list[Attempt], start_next: list[int], made_with: dict[str, Any]) -> Row:
         """Everything a finished section writes to Postgres, in one statement: its calls (recorded
-        whoever holds the lease: they were paid for), the row pointing at its stored content
-        (fenced; called only after the S3 write succeeded), and the sections to write next marked
-        running. Returns the section's usage over all its calls (usage_by_section's row). Raises
-        LeaseLost, after recording the calls, if the lease is no longer ours."""
+        whoever holds the lease: they were paid for), its new version (called only after the S3
+        write succeeded) made current on the fenced row, with what made it and what it cost, and
+        the sections to write next marked running. Returns the section's usage over all its calls
+        (usage_by_section's row). Raises LeaseLost, after recording the calls, if the lease is no
+        longer ours; a section already done (a cancelled revision put it back) stays as it is."""
         row = self.db.row(
             "WITH fence AS (SELECT id FROM jobs WHERE id = :j AND lease_version = :v AND lease_owner = :owner"
             f" FOR SHARE), added AS ({INSERT_ATTEMPTS} RETURNING {ATTEMPT_COLUMNS}),"
             " done AS (UPDATE sections SET status = 'done', partial_text = '', content_key = :key,"
-            " content_sha256 = :sha, content_chars = :chars, written_version = :v, completed_at = now() FROM fence"
-            " WHERE sections.job_id = fence.id AND sections.idx = :i AND sections.status <> 'done' RETURNING 1),"
+            " content_sha256 = :sha, content_chars = :chars, written_version = :v, completed_at = now(),"
+            " current_version = :version, rewrite = NULL FROM fence"
+            " WHERE sections.job_id = fence.id AND sections.idx = :i AND sections.status <> 'done'"
+            " RETURNING sections.job_id),"
             " started AS (UPDATE sections SET status = 'running', started_at = COALESCE(sections.started_at, now())"
             " FROM fence WHERE sections.job_id = fence.id AND sections.idx = ANY(CAST(:next AS int[]))"
             " AND sections.status <> 'done' RETURNING 1),"
             f" calls AS (SELECT {ATTEMPT_COLUMNS} FROM generation_attempts WHERE job_id = :j AND section_idx = :i"
-            f" UNION ALL SELECT {ATTEMPT_COLUMNS} FROM added WHERE section_idx = :i)"
+            f" UNION ALL SELECT {ATTEMPT_COLUMNS} FROM added WHERE section_idx = :i),"
+            f" stored AS ({INSERT_VERSION} SELECT done.job_id, :i, :version, :key, :sha, :chars, 'model',"
+            f" CAST(:made AS jsonb), paid.prompt_tokens, paid.completion_tokens, paid.cost_usd"
+            f" FROM done, ({VERSION_COST} FROM calls WHERE section_version = :version AND purpose <> 'summary') AS paid RETURNING 1)"
             f" SELECT (SELECT COUNT(*) FROM fence)::int AS held, {USAGE_COLUMNS} FROM calls",
             j=lease.job_id, v=lease.version, owner=lease.owner, i=idx, key=key, sha=sha256, chars=chars,
-            attempts=attempts_json(attempts), next=start_next)
+            attempts=attempts_json(attempts), next=start_next, version=version, made=json.dumps(made_with))
         assert row is not None
         if not row.pop("held"):
             raise LeaseLost(f"Job {lease.external_id}: lease version {lease.version} is no longer held by {lease.owner}")
         return row
+
+    def save_summary(self, lease: Lease, idx: int, summary: str) -> None:
+        """The running summary of the document up to section `idx` (fenced; the section is done)."""
+        self.db.run(
+            "UPDATE sections SET summary = :summary FROM jobs WHERE sections.job_id = jobs.id AND jobs.id = :j"
+            " AND jobs.lease_version = :v AND jobs.lease_owner = :owner AND sections.idx = :i",
+            j=lease.job_id, v=lease.version, owner=lease.owner, i=idx, summary=summary)
 
     def _fenced_section_update(self, lease: Lease, idx: int, assignments: str, **params: Any) -> bool:
         """One statement: lock the job row (FOR SHARE, so a takeover waits for us), check the lease

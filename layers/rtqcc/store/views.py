@@ -48,12 +48,18 @@ def job_document(jobs: JobStore, job: Job) -> dict:
                 "index": s.idx,
                 "title": s.title,
                 "status": s.status.value,
+                "version": s.current_version,
+                "locked": s.locked,
                 "usage": public_usage(usage.get(s.idx)),
             }
             for s in sections
         ],
         "usage": public_job_usage(usage),
     }
+    if job.revision:
+        document["revision"] = job.revision
+    if job.options.get("forked_from"):
+        document["forked_from"] = job.options["forked_from"]
     if job.status_reason:
         document["status_reason"] = job.status_reason
     if job.error:

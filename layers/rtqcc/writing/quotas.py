@@ -17,13 +17,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
-from typing import Mapping
+from typing import Callable, Mapping
 
 from .abort import StopReason
 from .budget import Limit
 from ..store.db import Connection, Database
 from ..errors import QuotaExceeded, ValidationFailed
-from ..store.jobs import JobStore, TransitionResult
+from ..store.jobs import Job, JobStore, TransitionResult
 from ..store.tenant_usage import TenantUsage
 from .pricing import Price, price_for
 from ..settings import Settings
@@ -138,17 +138,22 @@ class QuotaStore:
                         cost_today_usd=float(row["cost_usd"]), active_jobs=row["active_now"],
                         resets_at=row["resets_at"], resets_in_s=float(row["resets_in_s"]))
 
-    def admit(self, tenant: str, external_id: str, verb: str, jobs: JobStore) -> TransitionResult:
-        """start / resume / retry under the tenant's quotas: the count of its queued or running
-        jobs and the transition happen under one per-tenant lock, so concurrent requests cannot
-        all see room for one more."""
+    def admit(self, tenant: str, external_id: str, verb: str, jobs: JobStore, *,
+              along: Callable[[Connection, Job], None] | None = None) -> TransitionResult:
+        """start / resume / retry / approve / regenerate under the tenant's quotas: the count of
+        its queued or running jobs and the transition happen under one per-tenant lock, so
+        concurrent requests cannot all see room for one more. `along` writes what goes with the
+        transition in its transaction (a regeneration's sections); what it raises undoes both."""
         sources, _ = TRANSITIONS[verb]
         with TenantUsage(self.db).admission(tenant, external_id) as (conn, row):
             if row is not None and JobStatus(row["status"]) in sources:
                 standing = self.standing(tenant, conn, excluding=external_id)
                 standing.check_daily(price_for(row["model"], self.settings.prices))
                 standing.check_active()
-                return jobs.transition(tenant, external_id, verb, conn=conn)
+                moved = jobs.transition(tenant, external_id, verb, conn=conn)
+                if along is not None:
+                    along(conn, moved.job)
+                return moved
         # Not a move into the queue (unknown job, repeated start, impossible verb): nothing to
         # admit; the plain transition answers it (404, a no-op, or 409).
         return jobs.transition(tenant, external_id, verb)
