@@ -66,6 +66,45 @@ class RtqccClient:
         params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
         return self._call("GET", "/jobs", params=params).json()
 
+    def section(self, external_id: str, index: int) -> tuple[dict, str | None]:
+        """One section and its ETag (None before its first version)."""
+        response = self._call("GET", f"/jobs/{external_id}/sections/{index}")
+        return response.json(), response.headers.get("etag")
+
+    def replace_outline(self, external_id: str, outline: list[dict]) -> dict:
+        return self._call("PUT", f"/jobs/{external_id}/outline", json={"outline": outline}).json()
+
+    def regenerate(self, external_id: str, index: int, *, instructions: str | None = None,
+                   brief: str | None = None, cascade: bool = False) -> dict:
+        body: dict[str, Any] = {"cascade": cascade}
+        if instructions:
+            body["instructions"] = instructions
+        if brief is not None:
+            body["brief"] = brief
+        return self._call("POST", f"/jobs/{external_id}/sections/{index}/regenerate", json=body).json()
+
+    def edit(self, external_id: str, index: int, content: str, *, if_match: str) -> dict:
+        return self._call("PUT", f"/jobs/{external_id}/sections/{index}", json={"content": content},
+                          headers={"If-Match": if_match}).json()
+
+    def set_lock(self, external_id: str, index: int, locked: bool) -> dict:
+        return self._call("POST", f"/jobs/{external_id}/sections/{index}/{'lock' if locked else 'unlock'}").json()
+
+    def versions(self, external_id: str, index: int) -> dict:
+        return self._call("GET", f"/jobs/{external_id}/sections/{index}/versions").json()
+
+    def version(self, external_id: str, index: int, version: int) -> dict:
+        return self._call("GET", f"/jobs/{external_id}/sections/{index}/versions/{version}").json()
+
+    def restore(self, external_id: str, index: int, version: int) -> dict:
+        return self._call("POST", f"/jobs/{external_id}/sections/{index}/versions/{version}/restore").json()
+
+    def fork(self, external_id: str, from_section: int, outline: list[dict] | None = None) -> dict:
+        body: dict[str, Any] = {"from_section": from_section}
+        if outline is not None:
+            body["outline"] = outline
+        return self._call("POST", f"/jobs/{external_id}/fork", json=body).json()
+
     def manuscript(self, external_id: str) -> str:
         return self._call("GET", f"/jobs/{external_id}/manuscript").text
 

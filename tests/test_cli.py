@@ -103,3 +103,40 @@ def test_the_modules_the_command_checks_are_those_of_the_local_extra():
         assert not modules or modules & set(LOCAL_STACK_MODULES), (distribution, modules)
     assert set(LOCAL_STACK_MODULES) <= set().union(*(provided.get(d, set()) for d in distributions))
     assert set(LOCAL_STACK_MODULES) == set(EVERY_LOCAL_MODULE)
+
+
+def test_the_revision_verbs_take_a_job_from_review_to_a_fork(start_gateway, run_consumer, tmp_path, capsys):
+    from rtqcc.cli import main
+
+    gateway = start_gateway()
+
+    def cli(*argv: str) -> str:
+        assert main(["jobs", "--url", gateway.base_url, "--key", gateway.key, *argv]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out.strip()
+
+    external_id = cli("create", "Field notes", "On revision.", "--sections", "3", "--review", "--start")
+    run_consumer()
+    assert json.loads(cli("get", external_id))["status"] == "awaiting_review"
+    (tmp_path / "outline.json").write_text(json.dumps([{"title": "First"}, {"title": "Second"}]))
+    assert cli("outline", external_id, str(tmp_path / "outline.json")) == f"{external_id}: 2 sections, awaiting_review"
+    assert cli("approve", external_id) == "queued"
+    run_consumer()
+
+    assert cli("regenerate", external_id, "0", "--instructions", "Warmer.", "--cascade") == (
+        f"{external_id}: queued, rewriting sections [0, 1]")
+    run_consumer()
+    (tmp_path / "mine.md").write_text("My own second section.")
+    assert cli("edit", external_id, "1", str(tmp_path / "mine.md")) == f"{external_id} section 1: version 3 (22 chars)"
+    assert cli("lock", external_id, "1") == f"{external_id} section 1: locked"
+    assert main(["jobs", "--url", gateway.base_url, "--key", gateway.key, "restore", external_id, "1", "1"]) == 1
+    assert "locked" in capsys.readouterr().err
+    cli("unlock", external_id, "1")
+    assert cli("restore", external_id, "1", "1") == f"{external_id} section 1: version 4, restored from 1"
+    listed = cli("versions", external_id, "1").splitlines()
+    assert [line.split()[0] for line in listed] == ["v1", "v2", "v3", "*"] and "restore" in listed[3]
+    assert cli("versions", external_id, "1", "--show", "3") == "My own second section."
+
+    fork = cli("fork", external_id, "--from-section", "1", "--start")
+    run_consumer()
+    forked = json.loads(cli("get", fork))
+    assert forked["status"] == "completed" and forked["forked_from"] == {"job": external_id, "from_section": 1}

@@ -10,8 +10,9 @@ import json
 import threading
 
 import httpx
-from conftest import job_events, section_texts, wait_for
+from conftest import job_events, parse_sse, section_texts, wait_for
 
+from rtqcc.bus.events import stream_id_tuple
 from rtqcc.store.manuscripts import assemble
 from rtqcc.writing.prompts import SUMMARY_SYSTEM
 
@@ -136,6 +137,28 @@ def test_regenerating_with_instructions_writes_a_second_version_and_reassembles(
     api.post(f"/jobs/{external_id}/sections/1/regenerate", {"instructions": "Shorter, please."})
     run_consumer()
     assert section(api, external_id, 1).json_body["content"] not in (before[1], after[1])
+
+
+def test_a_watcher_that_saw_the_first_draft_end_replays_the_revision_from_its_last_event_id(api, run_consumer,
+                                                                                             redis_client):
+    external_id = completed_job(api, run_consumer, outline=FOUR[:2])
+    first_done = job_events(redis_client, external_id)[-1]
+    assert first_done["event"] == "done"
+    api.post(f"/jobs/{external_id}/sections/1/regenerate", {"instructions": "Again."})
+    run_consumer()
+
+    replay = parse_sse(api.get(f"/jobs/{external_id}/stream", headers={"Last-Event-ID": first_done["id"]}).body.decode())
+    published = [e for e in job_events(redis_client, external_id)
+                 if stream_id_tuple(e["id"]) > stream_id_tuple(first_done["id"])]
+    assert [(e["id"], e["event"]) for e in replay] == [(e["id"], e["event"]) for e in published]
+    # queued (with the revision), running, the last done section announced again (a no-op), the rewrite, the end
+    assert [e["event"] for e in replay if not e["event"] == "section.delta"] == [
+        "status", "status", "section.completed", "section.started", "section.completed", "usage", "status", "done"]
+    assert replay[0]["data"]["revision"]["sections"] == [1] and replay[1]["data"]["status"] == "running"
+    text = "".join(e["data"]["text"] for e in replay if e["event"] == "section.delta" and e["data"]["version"] == 2)
+    assert text == section(api, external_id, 1).json_body["content"]
+    # Seen to the end: a reconnect is told there is nothing more.
+    assert api.get(f"/jobs/{external_id}/stream", headers={"Last-Event-ID": replay[-1]["id"]}).status_code == 204
 
 
 def test_a_cascade_rewrites_every_later_section_but_a_locked_one(api, run_consumer):

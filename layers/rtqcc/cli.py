@@ -72,8 +72,41 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("brief")
     create.add_argument("--sections", type=int, default=None)
     create.add_argument("--start", action="store_true", help="start it at once")
-    for verb in ("start", "pause", "resume", "cancel", "get", "watch"):
+    create.add_argument("--review", action="store_true", help="stop after the outline until `rtqcc jobs approve`")
+    for verb in ("start", "pause", "resume", "cancel", "approve", "get", "watch"):
         verbs.add_parser(verb).add_argument("external_id")
+    outline = verbs.add_parser("outline", help="replace the outline of a job created or awaiting review")
+    outline.add_argument("external_id")
+    outline.add_argument("file", help='a JSON file: [{"title": ..., "brief": ...}, ...] (- for stdin)')
+    regenerate = verbs.add_parser("regenerate", help="write a new version of a section")
+    regenerate.add_argument("external_id")
+    regenerate.add_argument("index", type=int)
+    regenerate.add_argument("--instructions", default=None, help="what to change")
+    regenerate.add_argument("--brief", default=None, help="a new brief for the section")
+    regenerate.add_argument("--cascade", action="store_true", help="rewrite every later unlocked section too")
+    edit = verbs.add_parser("edit", help="store your own text as a section's new version")
+    edit.add_argument("external_id")
+    edit.add_argument("index", type=int)
+    edit.add_argument("file", help="the text (- for stdin)")
+    edit.add_argument("--if-match", default=None,
+                      help="the ETag you edited from (default: the current one, read now)")
+    for verb in ("lock", "unlock"):
+        locking = verbs.add_parser(verb, help=f"{verb} a section against rewriting by the model")
+        locking.add_argument("external_id")
+        locking.add_argument("index", type=int)
+    versions = verbs.add_parser("versions", help="list a section's versions, or print one")
+    versions.add_argument("external_id")
+    versions.add_argument("index", type=int)
+    versions.add_argument("--show", type=int, default=None, metavar="V", help="print version V's text")
+    restore = verbs.add_parser("restore", help="make an earlier version of a section current again")
+    restore.add_argument("external_id")
+    restore.add_argument("index", type=int)
+    restore.add_argument("version", type=int)
+    fork = verbs.add_parser("fork", help="a new job sharing this one's sections before --from-section")
+    fork.add_argument("external_id")
+    fork.add_argument("--from-section", type=int, required=True)
+    fork.add_argument("--outline", default=None, help="a JSON file with the sections from there on")
+    fork.add_argument("--start", action="store_true", help="start it at once")
     listing = verbs.add_parser("list")
     listing.add_argument("--status", default=None)
     listing.add_argument("--limit", type=int, default=20)
@@ -224,12 +257,15 @@ def _jobs(args: argparse.Namespace) -> int:
     with RtqccClient(args.url, args.key) as client:
         try:
             if args.verb == "create":
-                created = client.create(title=args.title, brief=args.brief, section_count=args.sections)
+                extra = {"review": {"outline": True}} if args.review else {}
+                created = client.create(title=args.title, brief=args.brief, section_count=args.sections, **extra)
                 if args.start:
                     client.control(created["externalId"], "start")
                 print(created["externalId"])
-            elif args.verb in ("start", "pause", "resume", "cancel"):
+            elif args.verb in ("start", "pause", "resume", "cancel", "approve"):
                 print(client.control(args.external_id, args.verb)["status"])
+            elif args.verb in _REVISION_VERBS:
+                _revise(client, args)
             elif args.verb == "get":
                 print(json.dumps(client.get(args.external_id), indent=2))
             elif args.verb == "list":
@@ -245,6 +281,53 @@ def _jobs(args: argparse.Namespace) -> int:
             print(f"rtqcc: {exc.message} ({exc.status} {exc.code})", file=sys.stderr)
             return 1
     return 0
+
+
+_REVISION_VERBS = ("outline", "regenerate", "edit", "lock", "unlock", "versions", "restore", "fork")
+
+
+def _revise(client, args: argparse.Namespace) -> None:
+    """`rtqcc jobs outline|regenerate|edit|lock|unlock|versions|restore|fork`: one line of outcome each."""
+    import json
+
+    ext = args.external_id
+    if args.verb == "outline":
+        job = client.replace_outline(ext, json.loads(_read_text(args.file)))
+        print(f"{ext}: {len(job['sections'])} sections, {job['status']}")
+    elif args.verb == "regenerate":
+        job = client.regenerate(ext, args.index, instructions=args.instructions, brief=args.brief, cascade=args.cascade)
+        print(f"{ext}: {job['status']}, rewriting sections {job['revision']['sections']}")
+    elif args.verb == "edit":
+        if_match = args.if_match or client.section(ext, args.index)[1] or "*"
+        version = client.edit(ext, args.index, _read_text(args.file), if_match=if_match)
+        print(f"{ext} section {args.index}: version {version['version']} ({version['chars']} chars)")
+    elif args.verb in ("lock", "unlock"):
+        state = client.set_lock(ext, args.index, args.verb == "lock")
+        print(f"{ext} section {args.index}: {'locked' if state['locked'] else 'unlocked'}")
+    elif args.verb == "versions" and args.show is not None:
+        print(client.version(ext, args.index, args.show)["content"])
+    elif args.verb == "versions":
+        for version in client.versions(ext, args.index)["versions"]:
+            usage = version["usage"]
+            print(f"{'*' if version['current'] else ' '} v{version['version']:<3} {version['maker']:<8}"
+                  f" {version['created_at'][:19]}  {version['chars']:>7} chars  {usage['total_tokens']:>7} tokens"
+                  f"  {version['sha256'][:12]}")
+    elif args.verb == "restore":
+        version = client.restore(ext, args.index, args.version)
+        print(f"{ext} section {args.index}: version {version['version']}, restored from {args.version}")
+    elif args.verb == "fork":
+        outline = json.loads(_read_text(args.outline)) if args.outline else None
+        fork = client.fork(ext, args.from_section, outline)
+        if args.start:
+            client.control(fork["externalId"], "start")
+        print(fork["externalId"])
+
+
+def _read_text(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
 
 
 def _migrate(args: argparse.Namespace) -> int:

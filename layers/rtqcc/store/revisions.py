@@ -122,7 +122,8 @@ class RevisionStore:
                                                     for s in sections[from_section:]]
         if not kept + rest:
             raise Conflict("The fork would have no sections: give an outline for it.")
-        options: dict[str, Any] = {key: value for key, value in source.options.items() if key != "forked_from"}
+        # Its context carries over; the source's outline review was done (the fork's outline is given).
+        options: dict[str, Any] = {key: value for key, value in source.options.items() if key == "context"}
         options["forked_from"] = {"job": source.external_id, "from_section": from_section}
 
         def share(conn: Connection, fork: Job) -> None:
