@@ -81,6 +81,20 @@ def test_a_drafted_outline_waits_for_review_is_replaced_then_approved(api, run_c
     assert late.status_code == 409 and "awaiting review" in late.json_body["error"]["message"]
 
 
+def test_a_run_that_died_after_drafting_the_outline_still_stops_for_review(api, services, database, run_consumer):
+    from rtqcc.store.sections import OutlineItem
+
+    external_id = api.create(section_count=2, review={"outline": True}, **SMALL)
+    api.post(f"/jobs/{external_id}/start")
+    dead = services.jobs.acquire_lease(external_id, "consumer-that-died", ttl_s=5)
+    services.jobs.save_outline(dead, [OutlineItem("Drafted"), OutlineItem("Before the crash")])
+    database.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE external_id = :e", e=external_id)
+    run_consumer()
+    job = api.get(f"/jobs/{external_id}").json_body
+    assert job["status"] == "awaiting_review" and job["progress"]["sections_done"] == 0
+    assert billed(database, external_id) == {}  # nothing written, nothing drafted again
+
+
 def test_a_given_outline_is_reviewed_at_start_without_a_consumer(api, run_consumer):
     external_id = api.create(outline=FOUR[:2], review={"outline": True}, **SMALL)
     started = api.post(f"/jobs/{external_id}/start")
@@ -328,6 +342,10 @@ def test_a_fork_from_section_3_shares_and_bills_nothing_for_sections_0_to_2(api,
     shared = versions(api, fork, 0)[0]
     assert shared["maker"] == "fork" and shared["made_with"] == {"job": source, "index": 0, "version": 1}
     assert api.post(f"/jobs/{source}/fork", {"from_section": 9}).status_code == 409
+    once = [api.post(f"/jobs/{source}/fork", {"from_section": 1}, headers={"Idempotency-Key": "fork-1"})
+            for _ in range(2)]
+    assert once[0].json_body["externalId"] == once[1].json_body["externalId"]
+    assert once[1].headers["Idempotent-Replayed"] == "true"
 
 
 # ---- length and coherence -----------------------------------------------------------------

@@ -68,7 +68,7 @@ def create_job(call: ApiCall) -> Response:
 
     answer = call.idempotent(owner, create)
     return Response(body=answer.body, status_code=answer.status,
-                    headers={"Location": f"/jobs/{answer.body['externalId']}", **_replayed(answer)})
+                    headers={"Location": f"/jobs/{answer.body['externalId']}", **replayed(answer)})
 
 
 @route("/jobs", "GET")
@@ -123,8 +123,8 @@ def _queue_wait(s, job) -> dict:
 
 @route("/jobs/{external_id}/start", "POST")
 def start_job(call: ApiCall, external_id: str) -> Response:
-    answer = call.idempotent(call.tenant(), lambda: _as_answer(control(call, external_id, "start")))
-    return Response(body=answer.body, status_code=answer.status, headers=_replayed(answer))
+    answer = call.idempotent(call.tenant(), lambda: as_answer(control(call, external_id, "start")))
+    return Response(body=answer.body, status_code=answer.status, headers=replayed(answer))
 
 
 @route("/jobs/{external_id}/pause", "POST")
@@ -187,7 +187,7 @@ def control(call: ApiCall, external_id: str, verb: str, *, along=None) -> Respon
 
 def _starts_in_review(s, owner: str, external_id: str) -> bool:
     job = find_job(s, owner, external_id)
-    return job.status == JobStatus.CREATED and job.reviews_outline and bool(s.jobs.sections(job.id))
+    return job.status == JobStatus.CREATED and job.awaits_outline_review and bool(s.jobs.sections(job.id))
 
 
 @route("/jobs/{external_id}/stream", "GET")
@@ -245,11 +245,11 @@ def get_section(call: ApiCall, external_id: str, index: str) -> Response:
     return Response(body=body, status_code=200, headers=headers)
 
 
-def _as_answer(response: Response) -> Answer:
+def as_answer(response: Response) -> Answer:
     return Answer(response.status_code, response.body)
 
 
-def _replayed(answer: Answer) -> dict[str, str]:
+def replayed(answer: Answer) -> dict[str, str]:
     return {"Idempotent-Replayed": "true"} if answer.replayed else {}
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 from chalice import Response
 
 from ..errors import BadRequest, NotFound
-from ..store.views import job_document, job_links
+from ..store.views import job_document
 from ..store.versions import SectionVersion, etag
 from .edge import ApiCall, route
-from .job_routes import MAX_SECTION_INDEX, control, is_whole_number
+from ..store.idempotency import Answer
+from .job_routes import MAX_SECTION_INDEX, as_answer, control, is_whole_number, replayed
 
 _SECTION = "/jobs/{external_id}/sections/{index}"
 
@@ -47,7 +48,8 @@ def regenerate_section(call: ApiCall, external_id: str, index: str) -> Response:
         revisions.mark_for_rewrite(conn, job, idx, instructions=body.instructions, brief=body.brief,
                                    cascade=body.cascade)
 
-    return control(call, external_id, "regenerate", along=mark)
+    answer = call.idempotent(call.tenant(), lambda: as_answer(control(call, external_id, "regenerate", along=mark)))
+    return Response(body=answer.body, status_code=answer.status, headers=replayed(answer))
 
 
 @route(_SECTION, "PUT")
@@ -117,11 +119,16 @@ def fork_job(call: ApiCall, external_id: str) -> Response:
     body = parse_body(ForkIn, call.json_body(), "fork")
     if body.outline is not None:
         check_section_count(body.from_section + len(body.outline), call.svc.settings.max_sections)
-    fork = call.svc.revisions.fork(source, body.from_section,
-                                   outline_items(body.outline) if body.outline is not None else None)
-    call.svc.events.publish(fork.external_id, "status", {"status": fork.status.value})
-    document = {**job_document(call.svc.jobs, fork), "links": job_links(fork.external_id)}
-    return Response(body=document, status_code=201, headers={"Location": f"/jobs/{fork.external_id}"})
+
+    def create() -> Answer:
+        fork = call.svc.revisions.fork(source, body.from_section,
+                                       outline_items(body.outline) if body.outline is not None else None)
+        call.svc.events.publish(fork.external_id, "status", {"status": fork.status.value})
+        return Answer(201, job_document(call.svc.jobs, fork))
+
+    answer = call.idempotent(source.tenant, create)  # a retried fork makes one job, as a retried create does
+    return Response(body=answer.body, status_code=answer.status,
+                    headers={"Location": f"/jobs/{answer.body['externalId']}", **replayed(answer)})
 
 
 def _version_answer(call: ApiCall, external_id: str, version: SectionVersion, *, status: int) -> Response:

@@ -145,8 +145,8 @@ class ManuscriptOrchestrator:
             if not self._write_outline(run):
                 return self._stopped(run)
             run.sections = self.jobs.sections(job.id)
-            if job.reviews_outline:
-                return self._await_review(run)
+        if job.awaits_outline_review:  # drafted now, or before a crash that came ahead of the stop
+            return self._await_review(run)
 
         pending = [section for section in run.sections if section.status != SectionStatus.DONE]
         width = min(parallel_width(job), len(pending))

@@ -64,8 +64,10 @@ class Job:
     manuscript_revision: int = 0            # which assembly of the manuscript is current
 
     @property
-    def reviews_outline(self) -> bool:
-        return bool((self.options.get("review") or {}).get("outline"))
+    def awaits_outline_review(self) -> bool:
+        """It asked to review its outline and it has not been approved yet."""
+        review = self.options.get("review") or {}
+        return bool(review.get("outline")) and not review.get("approved")
 
     @property
     def context(self) -> str:
@@ -212,6 +214,8 @@ class JobStore(LeaseWrites, AttemptLedger):
             # A retried job starts with a clean slate: no error, no failed runs counted.
             " error = CASE WHEN :retry THEN NULL ELSE jobs.error END,"
             " failures = CASE WHEN :retry THEN 0 ELSE jobs.failures END,"
+            # An approved outline is not reviewed again, whatever happens to the run after.
+            " options = CASE WHEN :approve THEN jsonb_set(jobs.options, '{review,approved}', 'true') ELSE jobs.options END,"
             " finished_at = CASE WHEN :target IN ('completed', 'failed', 'cancelled') THEN now() END"
             " FROM before WHERE jobs.id = before.id AND before.status = ANY(CAST(:sources AS text[]))"
             f" RETURNING before.status AS previous, {', '.join('jobs.' + c.strip() for c in _JOB_COLUMNS.split(','))}",
@@ -220,6 +224,7 @@ class JobStore(LeaseWrites, AttemptLedger):
             target=target.value,
             reason=reason,
             retry=verb == "retry",
+            approve=verb == "approve",
             sources=[s.value for s in sources],
         )
         if row is not None:
