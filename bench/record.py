@@ -71,10 +71,11 @@ def results_path(day: str | None = None) -> Path:
 
 def record(path: Path, machine: dict, name: str, figures: dict, *, started: datetime, load_avg: list[float]) -> None:
     """Put one benchmark's figures into the day's file (written whole each time, so a run stopped
-    half way keeps what it measured). Figures from another machine are not mixed in: its file
-    starts afresh."""
+    half way keeps what it measured). Figures from another machine (other cores, CPU, memory or
+    service versions) are not mixed in: its file starts afresh. A new boot of the same machine (its
+    kernel build or OS string changed) is the same machine."""
     kept = json.loads(path.read_text()) if path.exists() else {}
-    if kept.get("machine") != machine:
+    if comparable_machine(kept.get("machine")) != comparable_machine(machine):
         kept = {}
     benches = kept.get("benches", {})
     finished = datetime.now(timezone.utc)
@@ -89,6 +90,11 @@ def record(path: Path, machine: dict, name: str, figures: dict, *, started: date
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(content, indent=2) + "\n")
     tmp.replace(path)
+
+
+def comparable_machine(machine: dict | None) -> dict | None:
+    """A machine as benchmarks compare it: its hardware and service versions, not its boot."""
+    return None if machine is None else {k: v for k, v in machine.items() if k not in ("kernel", "os")}
 
 
 def latest_results(folder: Path = RESULTS_DIR) -> Path:

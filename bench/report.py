@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .record import latest_results
+from .record import comparable_machine, latest_results
 
 README = Path(__file__).with_name("README.md")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -207,11 +207,25 @@ def rate_limits_rows(f: dict) -> list[Row]:
                    and f["share_of_allowed_rate"] >= f["goals"]["share_of_allowed_rate_at_least"], "< 1% refused, ≥ 0.90 used"))]
 
 
+def token_latency_rows(f: dict) -> list[Row]:
+    ours, base = f["ours"], f["baseline"]
+    return [(
+        f"token latency, provider → SSE client: {f['jobs']} {f['sections_per_job']}-section jobs in flight (peak "
+        f"{f['peak_running']} running), each watched through `rtqcc up`'s gateway ({f['tokens_per_s_per_job']} "
+        f"tokens/s a job, deltas coalesced every {f['delta_flush_ms']} ms)",
+        f"p50 {_n(ours['p50_ms'])} ms, p99 {_n(ours['p99_ms'])} ms over {ours['tokens']:,} tokens"
+        f" ({ours['missing']} never arrived)",
+        f"{f['jobs']} raw XREAD readers of the same events: p50 {_n(base['p50_ms'])}, p99 {_n(base['p99_ms'])} ms",
+        f"p99 ×{_n(f['ratio_p99'], 2)}",
+        _goal(ours["p99_ms"] < f["goal_p99_ms"], f"p99 < {f['goal_p99_ms']} ms"),
+    )]
+
+
 NOTES: dict[str, Callable[[dict], list[str]]] = {"cold_start": cold_start_notes}
 ROWS: dict[str, Callable[[dict], list[Row]]] = {
     "throughput": throughput_rows, "sse": sse_rows, "control": control_rows, "abort": abort_rows,
     "cold_start": cold_start_rows, "peers": peers_rows, "scale": scale_rows, "capacity": capacity_rows,
-    "rate_limits": rate_limits_rows,
+    "rate_limits": rate_limits_rows, "token_latency": token_latency_rows,
 }
 
 
@@ -233,7 +247,7 @@ def render(results: dict, source: str, earlier: list[tuple[dict, str]] = ()) -> 
     ]
     found: dict[str, tuple[dict, str | None]] = {name: (bench, None) for name, bench in results["benches"].items()}
     for older, older_source in earlier:
-        if older["machine"] == m:
+        if comparable_machine(older["machine"]) == comparable_machine(m):
             for name, bench in older["benches"].items():
                 found.setdefault(name, (bench, older_source))
     for name, rows in ROWS.items():

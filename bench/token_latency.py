@@ -1,0 +1,238 @@
+"""Token latency with 200 jobs in flight, each watched: from the provider handing a token over to an
+SSE client receiving it, through the local stack's gateway (`rtqcc up`, its live-tail hub, deltas
+coalesced every `RTQCC_DELTA_FLUSH_MS` as by default).
+
+The consumers are this bench's own processes (`python -m bench.token_latency consumer OUT`): the
+product's Consumer with the fake provider paced at 50 tokens/s, each token stamped with the wall
+clock as the provider hands it to the run. The clients stamp each `section.delta` as it arrives,
+and a token's latency is from its stamp to the first delta that holds it. Baseline, in the same
+run and on the same tokens: as many raw readers of the jobs' Redis event streams (XREAD BLOCK,
+one per job), stamping the same way; the floor under any SSE path, the coalescing included. One
+clock for all: every process is on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from bisect import bisect_left
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+from redis import Redis
+
+from rtqcc.bus.events import events_key
+from rtqcc.run.consumer import Consumer, TimeBudget
+from rtqcc.services import Services
+from rtqcc.settings import Settings
+from rtqcc.writing.providers.fake import FakeProvider
+
+from .stack import BENCH_KEY, fresh_services, percentile, service_env, start_local_stack, stop_local_stack
+
+JOBS = 200
+SECTIONS = 3
+TOKENS_PER_SECTION = 120
+TOKENS_PER_S = 50
+CONSUMERS = 2
+CLIENT_PROCESSES = 2
+GOAL_P99_MS = 100
+CONNECTED = "bench:latency:connected"  # how many watchers (ours and the baseline's) are following
+_PROMPT = re.compile(r"Document: (?P<title>[^\n]+).*?Write section (?P<section>\d+),", re.S)
+
+
+class StampingProvider(FakeProvider):
+    """The fake provider, noting when each token is handed over: {(title, section): [(chars so far, time)]}."""
+
+    def __init__(self, stamps: dict, **pace):
+        super().__init__(**pace)
+        self.stamps = stamps
+
+    def stream(self, request, abort, on_delta):
+        found = _PROMPT.search(request.prompt)
+        marks = self.stamps.setdefault(f"{found['title']}\0{int(found['section']) - 1}", [])
+        written = [len(request.prefix)]
+
+        def stamped(piece: str) -> None:
+            written[0] += len(piece)
+            marks.append((written[0], time.time()))
+            on_delta(piece)
+
+        return super().stream(request, abort, stamped)
+
+
+def consumer(out: str) -> None:
+    """One consumer process: drain until idle, then write the stamps to `out`."""
+    settings = Settings.from_env()
+    stamps: dict = {}
+    services = Services(settings, provider=StampingProvider(stamps, tokens_per_s=settings.fake_tokens_per_s))
+    try:
+        Consumer(services, name=f"latency-{os.getpid()}").drain(TimeBudget(600).get_remaining_time_in_millis)
+    finally:
+        services.close()
+        Path(out).write_text(json.dumps(stamps))
+
+
+# ---- the watchers ---------------------------------------------------------------------------
+
+async def _watch_sse(http: httpx.AsyncClient, external_id: str, redis: aioredis.Redis, seen: list) -> None:
+    received: dict[int, int] = {}
+    async with http.stream("GET", f"/jobs/{external_id}/stream") as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"the stream of {external_id} answered {response.status_code}")
+        kind = None
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind == "section.delta":
+                data = json.loads(line[6:])
+                received[data["index"]] = received.get(data["index"], 0) + len(data["text"])
+                seen.append((external_id, data["index"], received[data["index"]], time.time()))
+            elif line.startswith("data: ") and kind == "snapshot":
+                await redis.incr(CONNECTED)
+            elif line.startswith("data: ") and kind == "done":
+                return
+
+
+async def _watch_redis(redis: aioredis.Redis, external_id: str, seen: list) -> None:
+    received: dict[int, int] = {}
+    after = "0-0"
+    await redis.incr(CONNECTED)
+    while True:
+        found = await redis.xread({events_key(external_id): after}, block=2000)
+        for _key, entries in found or []:
+            for entry_id, fields in entries:
+                after = entry_id
+                if fields["type"] == "section.delta":
+                    data = json.loads(fields["data"])
+                    received[data["index"]] = received.get(data["index"], 0) + len(data["text"])
+                    seen.append((external_id, data["index"], received[data["index"]], time.time()))
+                elif fields["type"] == "done":
+                    return
+
+
+async def _watchers(side: str, base_url: str, redis_url: str, job_ids: list[str]) -> list:
+    seen: list = []
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True, max_connections=len(job_ids) + 10,
+                                    socket_timeout=60)  # longer than a blocking read waits
+    try:
+        if side == "ours":
+            limits = httpx.Limits(max_connections=len(job_ids) + 10, max_keepalive_connections=len(job_ids) + 10)
+            async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(30, read=None),
+                                         headers={"Authorization": f"Bearer {BENCH_KEY}"}) as http:
+                await asyncio.gather(*(_watch_sse(http, e, redis, seen) for e in job_ids))
+        else:
+            await asyncio.gather(*(_watch_redis(redis, e, seen) for e in job_ids))
+    finally:
+        await redis.aclose()
+    return seen
+
+
+def _watch(side: str, base_url: str, redis_url: str, job_ids: list[str]) -> list:
+    return asyncio.run(_watchers(side, base_url, redis_url, job_ids))
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def _latencies(stamps: dict, seen: list, title_of: dict[str, str]) -> tuple[list[float], int]:
+    """Each stamped token's latency to the first delta that holds it; and how many never arrived."""
+    arrivals: dict[tuple[str, int], tuple[list[int], list[float]]] = {}
+    for external_id, idx, chars, at in sorted(seen, key=lambda s: (s[0], s[1], s[2])):
+        sizes, times = arrivals.setdefault((title_of[external_id], idx), ([], []))
+        sizes.append(chars)
+        times.append(at)
+    latencies, missing = [], 0
+    for key, marks in stamps.items():
+        title, idx = key.split("\0")
+        sizes, times = arrivals.get((title, int(idx)), ([], []))
+        for chars, emitted in marks:
+            at = bisect_left(sizes, chars)
+            if at == len(sizes):
+                missing += 1
+            else:
+                latencies.append((times[at] - emitted) * 1000)
+    return latencies, missing
+
+
+def _summary(latencies: list[float], missing: int) -> dict:
+    return {"tokens": len(latencies), "missing": missing, "p50_ms": round(percentile(latencies, 50), 1),
+            "p99_ms": round(percentile(latencies, 99), 1), "max_ms": round(max(latencies), 1)}
+
+
+def run(settings: Settings) -> dict:
+    services = fresh_services(settings)
+    data_dir = Path(tempfile.mkdtemp(prefix="rtqcc-bench-latency-"))
+    stack, base_url = start_local_stack(settings, data_dir, args=("--consumers", "0"),
+                                        RTQCC_MAX_STREAMS_PER_TENANT="100000", RTQCC_MAX_STREAMS_PER_KEY="100000",
+                                        RTQCC_SSE_HEARTBEAT_S="5")
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    consumers: list[subprocess.Popen] = []
+    try:
+        outline = [{"title": f"Part {n}"} for n in range(SECTIONS)]
+        title_of: dict[str, str] = {}
+        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {BENCH_KEY}"}) as http:
+            for n in range(JOBS):
+                body = {"title": f"Latency {n}", "brief": "watched", "outline": outline,
+                        "params": {"max_tokens_per_section": TOKENS_PER_SECTION}}
+                title_of[http.post("/jobs", json=body).json()["externalId"]] = body["title"]
+        job_ids = list(title_of)
+        redis.delete(CONNECTED)
+        env = service_env(settings, RTQCC_MAX_IN_FLIGHT=str(JOBS // CONSUMERS + 10), RTQCC_MAX_RUNNING_PER_TENANT="0",
+                          RTQCC_FAKE_TOKENS_PER_S=str(TOKENS_PER_S), RTQCC_CONSUMER_IDLE_EXIT_MS="3000",
+                          RTQCC_API_KEYS=f"{BENCH_KEY}:bench")
+        outputs = [data_dir / f"stamps-{n}.json" for n in range(CONSUMERS)]
+        with ProcessPoolExecutor(CLIENT_PROCESSES + 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            shares = [job_ids[k::CLIENT_PROCESSES] for k in range(CLIENT_PROCESSES)]
+            ours = [pool.submit(_watch, "ours", base_url, settings.redis_url, share) for share in shares]
+            baseline = pool.submit(_watch, "baseline", base_url, settings.redis_url, job_ids)
+            deadline = time.monotonic() + 120
+            while int(redis.get(CONNECTED) or 0) < 2 * JOBS:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {redis.get(CONNECTED)} of {2 * JOBS} watchers connected")
+                time.sleep(0.1)
+            consumers = [subprocess.Popen([sys.executable, "-m", "bench.token_latency", "consumer", str(out)],
+                                          env=env, cwd=Path(__file__).resolve().parent.parent) for out in outputs]
+            with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {BENCH_KEY}"}) as http:
+                for external_id in job_ids:
+                    http.post(f"/jobs/{external_id}/start")
+            peak = 0
+            while any(c.poll() is None for c in consumers):
+                peak = max(peak, services.db.row("SELECT COUNT(*)::int AS n FROM jobs WHERE status = 'running'")["n"])
+                time.sleep(0.2)
+            seen_ours = [s for part in ours for s in part.result()]
+            seen_baseline = baseline.result()
+        stamps: dict = {}
+        for out in outputs:
+            stamps.update(json.loads(out.read_text()))
+        completed = services.db.row("SELECT COUNT(*)::int AS n FROM jobs WHERE status = 'completed'")["n"]
+    finally:
+        for process in consumers:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        redis.close()
+        services.close()
+        stop_local_stack(stack)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    ours_ms, ours_missing = _latencies(stamps, seen_ours, title_of)
+    base_ms, base_missing = _latencies(stamps, seen_baseline, title_of)
+    figures = {"jobs": JOBS, "completed": completed, "sections_per_job": SECTIONS,
+               "tokens_per_section": TOKENS_PER_SECTION, "tokens_per_s_per_job": TOKENS_PER_S,
+               "delta_flush_ms": settings.delta_flush_ms, "consumers": CONSUMERS, "peak_running": peak,
+               "ours": _summary(ours_ms, ours_missing), "baseline": _summary(base_ms, base_missing),
+               "goal_p99_ms": GOAL_P99_MS}
+    figures["ratio_p99"] = round(figures["ours"]["p99_ms"] / figures["baseline"]["p99_ms"], 2)
+    return figures
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["consumer"]:
+        consumer(sys.argv[2])
