@@ -38,11 +38,11 @@ from rtqcc.writing.providers.fake import FakeProvider
 
 from .stack import BENCH_KEY, fresh_services, percentile, service_env, start_local_stack, stop_local_stack
 
-JOBS = 200
+JOBS = int(os.environ.get("BENCH_LATENCY_JOBS", "200"))  # in flight at once, each watched
 SECTIONS = 3
 TOKENS_PER_SECTION = 120
 TOKENS_PER_S = 50
-CONSUMERS = 2
+CONSUMERS = int(os.environ.get("BENCH_LATENCY_CONSUMERS", "2"))  # processes, as many slots each as they share
 CLIENT_PROCESSES = 2
 GOAL_P99_MS = 100
 CONNECTED = "bench:latency:connected"  # how many watchers (ours and the baseline's) are following

@@ -83,3 +83,17 @@ def test_text_sent_before_a_provider_stalls_reaches_the_event_log_during_the_sta
     assert api.post(f"/jobs/{external_id}/pause").json_body["status"] == "paused"
     assert consumer.join().stopped == 1
     assert streamed_text() == stalled.text_sent  # nothing published twice
+
+
+def test_events_published_after_redis_lost_its_scripts_are_each_appended_once(services, redis_client):
+    """A restarted (or flushed) Redis has forgotten the append-and-publish script: the first
+    publish after loads it again, and no event is appended twice or lost."""
+    log = services.events
+    log.publish("RTQCC-01J00000000000000000000000", "status", {"status": "created"})
+    redis_client.script_flush()
+    ids = log.publish_many("RTQCC-01J00000000000000000000000", [("one", {"n": 1}), ("two", {"n": 2})])
+    redis_client.script_flush()
+    ids.append(log.publish("RTQCC-01J00000000000000000000000", "three", {"n": 3}))
+    entries = redis_client.xrange(events_key("RTQCC-01J00000000000000000000000"))
+    assert [fields["type"] for _, fields in entries] == ["status", "one", "two", "three"]
+    assert [entry_id for entry_id, _ in entries][1:] == ids

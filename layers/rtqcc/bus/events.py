@@ -9,13 +9,14 @@ a subscriber can switch to the stream (XREAD after that id) without a gap or a d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 # XADD then PUBLISH with the id XADD chose, atomically, so the two never disagree.
 _APPEND_AND_PUBLISH = """
@@ -56,19 +57,29 @@ class EventLog:
     def __init__(self, redis: Redis, *, maxlen: int = 10_000):
         self.redis = redis
         self.maxlen = maxlen
-        self._script = redis.register_script(_APPEND_AND_PUBLISH)
+        self._sha = hashlib.sha1(_APPEND_AND_PUBLISH.encode()).hexdigest()
 
     def publish(self, external_id: str, type_: str, data: dict[str, Any]) -> str:
         return self.publish_many(external_id, [(type_, data)])[0]
 
     def publish_many(self, external_id: str, events: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        """Append and publish `events` in one round trip. (A redis-py script in a pipeline would
+        ask SCRIPT EXISTS first, a second round trip every time: EVALSHA goes as it is, and the
+        script is loaded only when Redis answers that it lacks it, which runs none of them.)"""
+        key = events_key(external_id)
+        calls = [(self.maxlen, type_, json.dumps(data, separators=(",", ":")), EVENTS_TTL_S) for type_, data in events]
+        try:
+            return self._evalsha(key, calls)
+        except NoScriptError:  # a new or restarted Redis: load it, then send them again
+            self.redis.script_load(_APPEND_AND_PUBLISH)
+            return self._evalsha(key, calls)
+
+    def _evalsha(self, key: str, calls: list[tuple]) -> list[str]:
+        if len(calls) == 1:
+            return [self.redis.evalsha(self._sha, 1, key, *calls[0])]
         pipe = self.redis.pipeline(transaction=False)
-        for type_, data in events:
-            self._script(
-                keys=[events_key(external_id)],
-                args=[self.maxlen, type_, json.dumps(data, separators=(",", ":")), EVENTS_TTL_S],
-                client=pipe,
-            )
+        for args in calls:
+            pipe.evalsha(self._sha, 1, key, *args)
         return list(pipe.execute())
 
     def read_after(self, external_id: str, after_id: str, *, block_ms: int | None = None,
