@@ -208,17 +208,19 @@ def rate_limits_rows(f: dict) -> list[Row]:
 
 
 def token_latency_rows(f: dict) -> list[Row]:
-    ours, base = f["ours"], f["baseline"]
-    return [(
-        f"token latency, provider → SSE client: {f['jobs']} {f['sections_per_job']}-section jobs in flight (peak "
-        f"{f['peak_running']} running), each watched through `rtqcc up`'s gateway ({f['tokens_per_s_per_job']} "
-        f"tokens/s a job, deltas coalesced every {f['delta_flush_ms']} ms)",
-        f"p50 {_n(ours['p50_ms'])} ms, p99 {_n(ours['p99_ms'])} ms over {ours['tokens']:,} tokens"
-        f" ({ours['missing']} never arrived)",
-        f"{f['jobs']} raw XREAD readers of the same events: p50 {_n(base['p50_ms'])}, p99 {_n(base['p99_ms'])} ms",
-        f"p99 ×{_n(f['ratio_p99'], 2)}",
-        _goal(ours["p99_ms"] < f["goal_p99_ms"], f"p99 < {f['goal_p99_ms']} ms"),
-    )]
+    rows = []
+    for jobs, run in f["runs"].items():
+        ours, base = run["ours"], run["baseline"]
+        goal = _goal(ours["p99_ms"] < f["goal_p99_ms"], f"p99 < {f['goal_p99_ms']} ms") if int(jobs) == f["goal_jobs"] else ""
+        rows.append((
+            f"token latency, provider → SSE client: {jobs} {run['sections_per_job']}-section jobs in flight (peak "
+            f"{run['peak_running']} running), each watched through `rtqcc up`'s gateway ({run['tokens_per_s_per_job']} "
+            f"tokens/s a job, deltas coalesced every {run['delta_flush_ms']} ms)",
+            f"p50 {_n(ours['p50_ms'])} ms, p99 {_n(ours['p99_ms'])} ms over {ours['tokens']:,} tokens"
+            f" ({ours['missing']} never arrived)",
+            f"{jobs} raw XREAD readers of the same events: p50 {_n(base['p50_ms'])}, p99 {_n(base['p99_ms'])} ms",
+            f"p99 ×{_n(run['ratio_p99'], 2)}", goal))
+    return rows
 
 
 NOTES: dict[str, Callable[[dict], list[str]]] = {"cold_start": cold_start_notes}
