@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import OTHER_KEY, wait_for
+from conftest import API_KEY, OTHER_KEY, wait_for
 
 from rtqcc.bus.work_queue import GROUP, STREAM, waiting_key
 
@@ -120,3 +120,54 @@ def test_a_job_left_waiting_aside_is_put_back_by_the_next_consumer(cap, api, ser
     result = run_consumer(services=make_services(max_running_per_tenant=cap))
     assert result.completed == 1
     assert api.get(f"/jobs/{external_id}").json_body["status"] == "completed"
+
+
+def test_a_keys_tier_sets_the_running_cap_of_the_jobs_it_creates(make_api, services, start_consumer, database):
+    """A key of tier `free` (cap 1) and a stored key of tier `pro` (cap 3), one tenant each:
+    each tenant's running jobs stay within its key's tier, and every job completes."""
+    tiers = {"tier_max_running": {"free": 1, "pro": 3}, "max_running_per_tenant": None, "max_in_flight": 8,
+             "fake_tokens_per_s": 200.0}
+    api, _ = make_api(api_key_tiers={API_KEY: "free"}, **tiers)
+    pro = api.as_key(services.api_keys.create("tenant-pro", tier="pro").key)
+    free_jobs, pro_jobs = [api.create(**SMALL) for _ in range(3)], [pro.create(**SMALL) for _ in range(5)]
+    for client, ids in ((api, free_jobs), (pro, pro_jobs)):
+        for external_id in ids:
+            client.post(f"/jobs/{external_id}/start")
+    assert database.row("SELECT tier FROM jobs WHERE external_id = :e", e=pro_jobs[0])["tier"] == "pro"
+
+    most = {"tenant-a": 0, "tenant-pro": 0}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for tenant in most:
+                most[tenant] = max(most[tenant], running_of(database, tenant))
+            done.wait(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    consumer = start_consumer(budget_s=60, consumer_idle_exit_ms=0, **tiers)
+    try:
+        wait_for(lambda: all_completed(database, free_jobs + pro_jobs), timeout_s=45, interval_s=0.05,
+                 what="every job to complete")
+    finally:
+        done.set()
+        consumer.consumer.shut_down()
+    consumer.join()
+    watcher.join(5)
+    assert most["tenant-a"] == 1 and 1 < most["tenant-pro"] <= 3, most
+
+
+def test_tiers_are_read_from_the_keys_and_their_caps_and_a_bad_entry_names_its_variable():
+    from rtqcc.errors import ConfigError
+    from rtqcc.settings import Settings
+
+    settings = Settings.from_env({"RTQCC_API_KEYS": "k1:acme:free,k2:acme", "RTQCC_TIER_MAX_RUNNING": "free=2, pro=0"})
+    assert settings.api_keys == {"k1": "acme", "k2": "acme"} and settings.api_key_tiers == {"k1": "free"}
+    assert (settings.running_cap("free"), settings.running_cap("pro"), settings.running_cap(None),
+            settings.running_cap("unknown")) == (2, None, 32, 32)
+    assert settings.widest_running_cap is None  # pro runs uncapped
+    for name, value in (("RTQCC_TIER_MAX_RUNNING", "free"), ("RTQCC_TIER_MAX_RUNNING", "free=lots"),
+                        ("RTQCC_API_KEYS", "k1:acme:free:extra")):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: value})

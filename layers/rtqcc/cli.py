@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     key_create = key_verbs.add_parser("create", help="create a key for a tenant; it is shown once")
     key_create.add_argument("--tenant", required=True)
     key_create.add_argument("--label", default="")
+    key_create.add_argument("--tier", default=None,
+                            help="a tier of RTQCC_TIER_MAX_RUNNING: the cap on running jobs of the jobs it creates")
     key_verbs.add_parser("list", help="list keys (hashes only)")
     key_revoke = key_verbs.add_parser("revoke", help="revoke the key whose hash starts with this")
     key_revoke.add_argument("hash_prefix")
@@ -205,20 +207,26 @@ def _keys(args: argparse.Namespace) -> int:
     from .store.db import Database
     from .settings import Settings
 
-    db = Database(Settings.from_env().database_url)
+    settings = Settings.from_env()
+    db = Database(settings.database_url)
     try:
         store = ApiKeyStore(db)
         if args.verb == "create":
             if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.tenant):
                 print("rtqcc: a tenant name is 1 to 64 letters, digits, '.', '_' or '-'", file=sys.stderr)
                 return 2
-            issued = store.create(args.tenant, args.label)
-            print(f"API key for tenant {issued.tenant} (shown once, store it now):\n{issued.key}")
+            if args.tier is not None and args.tier not in settings.tier_max_running:
+                known = ", ".join(sorted(settings.tier_max_running)) or "none are set"
+                print(f"rtqcc: tier {args.tier!r} is not one of RTQCC_TIER_MAX_RUNNING ({known})", file=sys.stderr)
+                return 2
+            issued = store.create(args.tenant, args.label, args.tier)
+            tier = f", tier {issued.tier}" if issued.tier else ""
+            print(f"API key for tenant {issued.tenant}{tier} (shown once, store it now):\n{issued.key}")
             print(f"hash: {issued.key_hash}")
         elif args.verb == "list":
             for row in store.list():
                 state = f"revoked {row['revoked_at']:%Y-%m-%d}" if row["revoked_at"] else "active"
-                print(f"{row['key_hash'][:16]}  {row['tenant']:<20} {state:<18} {row['label']}")
+                print(f"{row['key_hash'][:16]}  {row['tenant']:<20} {row['tier'] or '-':<10} {state:<18} {row['label']}")
         elif args.verb == "revoke":
             try:
                 revoked = store.revoke(args.hash_prefix)

@@ -127,7 +127,7 @@ class Services:
         from .api.auth import Authenticator
 
         throttle = FailedAuthThrottle(self.redis, limit=self.settings.auth_failures_per_min)
-        return Authenticator(self.settings.api_keys, self.api_keys, throttle)
+        return Authenticator(self.settings.api_keys, self.api_keys, throttle, self.settings.api_key_tiers)
 
     @cached_property
     def rate_limiter(self) -> TenantRateLimiter:

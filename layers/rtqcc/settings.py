@@ -127,18 +127,35 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return _list(env, name)
 
 
-def _api_keys(env: Mapping[str, str]) -> dict[str, str]:
-    """`RTQCC_API_KEYS` is `key:tenant,key:tenant`; `RTQCC_DEV_API_KEY` adds one key for tenant `dev`."""
+def _api_keys(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """`RTQCC_API_KEYS` is `key:tenant[:tier],...`; `RTQCC_DEV_API_KEY` adds one key for tenant
+    `dev`. The keys' tenants, and the tiers of those that name one."""
     keys: dict[str, str] = {}
+    tiers: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in env.get("RTQCC_API_KEYS", "").split(","))):
-        key, sep, tenant = item.partition(":")
-        if not sep or not key or not tenant:
-            raise ConfigError(f"RTQCC_API_KEYS entries must look like key:tenant, got {item!r}")
+        key, sep, rest = item.partition(":")
+        tenant, _, tier = rest.partition(":")
+        if not sep or not key or not tenant or ":" in tier:
+            raise ConfigError(f"RTQCC_API_KEYS entries must look like key:tenant or key:tenant:tier, got {item!r}")
         keys[key] = tenant
+        if tier:
+            tiers[key] = tier
     dev_key = env.get("RTQCC_DEV_API_KEY")
     if dev_key:
         keys[dev_key] = "dev"
-    return keys
+    return keys, tiers
+
+
+def _tier_caps(env: Mapping[str, str]) -> dict[str, int]:
+    """`RTQCC_TIER_MAX_RUNNING` is `tier=cap,...`: the most running jobs of a tenant whose job was
+    created with a key of that tier (0: no cap)."""
+    caps: dict[str, int] = {}
+    for item in _list(env, "RTQCC_TIER_MAX_RUNNING"):
+        tier, sep, cap = item.partition("=")
+        if not sep or not tier.strip() or not cap.strip().isdigit():
+            raise ConfigError(f"RTQCC_TIER_MAX_RUNNING entries must look like tier=cap (a whole number), got {item!r}")
+        caps[tier.strip()] = int(cap)
+    return caps
 
 
 def _environment(env: Mapping[str, str]) -> str:
@@ -183,6 +200,8 @@ class Settings:
     provider_limits: Mapping[str, ModelLimit] = field(default_factory=dict)
 
     api_keys: dict[str, str] = field(default_factory=dict)
+    api_key_tiers: dict[str, str] = field(default_factory=dict, repr=False)  # key -> tier, where one is named
+    tier_max_running: dict[str, int] = field(default_factory=dict)
     # "production" (the default: deployed stages) or "local" (`rtqcc up`, which makes its own secrets)
     environment: str = "production"
     # Signs stream tokens; the previous secret is still accepted, so a rotation breaks no open page.
@@ -242,6 +261,7 @@ class Settings:
             raise ConfigError(f"RTQCC_PROVIDER must be 'fake' or 'openai', got {provider!r}")
         if provider == "openai" and not openai_key:
             raise ConfigError("RTQCC_PROVIDER is 'openai' but OPENAI_API_KEY is not set")
+        keys, key_tiers = _api_keys(env)
         return cls(
             redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix")),
             database_url=_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres")),
@@ -270,7 +290,9 @@ class Settings:
             openai_backoff_max_s=_float(env, "RTQCC_OPENAI_BACKOFF_MAX_S", 20.0),
             prices=load_prices(env),
             provider_limits=parse_limits(env.get("RTQCC_PROVIDER_LIMITS", "")),
-            api_keys=_api_keys(env),
+            api_keys=keys,
+            api_key_tiers=key_tiers,
+            tier_max_running=_tier_caps(env),
             environment=_environment(env),
             stream_token_secret=_secret(env, "RTQCC_STREAM_TOKEN_SECRET"),
             stream_token_previous_secret=_secret(env, "RTQCC_STREAM_TOKEN_PREVIOUS_SECRET"),
@@ -335,6 +357,19 @@ class Settings:
             if weak:
                 raise ConfigError(f"RTQCC_API_KEYS holds a placeholder key (tenant {weak[0]!r}); "
                                   "replace it with a random key")
+
+    def running_cap(self, tier: str | None) -> int | None:
+        """The most jobs a tenant runs at once, for a job created with a key of `tier` (None: no cap).
+        A tier RTQCC_TIER_MAX_RUNNING does not name gets the tenant default."""
+        if tier is not None and tier in self.tier_max_running:
+            return self.tier_max_running[tier] or None
+        return self.max_running_per_tenant
+
+    @property
+    def widest_running_cap(self) -> int | None:
+        """The largest cap any job may run under (None: some run uncapped)."""
+        caps = [self.max_running_per_tenant, *(cap or None for cap in self.tier_max_running.values())]
+        return None if None in caps else max(caps)
 
     def with_overrides(self, **changes: object) -> "Settings":
         return replace(self, **changes)

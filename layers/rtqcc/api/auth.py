@@ -18,6 +18,7 @@ _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 class Caller:
     tenant: str
     key_ref: str  # names the API key used, without being it
+    tier: str | None = None  # the key's tier: its tenant's cap on running jobs (RTQCC_TIER_MAX_RUNNING)
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -29,8 +30,9 @@ def bearer_token(authorization: str | None) -> str:
 
 class Authenticator:
     def __init__(self, configured_keys: dict[str, str], store: ApiKeyStore | None,
-                 throttle: FailedAuthThrottle | None = None):
+                 throttle: FailedAuthThrottle | None = None, configured_tiers: dict[str, str] | None = None):
         self.configured_keys = configured_keys
+        self.configured_tiers = configured_tiers or {}
         self.configured_refs = {key_ref(key): tenant for key, tenant in configured_keys.items()}
         self.store = store
         self.throttle = throttle
@@ -49,11 +51,11 @@ class Authenticator:
     def _caller(self, token: str) -> Caller:
         for key, tenant in self.configured_keys.items():
             if hmac.compare_digest(key.encode(), token.encode()):
-                return Caller(tenant, key_ref(key))
-        tenant = self.store.tenant_for(token) if self.store is not None else None
-        if tenant is None:
+                return Caller(tenant, key_ref(key), self.configured_tiers.get(key))
+        owner = self.store.owner_of(token) if self.store is not None else None
+        if owner is None:
             raise Unauthorized("That API key is not valid.", headers=_CHALLENGE)
-        return Caller(tenant, key_ref(token))
+        return Caller(owner.tenant, key_ref(token), owner.tier)
 
     def is_live(self, caller: Caller) -> bool:
         """The key named by `caller.key_ref` still exists, is not revoked, and is the tenant's."""

@@ -32,7 +32,8 @@ QUEUEING_VERBS = ("start", "resume", "retry", "approve", "regenerate")
 
 @route("/jobs", "POST")
 def create_job(call: ApiCall) -> Response:
-    owner = call.tenant()
+    who = call.caller()
+    owner = who.tenant
     payload = call.json_body()
 
     def create() -> Answer:
@@ -61,6 +62,7 @@ def create_job(call: ApiCall) -> Response:
             metadata=spec.metadata,
             priority=JobPriority(spec.priority),
             options=job_options(spec),
+            tier=who.tier,
         ))
         s.events.publish(job.external_id, "status", {"status": job.status.value})
         return Answer(201, {"externalId": job.external_id, "status": job.status.value,
@@ -118,7 +120,7 @@ def _queue_wait(s, job) -> dict:
     if position is None:
         return {"waiting_for": "consumer"}
     return {"waiting_for": "tenant_cap", "position": position,
-            "running": s.jobs.running_counts([job.tenant])[job.tenant], "cap": s.settings.max_running_per_tenant}
+            "running": s.jobs.running_counts([job.tenant])[job.tenant], "cap": s.settings.running_cap(job.tier)}
 
 
 @route("/jobs/{external_id}/start", "POST")

@@ -236,7 +236,7 @@ class Consumer:
             result.processed += 1
             return
         abort = AbortSignal()
-        cap = self.settings.max_running_per_tenant
+        cap = self.settings.running_cap(job.tier)
         with keeper.watching(job.external_id, abort) as watched:
             try:
                 lease = jobs.acquire_lease(job.external_id, self.name, self.settings.lease_ttl_s,
@@ -319,7 +319,8 @@ class Consumer:
         tenants = self.services.queue.waiting_tenants()
         if not tenants:
             return
-        cap = self.settings.max_running_per_tenant
+        # Each waiting job's own cap is checked when it takes its lease: promote up to the widest.
+        cap = self.settings.widest_running_cap
         running = self.services.jobs.running_counts(tenants)
         for tenant in tenants:
             self._promote(tenant, (cap - running[tenant]) if cap else self.settings.max_in_flight)

@@ -32,6 +32,13 @@ class IssuedKey:
     key: str  # shown once; only its hash is stored
     tenant: str
     key_hash: str
+    tier: str | None = None
+
+
+@dataclass(frozen=True)
+class KeyOwner:
+    tenant: str
+    tier: str | None
 
 
 class ApiKeyStore:
@@ -39,13 +46,14 @@ class ApiKeyStore:
         self.db = db
         self.cache_ttl_s = cache_ttl_s
         self.clock = clock
-        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._cache: dict[str, tuple[float, KeyOwner | None]] = {}
 
-    def create(self, tenant: str, label: str = "") -> IssuedKey:
+    def create(self, tenant: str, label: str = "", tier: str | None = None) -> IssuedKey:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         digest = hash_key(key)
-        self.db.run("INSERT INTO api_keys (key_hash, tenant, label) VALUES (:h, :t, :l)", h=digest, t=tenant, l=label)
-        return IssuedKey(key=key, tenant=tenant, key_hash=digest)
+        self.db.run("INSERT INTO api_keys (key_hash, tenant, label, tier) VALUES (:h, :t, :l, :tier)",
+                    h=digest, t=tenant, l=label, tier=tier)
+        return IssuedKey(key=key, tenant=tenant, key_hash=digest, tier=tier)
 
     def revoke(self, key_hash_prefix: str) -> int:
         """Revoke the one live key whose hash starts with this (compared as text: no pattern)."""
@@ -63,27 +71,36 @@ class ApiKeyStore:
             return tx.run("UPDATE api_keys SET revoked_at = now() WHERE key_hash = :h", h=matches[0]["key_hash"])
 
     def list(self) -> list[dict]:
-        return self.db.rows("SELECT key_hash, tenant, label, created_at, revoked_at FROM api_keys ORDER BY created_at")
+        return self.db.rows("SELECT key_hash, tenant, label, tier, created_at, revoked_at FROM api_keys"
+                            " ORDER BY created_at")
+
+    def owner_of(self, key: str) -> KeyOwner | None:
+        """The tenant (and tier) of a live key, cached briefly per warm container (a revocation
+        takes effect within `cache_ttl_s`)."""
+        return self._owner(key_ref(key), digest=hash_key(key))
 
     def tenant_for(self, key: str) -> str | None:
-        """The tenant of a live key, cached briefly per warm container (a revocation takes effect
-        within `cache_ttl_s`)."""
-        return self.tenant_for_ref(key_ref(key), digest=hash_key(key))
+        owner = self.owner_of(key)
+        return owner.tenant if owner else None
 
-    def tenant_for_ref(self, ref: str, *, digest: str | None = None) -> str | None:
-        """The tenant of the live key this ref (or, when given, this full digest) names."""
+    def tenant_for_ref(self, ref: str) -> str | None:
+        """The tenant of the live key this ref names."""
+        owner = self._owner(ref)
+        return owner.tenant if owner else None
+
+    def _owner(self, ref: str, *, digest: str | None = None) -> KeyOwner | None:
         cache_key = digest or ref
         cached = self._cache.get(cache_key)
         now = self.clock()
         if cached and now - cached[0] < self.cache_ttl_s:
             return cached[1]
         if digest is not None:
-            row = self.db.row("SELECT tenant FROM api_keys WHERE key_hash = :h AND revoked_at IS NULL", h=digest)
+            row = self.db.row("SELECT tenant, tier FROM api_keys WHERE key_hash = :h AND revoked_at IS NULL", h=digest)
         else:
-            row = self.db.row("SELECT tenant FROM api_keys WHERE left(key_hash, :n) = :r AND revoked_at IS NULL",
+            row = self.db.row("SELECT tenant, tier FROM api_keys WHERE left(key_hash, :n) = :r AND revoked_at IS NULL",
                               n=KEY_REF_CHARS, r=ref)
-        tenant = row["tenant"] if row else None
+        owner = KeyOwner(row["tenant"], row["tier"]) if row else None
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[cache_key] = (now, tenant)
-        return tenant
+        self._cache[cache_key] = (now, owner)
+        return owner

@@ -39,6 +39,7 @@ class NewJob:
     metadata: dict[str, str]
     priority: JobPriority = JobPriority.NORMAL
     options: dict[str, Any] | None = None  # review, context, forked_from
+    tier: str | None = None  # of the key that created it: its tenant's cap on running jobs
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)
     revision: dict[str, Any] | None = None  # the regeneration under way
     manuscript_revision: int = 0            # which assembly of the manuscript is current
+    tier: str | None = None
 
     @property
     def awaits_outline_review(self) -> bool:
@@ -96,6 +98,7 @@ class Job:
             options=row["options"] or {},
             revision=row["revision"],
             manuscript_revision=row["manuscript_revision"],
+            tier=row["tier"],
         )
 
 
@@ -108,7 +111,7 @@ class TransitionResult:
 
 _JOB_COLUMNS = (
     "id, external_id, tenant, title, brief, model, params, budget, metadata, section_count, status,"
-    " status_reason, error, manuscript_key, priority, created_at, options, revision, manuscript_revision"
+    " status_reason, error, manuscript_key, priority, created_at, options, revision, manuscript_revision, tier"
 )
 
 
@@ -128,9 +131,9 @@ class JobStore(LeaseWrites, AttemptLedger):
         with self.db.transaction() as conn:
             row = conn.row(
                 f"INSERT INTO jobs (external_id, tenant, title, brief, model, params, budget, metadata,"
-                f" section_count, outline_given, priority, options, status)"
+                f" section_count, outline_given, priority, options, tier, status)"
                 f" VALUES (:e, :t, :title, :brief, :model, CAST(:params AS jsonb), CAST(:budget AS jsonb),"
-                f" CAST(:metadata AS jsonb), :count, :given, :priority, CAST(:options AS jsonb), 'created')"
+                f" CAST(:metadata AS jsonb), :count, :given, :priority, CAST(:options AS jsonb), :tier, 'created')"
                 f" RETURNING {_JOB_COLUMNS}",
                 e=external_id,
                 t=spec.tenant,
@@ -144,6 +147,7 @@ class JobStore(LeaseWrites, AttemptLedger):
                 given=spec.outline is not None,
                 priority=spec.priority.value,
                 options=json.dumps(spec.options or {}),
+                tier=spec.tier,
             )
             assert row is not None
             if spec.outline:

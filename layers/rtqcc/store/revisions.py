@@ -142,4 +142,4 @@ class RevisionStore:
         return self.jobs.create(NewJob(
             tenant=source.tenant, title=source.title, brief=source.brief, model=source.model,
             outline=kept + rest, section_count=None, params=source.params, budget=source.budget,
-            metadata=source.metadata, priority=source.priority, options=options), then=share)
+            metadata=source.metadata, priority=source.priority, options=options, tier=source.tier), then=share)
