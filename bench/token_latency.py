@@ -45,7 +45,7 @@ TOKENS_PER_S = 50
 CONSUMERS = 2  # processes, with slots enough between them for every job at once
 CLIENT_PROCESSES = 2
 GOAL_P99_MS = 100
-CONNECTED = "bench:latency:connected"  # how many watchers (ours and the baseline's) are following
+CONNECTED = "bench:latency:connected"  # a list: one entry per watcher (ours and the baseline's) following
 _PROMPT = re.compile(r"Document: (?P<title>[^\n]+).*?Write section (?P<section>\d+),", re.S)
 
 
@@ -97,7 +97,7 @@ async def _watch_sse(http: httpx.AsyncClient, external_id: str, redis: aioredis.
                 received[data["index"]] = received.get(data["index"], 0) + len(data["text"])
                 seen.append((external_id, data["index"], received[data["index"]], time.time()))
             elif line.startswith("data: ") and kind == "snapshot":
-                await redis.incr(CONNECTED)
+                await redis.rpush(CONNECTED, external_id)
             elif line.startswith("data: ") and kind == "done":
                 return
 
@@ -105,7 +105,7 @@ async def _watch_sse(http: httpx.AsyncClient, external_id: str, redis: aioredis.
 async def _watch_redis(redis: aioredis.Redis, external_id: str, seen: list) -> None:
     received: dict[int, int] = {}
     after = "0-0"
-    await redis.incr(CONNECTED)
+    await redis.rpush(CONNECTED, external_id)
     while True:
         found = await redis.xread({events_key(external_id): after}, block=2000)
         for _key, entries in found or []:
@@ -200,19 +200,21 @@ def _run(settings: Settings, jobs: int) -> dict:
             ours = [pool.submit(_watch, "ours", base_url, settings.redis_url, share) for share in shares]
             baseline = pool.submit(_watch, "baseline", base_url, settings.redis_url, job_ids)
             deadline = time.monotonic() + 120
-            while int(redis.get(CONNECTED) or 0) < 2 * jobs:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {redis.get(CONNECTED)} of {2 * jobs} watchers connected")
-                time.sleep(0.1)
+            for connected in range(2 * jobs):  # each watcher pushes once it follows its job
+                if not redis.blpop([CONNECTED], timeout=max(1, int(deadline - time.monotonic()))):
+                    raise RuntimeError(f"only {connected} of {2 * jobs} watchers connected")
             consumers = [subprocess.Popen([sys.executable, "-m", "bench.token_latency", "consumer", str(out)],
                                           env=env, cwd=Path(__file__).resolve().parent.parent) for out in outputs]
             with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {BENCH_KEY}"}) as http:
                 for external_id in job_ids:
                     http.post(f"/jobs/{external_id}/start")
             peak = 0
-            while any(c.poll() is None for c in consumers):
+            while running := [c for c in consumers if c.poll() is None]:
                 peak = max(peak, services.db.row("SELECT COUNT(*)::int AS n FROM jobs WHERE status = 'running'")["n"])
-                time.sleep(0.2)
+                try:  # sampled until every consumer has exited
+                    running[0].wait(0.2)
+                except subprocess.TimeoutExpired:
+                    pass
             seen_ours = [s for part in ours for s in part.result()]
             seen_baseline = baseline.result()
         stamps: dict = {}
