@@ -211,7 +211,11 @@ class SeaweedS3:
             f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false",  # no traffic leaves this machine
             f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
-            f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}", "-volume.max=0",
+            f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
+            # Volumes as many as the free disk holds (max=0) at 512 MB each: at the default 30 GB a
+            # machine with 60 GB free had room for two, too few for SeaweedFS's growth of a new
+            # collection, and PUTs failed with "No writable volumes and no free volumes left".
+            "-volume.max=0", "-master.volumeSizeLimitMB=512",
             "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
             "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={grpc['s3']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
