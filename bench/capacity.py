@@ -125,14 +125,16 @@ def _wait_done(services: Services, ids: list[str], timeout_s: float) -> float:
 
 
 def wait_for_consumers(services: Services, count: int = 2, timeout_s: float = 60) -> None:
-    """Until `count` consumers have read the queue (they are up and waiting for work)."""
+    """Until `count` consumers are reading the queue (up and waiting for work). Redis lists a
+    consumer in XINFO CONSUMERS only once it was handed a message, so the connections blocked in
+    XREADGROUP on the queue's database are counted instead."""
+    db = services.redis.connection_pool.connection_kwargs.get("db", 0)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            if len(services.redis.xinfo_consumers(services.queue.stream, services.queue.group)) >= count:
-                return
-        except Exception:  # the group is made by the first consumer
-            pass
+        readers = [client for client in services.redis.client_list()
+                   if client.get("cmd") == "xreadgroup" and int(client.get("db", -1)) == db]
+        if len(readers) >= count:
+            return
         time.sleep(POLL_S)
     raise RuntimeError(f"fewer than {count} consumers read the queue within {timeout_s:.0f}s")
 

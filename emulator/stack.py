@@ -21,6 +21,9 @@ from .scheduler import ConsumerScheduler
 from .server import ServerThread, build_http_app
 
 
+LOCAL_MAX_IN_FLIGHT = 256  # jobs each of the local stack's consumers runs at once, unless set
+
+
 @dataclass(frozen=True)
 class StackOptions:
     port: int = 8080
@@ -82,6 +85,9 @@ class LocalStack:
         if self.options.max_running_per_tenant is not None:
             env["RTQCC_MAX_RUNNING_PER_TENANT"] = str(self.options.max_running_per_tenant)
         env.setdefault("RTQCC_MAX_RUNNING_PER_TENANT", "0")  # one user on a laptop: no cap unless asked
+        # A user's batch of a few hundred jobs runs at once: a job in flight is a waiting thread
+        # (about 200 KB), and Postgres connections stay at the pool's size.
+        env.setdefault("RTQCC_MAX_IN_FLIGHT", str(LOCAL_MAX_IN_FLIGHT))
         self.env = env
         settings = Settings.from_env(env)
         settings.check_serving()

@@ -1,15 +1,22 @@
 """A job's events: each one on the pub/sub channel `job:{externalId}:events` (outside subscribers
 rely on it) with the id of its stream entry, resumable from `lastEventId` or `last_event_id`, and
-the text a stalled provider already sent published on time, not held back."""
+the text a stalled provider already sent published on time, not held back; one flusher carrying
+every open section's deltas, in order, through an outage."""
 
 from __future__ import annotations
 
 import json
+import socket
 import time
+
+import pytest
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conftest import job_events, parse_sse, wait_for
 
-from rtqcc.bus.events import events_key, stream_id_tuple
+from rtqcc.bus.events import EventLog, events_key, stream_id_tuple
+from rtqcc.run.deltas import DeltaFlusher
 from rtqcc.services import Services
 
 pytest_plugins = ["openai_fixtures"]  # the local OpenAI-compatible server and its providers
@@ -97,3 +104,57 @@ def test_events_published_after_redis_lost_its_scripts_are_each_appended_once(se
     entries = redis_client.xrange(events_key("RTQCC-01J00000000000000000000000"))
     assert [fields["type"] for _, fields in entries] == ["status", "one", "two", "three"]
     assert [entry_id for entry_id, _ in entries][1:] == ids
+
+
+def _deltas(redis_client, external_id: str) -> list[dict]:
+    return [e["data"] for e in job_events(redis_client, external_id) if e["event"] == "section.delta"]
+
+
+def test_one_flush_publishes_what_every_open_section_holds_and_a_closing_one_keeps_its_order(redis_client):
+    # An interval no test waits for: only the flushes the test makes publish.
+    flusher = DeltaFlusher(EventLog(redis_client), interval_s=3600)
+    jobs = [f"RTQCC-FLUSH{n}" for n in range(3)]
+    buffers = [flusher.open(job, index=0, version=1) for job in jobs]
+    for buffer in buffers:
+        buffer.add("Hello")
+        buffer.add(", world")
+    assert all(_deltas(redis_client, job) == [] for job in jobs)  # held back until the interval ends
+
+    flusher.flush()
+    for job in jobs:
+        assert _deltas(redis_client, job) == [{"index": 0, "version": 1, "text": "Hello, world"}]
+
+    buffers[0].add(" and more")
+    buffers[0].close()  # what is left goes out at once, after what the flusher took before
+    flusher.flush()     # the closed buffer is no longer the flusher's; the others hold nothing
+    assert [d["text"] for d in _deltas(redis_client, jobs[0])] == ["Hello, world", " and more"]
+    assert all(len(_deltas(redis_client, job)) == 1 for job in jobs[1:])
+
+
+def test_a_flush_that_fails_keeps_the_text_and_the_section_meets_the_error_at_its_next_token(redis_client):
+    unreachable = Redis(host="127.0.0.1", port=_closed_port(), socket_connect_timeout=1)
+    flusher = DeltaFlusher(EventLog(unreachable), interval_s=3600)
+    buffer = flusher.open("RTQCC-FLUSHFAIL", index=2, version=1)
+    buffer.add("kept ")
+    flusher.flush()  # Redis is away: nothing is lost, and the run is told
+    with pytest.raises(RedisConnectionError):
+        buffer.add("through the outage")
+
+    flusher.events = EventLog(redis_client)  # Redis is back
+    buffer.close()
+    assert _deltas(redis_client, "RTQCC-FLUSHFAIL") == [{"index": 2, "version": 1, "text": "kept through the outage"}]
+
+
+def test_with_no_interval_every_token_is_its_own_event_at_once(redis_client):
+    flusher = DeltaFlusher(EventLog(redis_client), interval_s=0)
+    buffer = flusher.open("RTQCC-FLUSHNOW", index=0, version=1)
+    for token in ("one", " two", " three"):
+        buffer.add(token)
+    assert [d["text"] for d in _deltas(redis_client, "RTQCC-FLUSHNOW")] == ["one", " two", " three"]
+    buffer.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed when the block ends: connections to it are refused

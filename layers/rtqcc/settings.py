@@ -233,8 +233,11 @@ class Settings:
     sse_retry_ms: int = 1000
 
     # Jobs one consumer invocation runs at once (a worker thread each, waiting on the provider);
-    # `rtqcc up`'s two consumers run 128 together.
+    # `rtqcc up` sets 256 for each of its consumers (emulator/stack.py: LOCAL_MAX_IN_FLIGHT).
     max_in_flight: int = 64
+    # Messages one read of the queue takes at most: a consumer with free slots takes a few at a
+    # time, so a burst is shared among the consumers instead of landing whole on the first awake.
+    consumer_read_batch: int = 8
     # Jobs one tenant runs at once across every consumer (None: no cap). Its other jobs wait aside,
     # by priority, and take its slots as they free: a tenant's batch cannot hold everyone back.
     max_running_per_tenant: int | None = 32
@@ -321,6 +324,7 @@ class Settings:
             sse_long_poll_s=_float(env, "RTQCC_SSE_LONG_POLL_S", 25.0, minimum=0.1, maximum=27.0),
             sse_retry_ms=_int(env, "RTQCC_SSE_RETRY_MS", 1000),
             max_in_flight=_int(env, "RTQCC_MAX_IN_FLIGHT", 64, minimum=1),
+            consumer_read_batch=_int(env, "RTQCC_CONSUMER_READ_BATCH", 8, minimum=1),
             max_running_per_tenant=_int(env, "RTQCC_MAX_RUNNING_PER_TENANT", 32) or None,
             consumer_idle_exit_ms=_int(env, "RTQCC_CONSUMER_IDLE_EXIT_MS", 1000),
             consumer_safety_margin_ms=_int(env, "RTQCC_CONSUMER_SAFETY_MARGIN_MS", 2000),

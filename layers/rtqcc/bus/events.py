@@ -63,24 +63,36 @@ class EventLog:
         return self.publish_many(external_id, [(type_, data)])[0]
 
     def publish_many(self, external_id: str, events: list[tuple[str, dict[str, Any]]]) -> list[str]:
-        """Append and publish `events` in one round trip. (A redis-py script in a pipeline would
-        ask SCRIPT EXISTS first, a second round trip every time: EVALSHA goes as it is, and the
-        script is loaded only when Redis answers that it lacks it, which runs none of them.)"""
-        key = events_key(external_id)
-        calls = [(self.maxlen, type_, json.dumps(data, separators=(",", ":")), EVENTS_TTL_S) for type_, data in events]
-        try:
-            return self._evalsha(key, calls)
-        except NoScriptError:  # a new or restarted Redis: load it, then send them again
-            self.redis.script_load(_APPEND_AND_PUBLISH)
-            return self._evalsha(key, calls)
+        """Append and publish one job's `events`, in order, in one round trip."""
+        return self.publish_across([(external_id, type_, data) for type_, data in events])
 
-    def _evalsha(self, key: str, calls: list[tuple]) -> list[str]:
+    def publish_across(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
+        """Append and publish `(external_id, type, data)` events of any jobs in one round trip,
+        each job's in the order given; their stream ids. (A redis-py script in a pipeline would
+        ask SCRIPT EXISTS first, a second round trip every time: EVALSHA goes as it is, and the
+        script is loaded only when Redis answers that it lacks it.)"""
+        calls = [(events_key(external_id), (self.maxlen, type_, json.dumps(data, separators=(",", ":")), EVENTS_TTL_S))
+                 for external_id, type_, data in events]
         if len(calls) == 1:
-            return [self.redis.evalsha(self._sha, 1, key, *calls[0])]
-        pipe = self.redis.pipeline(transaction=False)
-        for args in calls:
+            key, args = calls[0]
+            try:
+                return [self.redis.evalsha(self._sha, 1, key, *args)]
+            except NoScriptError:  # a new or restarted Redis: load it, then send it again
+                self.redis.script_load(_APPEND_AND_PUBLISH)
+                return [self.redis.evalsha(self._sha, 1, key, *args)]
+        # In MULTI/EXEC, so that Redis has the script for all of them or for none: were it loaded
+        # by another client in the middle of a plain pipeline, sending the refused ones again
+        # would put them after events that came later.
+        pipe = self.redis.pipeline(transaction=True)
+        for key, args in calls:
             pipe.evalsha(self._sha, 1, key, *args)
-        return list(pipe.execute())
+        try:
+            return list(pipe.execute())
+        except NoScriptError:
+            self.redis.script_load(_APPEND_AND_PUBLISH)
+            for key, args in calls:
+                pipe.evalsha(self._sha, 1, key, *args)
+            return list(pipe.execute())
 
     def read_after(self, external_id: str, after_id: str, *, block_ms: int | None = None,
                    count: int = 500) -> list[Event]:

@@ -197,7 +197,7 @@ class Consumer:
                 if in_flight:  # runs ending meanwhile free slots this read does not ask for
                     wait_ms = min(wait_ms, IN_FLIGHT_READ_BLOCK_MS)
                 block_ms = max(1, min(wait_ms, settings.consumer_idle_exit_ms or wait_ms))
-                batch = queue.read(self.name, count=free, block_ms=block_ms)
+                batch = queue.read(self.name, count=min(free, settings.consumer_read_batch), block_ms=block_ms)
                 # Unhandled entries of a batch cut short stay pending, and are reclaimed.
                 start(batch)
                 backoff_s = 0.0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
@@ -24,6 +23,7 @@ from ..writing.budget import BudgetMeter, job_limit
 from ..errors import ProviderError, StreamCut
 from .failures import PublicFailure
 from ..bus.events import EventLog
+from .deltas import DeltaFlusher
 from .failpoints import DISABLED, Failpoints
 from ..store.attempts import billed_total
 from ..store.db import Row
@@ -54,68 +54,6 @@ class RunOutcome:
     sections_written: int
 
 
-class DeltaBuffer:
-    """Coalesces token deltas into at most one `section.delta` event per flush interval, and
-    publishes pending text once the interval has passed even when no token follows: a provider
-    that stalls must not hold back what it already sent. `add` runs on the consumer's thread (the
-    provider's on_delta), a timer thread of the buffer's own flushes on time, and one lock keeps
-    the events in order. `close` publishes what is left and stops the timer."""
-
-    def __init__(self, publish: Callable[[str], None], flush_interval_s: float, clock=time.monotonic):
-        self._publish = publish
-        self._interval = flush_interval_s
-        self._clock = clock
-        self._pending: list[str] = []
-        # As if a flush had just happened: the first tokens wait for the interval too, so a fast
-        # provider's section goes out in as few events as the interval allows.
-        self._last_flush = clock()
-        self._lock = threading.Condition()
-        self._closed = False
-        self._timer: threading.Thread | None = None
-
-    def add(self, text: str) -> None:
-        with self._lock:
-            self._pending.append(strip_unstorable(text))
-            if self._clock() - self._last_flush >= self._interval:
-                self._flush()
-            elif self._timer is None:  # started by the first text held back (never with no interval)
-                self._timer = threading.Thread(target=self._flush_on_time, name="delta-flush", daemon=True)
-                self._timer.start()
-            elif len(self._pending) == 1:
-                self._lock.notify()  # the timer sleeps until there is text to flush
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._lock.notify()
-            timer = self._timer
-        if timer is not None:
-            timer.join()
-        with self._lock:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Publish the pending text; the caller holds the lock."""
-        if self._pending:
-            self._publish("".join(self._pending))
-            self._pending = []  # only once published: text whose publish failed waits for the next flush
-        self._last_flush = self._clock()
-
-    def _flush_on_time(self) -> None:
-        with self._lock:
-            while not self._closed:
-                due_in_s = self._last_flush + self._interval - self._clock()
-                if not self._pending or due_in_s > 0:
-                    self._lock.wait(due_in_s if self._pending else None)
-                    continue
-                try:
-                    self._flush()
-                except Exception:
-                    # Redis away: the consumer's thread publishes at its next add or close, and
-                    # meets the error where the run can handle it.
-                    return
-
-
 class ManuscriptOrchestrator:
     def __init__(self, *, jobs: JobStore, blobs: BlobStore, events: EventLog, provider: Provider,
                  delta_flush_ms: int = 50, failpoints: Failpoints = DISABLED,
@@ -125,7 +63,7 @@ class ManuscriptOrchestrator:
         self.blobs = blobs
         self.events = events
         self.provider = provider
-        self.delta_flush_s = delta_flush_ms / 1000
+        self.deltas = DeltaFlusher(events, delta_flush_ms / 1000)
         self.failpoints = failpoints
         self.prices = prices
 
@@ -300,11 +238,7 @@ class ManuscriptOrchestrator:
         """Stream one section; its text (its calls kept on `upcoming` for the statement that
         completes it), or None when the run stopped mid-way (the partial text and calls saved)."""
         ext, section, lease, version = run.job.external_id, upcoming.section, run.lease, upcoming.version
-        deltas = DeltaBuffer(
-            lambda text: self.events.publish(ext, "section.delta", {"index": section.idx, "version": version,
-                                                                    "text": text}),
-            self.delta_flush_s,
-        )
+        deltas = self.deltas.open(ext, index=section.idx, version=version)
 
         def on_delta(text: str) -> None:
             deltas.add(text)
