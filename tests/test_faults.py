@@ -6,6 +6,7 @@ S3 holds is what Postgres points to, and no job is left stuck. The random kills 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -608,3 +609,73 @@ def _statuses_or_none(db, ids):
     except Exception:  # a connection cut under us: ask again
         return None
 
+
+
+# ---- a rolling update: the consumer container is asked to stop ----------------------------------
+
+KUBERNETES_GRACE_S = 30  # terminationGracePeriodSeconds in infra/k8s/consumer.yaml: SIGKILL after it
+
+
+def test_a_consumer_container_stopped_by_sigterm_mid_job_hands_every_job_back_and_loses_no_token(
+        api, settings, s3_endpoint, database, redis_client, start_consumer, oracle):
+    """`rtqcc consume --loop` (the container's command) gets SIGTERM while it writes several jobs:
+    it checkpoints each (the text of every section in progress kept), hands each back to the
+    queue, and exits 0 by itself before the platform's SIGKILL; another consumer then finishes
+    them from those checkpoints, neither repeating nor dropping a token."""
+    ids = [*create_jobs(api), api.create(title="Written at once", outline=[{"title": f"Part {n}"} for n in range(3)],
+                                         params={**SMALL["params"], "parallel_sections": 2})]
+    assert api.post(f"/jobs/{ids[-1]}/start").status_code == 202
+    container = subprocess.Popen(
+        [sys.executable, "-m", "rtqcc.cli", "consume", "--loop", "--budget-s", "600"],
+        env=consumer_env(settings, s3_endpoint, RTQCC_FAKE_TOKENS_PER_S="40", RTQCC_DELTA_FLUSH_MS="0",
+                         RTQCC_CONSUMER_SAFETY_MARGIN_MS="2000"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        owner = f"{socket.gethostname()}-{container.pid}"
+        wait_for(lambda: all(any(e["event"] == "section.delta" for e in job_events(redis_client, job)) for job in ids)
+                 and len(_held(database, owner, ids)) == len(ids) or container.poll() is not None,
+                 timeout_s=30, what="the container to be writing every job")
+        assert container.poll() is None, container.communicate()[1][-2000:]
+        container.send_signal(signal.SIGTERM)
+        out, err = container.communicate(timeout=KUBERNETES_GRACE_S)
+    finally:
+        if container.poll() is None:
+            container.kill()
+            container.communicate(timeout=10)
+    assert container.returncode == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["requeued"] == len(ids) and summary["completed"] == 0
+
+    rows = database.rows("SELECT external_id, status, lease_owner FROM jobs WHERE external_id = ANY(CAST(:ids AS text[]))",
+                         ids=ids)
+    assert {row["status"] for row in rows} == {"queued"} and not any(row["lease_owner"] for row in rows)
+    for job in ids:  # every token streamed before the stop is kept for the next run, not paid again
+        assert _streamed_unfinished(redis_client, job) == _partial_texts(database, job)
+    assert all(has_waiting_message(redis_client, job) for job in ids)
+
+    finish_with_a_healthy_consumer(start_consumer, database, ids)
+    assert statuses(database, ids) == {e: "completed" for e in ids}
+    oracle(ids)
+
+
+def _held(db, owner: str, external_ids) -> list[str]:
+    return [row["external_id"] for row in db.rows(
+        "SELECT external_id FROM jobs WHERE external_id = ANY(CAST(:ids AS text[])) AND lease_owner = :owner",
+        ids=list(external_ids), owner=owner)]
+
+
+def _streamed_unfinished(redis, external_id: str) -> dict[int, str]:
+    """The text each section not yet completed has streamed, from the job's events."""
+    streamed: dict[int, str] = {}
+    for event in job_events(redis, external_id):
+        if event["event"] == "section.delta":
+            streamed[event["data"]["index"]] = streamed.get(event["data"]["index"], "") + event["data"]["text"]
+        elif event["event"] == "section.completed":
+            streamed.pop(event["data"]["index"], None)
+    return {index: text for index, text in streamed.items() if text}
+
+
+def _partial_texts(db, external_id: str) -> dict[int, str]:
+    return {row["idx"]: row["partial_text"] for row in db.rows(
+        "SELECT s.idx, s.partial_text FROM sections s JOIN jobs j ON j.id = s.job_id"
+        " WHERE j.external_id = :e AND s.partial_text <> ''", e=external_id)}

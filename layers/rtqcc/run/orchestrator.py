@@ -87,9 +87,10 @@ class ManuscriptOrchestrator:
             return self._await_review(run)
 
         pending = [section for section in run.sections if section.status != SectionStatus.DONE]
-        width = min(parallel_width(job), len(pending))
-        if width > 1:
-            self._write_in_parallel(run, pending, width)
+        # A job written in parallel stays so to its last section, even when a resumed run has one
+        # left: its prompt names its neighbours, as the first run's would have.
+        if parallel_width(job) > 1 and pending:
+            self._write_in_parallel(run, pending, min(parallel_width(job), len(pending)))
             if abort.aborted or run.written < len(pending):
                 return self._stopped(run)
             pending = []
