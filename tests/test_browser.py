@@ -167,10 +167,15 @@ def check_finished_page(page, gateway, external_id: str, title: str, sections: i
         assert page.locator(f".sec[data-index='{index}'] .t").text_content().startswith(f"{index + 1}. ")
     assert page.locator(".sec.running").count() == 0
     wait_js(page, "() => document.getElementById('progress').style.width === '100%'", what="a full progress bar")
+    assert page.get_attribute("#download", "href") == f"/jobs/{external_id}/manuscript?format=markdown"
     manuscript = download(page, "#download", f"{external_id}.md").decode("utf-8")
     assert manuscript.startswith(f"# {title}\n")
     for index in range(sections):
         assert section_text(page, index) in norm(manuscript)
+    # The other formats' buttons ask the same route for their format.
+    for fmt in ("html", "docx", "pdf"):
+        assert page.is_visible(f"#export-{fmt}")
+        assert page.get_attribute(f"#export-{fmt}", "href") == f"/jobs/{external_id}/manuscript?format={fmt}"
     assert page.text_content("#error") == ""
     assert page.js_errors == []
 

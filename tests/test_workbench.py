@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 
 from conftest import API_KEY, wait_for
-from test_browser import (RENDERED, SECTION_TEXT, WAIT_MS, api_get, browser, download, enter_key, norm,  # noqa: F401
-                          page, section_text, stack, wait_js, wait_status)
+from test_browser import (LIVE_TEXT, RENDERED, SECTION_TEXT, TOKENS_PER_S, WAIT_MS, api_get, browser,  # noqa: F401
+                          enter_key, norm, page, section_text, stack, wait_js, wait_status)
 from test_hardening import BrokenProvider
 
 ROW = "document.querySelector(`li.job[data-id='${a[0]}']`)"
@@ -218,7 +218,6 @@ def test_a_section_is_regenerated_edited_compared_and_restored(stack, page):
     assert section_text(page, 0) == "Written By Hand A person wrote this line."
     assert page.is_hidden(sec(0, ".edit"))
     assert "v3" in page.text_content(sec(0, ".u"))
-    screenshot(page, "job-view.png")
 
     # An edit against a version someone else replaced is refused with a clear message.
     page.click(sec(0, ".b-edit"))
@@ -246,6 +245,7 @@ def test_a_section_is_regenerated_edited_compared_and_restored(stack, page):
     wait_js(page, "(s) => document.querySelectorAll(s).length > 0", sec(0, ".diff ins"), what="a diff")
     assert "person" in page.text_content(sec(0, ".diff")) and "elsewhere" in page.eval_on_selector_all(
         sec(0, ".diff ins"), "(els) => els.map((e) => e.textContent).join('')")
+    screenshot(page, "job-view.png")
     page.click(sec(0, ".version-list li[data-version='2'] .b-restore"))
     wait_js(page, f"(a) => ({SECTION_TEXT})(a[0]) === a[1]", [0, norm(second)], what="the restored version shown")
     restored = api_get(stack, f"/jobs/{external_id}/sections/0")
@@ -360,3 +360,51 @@ def test_a_phone_sized_screen_scrolls_only_down_and_the_keyboard_drives_the_page
 
 
 STATUS_COMPLETED = "() => document.getElementById('job-status').textContent === 'completed'"
+
+
+def test_the_page_says_when_the_stack_is_away_and_when_its_stream_reconnects(services, start_consumer, page):
+    from rtqcc_emulator.gateway import GatewayConfig, build_gateway
+    from rtqcc_emulator.server import ServerThread, build_http_app
+
+    gateway = build_gateway(services, GatewayConfig())
+    servers = [ServerThread(build_http_app(gateway, services.settings), port=0).start()]
+    port = servers[0].port
+
+    def restart() -> None:  # the same gateway again on the same port, as after a restart of `rtqcc up`
+        servers.append(ServerThread(build_http_app(gateway, services.settings), port=port).start())
+
+    banner = "(text) => !document.getElementById('banner').hidden && document.getElementById('banner').textContent.includes(text)"
+    no_banner = "() => document.getElementById('banner').hidden"
+    consumer = start_consumer(fake_tokens_per_s=TOKENS_PER_S, budget_s=100, consumer_idle_exit_ms=0)
+    try:
+        page.goto(servers[0].base_url)
+        enter_key(page)
+        external_id = start_job(servers[0], "Through A Restart", ["Before", "After"])
+        open_job(page, external_id)
+        wait_js(page, LIVE_TEXT, what="text arriving")
+
+        servers[0].stop()
+        wait_js(page, banner, "reconnecting", what="the reconnecting banner")
+        restart()
+        wait_js(page, no_banner, what="the banner gone once the stream is back")
+        wait_status(page, "completed")
+        for index in range(2):  # resumed where it stopped: nothing lost, nothing twice
+            wait_js(page, RENDERED, index, what=f"section {index} rendered")
+            stored = api_get(servers[-1], f"/jobs/{external_id}/sections/{index}")["content"]
+            assert section_text(page, index) == norm(stored)
+
+        page.click("#back")
+        wait_js(page, "() => !document.getElementById('dashboard').hidden", what="the dashboard")
+        servers[-1].stop()
+        wait_js(page, banner, "cannot be reached", what="the stack-away banner")
+        restart()
+        wait_js(page, no_banner, what="the banner gone once the stack is back")
+        wait_js(page, "(id) => !!document.querySelector(`li.job[data-id='${id}']`)", external_id, what="the list back")
+        # What the browser logs of the refused connections; nothing else went wrong.
+        assert all("net::ERR_" in error for error in page.js_errors), page.js_errors
+    finally:
+        consumer.consumer.shut_down()
+        consumer.join(30)
+        for server in servers:
+            server.stop()
+        gateway.close()

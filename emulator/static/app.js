@@ -285,6 +285,7 @@ function closeStream() {
   state.source?.close();
   state.source = null;
   clearTimeout(state.quietTimer);
+  state.quietTimer = null;
   clearBanner("stream");
 }
 
@@ -320,14 +321,16 @@ async function watch(id) {
       Promise.resolve(handle(JSON.parse(e.data))).catch((err) => showError(err));
     });
   }
-  source.onopen = () => { clearTimeout(state.quietTimer); clearBanner("stream"); };
+  source.onopen = () => { clearTimeout(state.quietTimer); state.quietTimer = null; clearBanner("stream"); };
   source.onerror = () => {
     if (state.source !== source || TERMINAL.includes(state.status)) return;
-    // EventSource reconnects by itself with Last-Event-ID; say so if it takes a moment.
-    clearTimeout(state.quietTimer);
-    state.quietTimer = setTimeout(() => {
-      if (state.source === source) showBanner("stream", "The live stream dropped: reconnecting…");
-    }, QUIET_RECONNECT_MS);
+    // EventSource reconnects by itself with Last-Event-ID; say so if it takes a moment (armed
+    // once per drop: its retries may come faster than that moment).
+    if (!state.quietTimer) {
+      state.quietTimer = setTimeout(() => {
+        if (state.source === source) showBanner("stream", "The live stream dropped: reconnecting…");
+      }, QUIET_RECONNECT_MS);
+    }
     // If it gave up (an expired token, the server away), reopen where we were.
     if (source.readyState === EventSource.CLOSED) {
       showBanner("stream", "The live stream dropped: reconnecting…");
