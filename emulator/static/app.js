@@ -275,7 +275,6 @@ $("create").onsubmit = async (e) => {
     const created = await api("POST", "/jobs", body);
     await api("POST", `/jobs/${created.externalId}/start`);
     openJob(created.externalId);
-    loadJobs().catch(() => {});  // the list behind the job view, for the way back
   } catch (err) { showError(err, $("error")); }
 };
 

@@ -1,6 +1,7 @@
 "use strict";
 // Section text comes from a model or a person, so none of it may run: it is rendered by
-// markdown-it (vendor/, MIT) with raw HTML off (every tag is escaped as text), links only to
+// markdown-it 15.0.3 (vendor/markdown-it.min.js is dist/browser/markdown-it.umd.min.js of
+// `npm pack markdown-it@15.0.3`, unchanged; MIT, its LICENSE beside it) with raw HTML off (every tag is escaped as text), links only to
 // http(s) and mailto (no javascript: or data:), and no images (they would load from elsewhere).
 const markdown = (() => {
   const md = window.markdownit({ html: false, linkify: false, typographer: false });
