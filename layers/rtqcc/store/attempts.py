@@ -115,7 +115,8 @@ class AttemptLedger:
             " (SELECT COUNT(*) FROM sections s WHERE s.job_id = j.id AND s.status = 'done')::int AS sections_done,"
             f" COALESCE(SUM({billed_tokens_sql('prompt', 'a')} + {billed_tokens_sql('completion', 'a')}), 0)::bigint"
             " AS total_tokens,"
-            " CASE WHEN BOOL_OR(a.job_id IS NOT NULL AND a.cost_usd IS NULL) THEN NULL ELSE COALESCE(SUM(a.cost_usd), 0) END AS cost_usd"
+            " CASE WHEN BOOL_OR(a.job_id IS NOT NULL AND a.cost_usd IS NULL) THEN NULL"
+            " ELSE COALESCE(SUM(a.cost_usd), 0) END AS cost_usd"
             " FROM jobs j LEFT JOIN generation_attempts a ON a.job_id = j.id"
             " WHERE j.id = ANY(CAST(:ids AS bigint[])) GROUP BY j.id",
             ids=list(job_ids),
