@@ -26,9 +26,13 @@ INSTALL_HINT = ("Install Debian's Chromium: `apt-get update && apt-get install -
 TOKENS_PER_S = 40.0   # slow enough to watch text appear and to pause mid-section
 WAIT_MS = 20_000      # the bound of every wait on the page
 
-# JavaScript predicates over the page's DOM, for wait_js.
+# JavaScript predicates over the page's DOM, for wait_js. A section's text is compared with its
+# white space folded (norm() on the Python side): once done it is rendered markdown, whose
+# paragraphs are elements, not blank lines.
 STATUS_IS = "(s) => document.getElementById('job-status').textContent === s"
-SECTION_TEXT = "(i) => document.querySelector(`.sec[data-index='${i}'] .text`)?.textContent ?? ''"
+SECTION_TEXT = ("(i) => (document.querySelector(`.sec[data-index='${i}'] .text`)?.textContent ?? '')"
+                ".replace(/\\s+/g, ' ').trim()")
+RENDERED = "(i) => !!document.querySelector(`.sec[data-index='${i}'] .text.md`)"
 LIVE_TEXT = """() => document.getElementById('job-status').textContent === 'running'
     && [...document.querySelectorAll('.sec .text')].some((el) => el.textContent.length > 0)"""
 
@@ -87,11 +91,15 @@ def api_get(gateway, path: str) -> dict:
     return response.json()
 
 
+def norm(text: str) -> str:
+    return " ".join(text.split())
+
+
 def enter_key(page, key: str = API_KEY) -> None:
-    """Type the key into the form the page shows when it has none, and wait for the job form."""
+    """Type the key into the form the page shows when it has none, and wait for the dashboard."""
     page.fill("#api-key", key)
     page.click("#key-save")
-    wait_js(page, "() => !document.getElementById('create-card').hidden", what="the page to accept the key")
+    wait_js(page, "() => !document.getElementById('dashboard').hidden", what="the page to accept the key")
 
 
 def create_job(page, title: str, sections: int = 2) -> str:
@@ -148,28 +156,39 @@ def wait_text_grows(page, index: int, beyond: int) -> str:
 
 
 def check_finished_page(page, gateway, external_id: str, title: str, sections: int) -> None:
-    """Each section shows exactly its stored text, the bar is full, and the download works."""
+    """Each section shows exactly its stored text, rendered, the bar is full, and the download works."""
     assert page.locator(".sec").count() == sections
     for index in range(sections):
         stored = api_get(gateway, f"/jobs/{external_id}/sections/{index}")
         assert stored["status"] == "done"
+        wait_js(page, RENDERED, index, what=f"section {index} rendered")
         shown = section_text(page, index)
-        assert shown and shown == stored["content"], f"section {index}: page {shown!r} != stored {stored['content']!r}"
+        assert shown and shown == norm(stored["content"]), f"section {index}: page {shown!r} != stored {stored['content']!r}"
         assert page.locator(f".sec[data-index='{index}'] .t").text_content().startswith(f"{index + 1}. ")
     assert page.locator(".sec.running").count() == 0
     wait_js(page, "() => document.getElementById('progress').style.width === '100%'", what="a full progress bar")
-    link = page.locator("#download")
-    assert link.is_visible() and link.text_content() == "Download manuscript"
-    with page.expect_download() as download_info:
-        link.click()
-    download = download_info.value
-    assert download.suggested_filename == f"{external_id}.md"
-    manuscript = Path(download.path()).read_text(encoding="utf-8")
+    assert page.get_attribute("#download", "href") == f"/jobs/{external_id}/manuscript?format=markdown"
+    manuscript = download(page, "#download", f"{external_id}.md").decode("utf-8")
     assert manuscript.startswith(f"# {title}\n")
     for index in range(sections):
-        assert section_text(page, index).strip() in manuscript
+        assert section_text(page, index) in norm(manuscript)
+    # The other formats' buttons ask the same route for their format.
+    for fmt in ("html", "docx", "pdf"):
+        assert page.is_visible(f"#export-{fmt}")
+        assert page.get_attribute(f"#export-{fmt}", "href") == f"/jobs/{external_id}/manuscript?format={fmt}"
     assert page.text_content("#error") == ""
     assert page.js_errors == []
+
+
+def download(page, selector: str, filename: str) -> bytes:
+    """Click an export link and return the file the browser saved, checking its name."""
+    link = page.locator(selector)
+    assert link.is_visible()
+    with page.expect_download() as download_info:
+        link.click()
+    saved = download_info.value
+    assert saved.suggested_filename == filename
+    return Path(saved.path()).read_bytes()
 
 
 def test_create_watch_pause_resume_download(stack, page):
@@ -213,16 +232,16 @@ def test_create_watch_pause_resume_download(stack, page):
 
     wait_for(partial_saved, timeout_s=WAIT_MS / 1000, interval_s=0.05, what="the paused run to save its text")
     partial = stored["partial"]
-    wait_js(page, f"(a) => ({SECTION_TEXT})(a[0]) === a[1]", [1, partial], what="exactly the kept text on the page")
+    wait_js(page, f"(a) => ({SECTION_TEXT})(a[0]) === a[1]", [1, norm(partial)], what="exactly the kept text on the page")
     assert page.locator(".sec[data-index='1']").get_attribute("data-done") != "1"
     assert api_get(stack, f"/jobs/{external_id}")["status"] == "paused"
     assert page.text_content("#job-status") == "paused"
-    assert section_text(page, 1) == partial
+    assert section_text(page, 1) == norm(partial)
 
     # Resume: the section continues after the kept text, and the job completes.
     page.click("#resume")
-    wait_text_grows(page, 1, len(partial))
-    assert section_text(page, 1).startswith(partial)
+    wait_text_grows(page, 1, len(norm(partial)))
+    assert section_text(page, 1).startswith(norm(partial))
     assert page.text_content("#job-status") == "running"
     wait_status(page, "completed")
     check_finished_page(page, stack, external_id, title, sections=2)

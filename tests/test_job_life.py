@@ -31,6 +31,12 @@ def test_a_job_runs_from_create_to_manuscript(api, run_consumer, blob_store):
     sections_total = sum(s["usage"]["total_tokens"] for s in job["sections"])
     assert job["usage"]["total_tokens"] > sections_total
     assert job["usage"]["estimated"] is False
+    # The jobs list shows the same figures in one row, for a dashboard.
+    listed = api.get("/jobs").json_body["jobs"]
+    row = next(j for j in listed if j["externalId"] == external_id)
+    assert row["progress"] == job["progress"]
+    assert row["usage"] == {"total_tokens": job["usage"]["total_tokens"], "cost_usd": job["usage"]["cost_usd"]}
+    assert "error" not in row and "status_reason" not in row
 
     manuscript = api.get(f"/jobs/{external_id}/manuscript")
     assert manuscript.status_code == 200
@@ -109,3 +115,5 @@ def test_jobs_can_be_filtered_by_status(api):
     api.post(f"/jobs/{queued}/start")
     listed = api.get("/jobs?status=queued").json_body["jobs"]
     assert [j["externalId"] for j in listed] == [queued]
+    assert listed[0]["progress"]["sections_done"] == 0
+    assert listed[0]["usage"] == {"total_tokens": 0, "cost_usd": 0.0}

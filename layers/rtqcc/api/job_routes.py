@@ -17,7 +17,7 @@ from ..store.idempotency import Answer
 from ..store.jobs import NewJob
 from ..store.usage import public_usage
 from ..store.versions import etag
-from ..store.views import job_document, job_links, job_summary
+from ..store.views import job_document, job_links, job_list_item
 from . import stream_tokens
 from .access import SSE_HEADERS, check_external_id, client_address, find_job, issue_stream_token, open_job_stream
 from .edge import ApiCall, route
@@ -85,8 +85,9 @@ def list_jobs(call: ApiCall) -> dict:
         raise BadRequest("cursor must be the next_cursor of a previous page.")
     found = call.svc.jobs.list(owner, status=JobStatus(status) if status else None, before=cursor, limit=limit + 1)
     page = found[:limit]
+    figures = call.svc.jobs.list_figures([job.id for job in page])
     return {
-        "jobs": [job_summary(job) for job in page],
+        "jobs": [job_list_item(job, figures.get(job.id)) for job in page],
         "next_cursor": page[-1].external_id if len(found) > limit else None,
     }
 

@@ -215,14 +215,26 @@ class JobSummary(_Out):
     links: Links
 
 
-class JobPage(_Out):
-    jobs: list[JobSummary]
-    next_cursor: str | None
-
-
 class Progress(_Out):
     sections_total: int
     sections_done: int
+
+
+class ListedUsage(_Out):
+    total_tokens: int = Field(description="Billed tokens of every call so far")
+    cost_usd: float | None = Field(description="null when a model it used has no price")
+
+
+class JobListItem(JobSummary):
+    progress: Progress
+    usage: ListedUsage
+    status_reason: str | None = Field(default=None, description="Why it stopped, when it says")
+    error: str | None = Field(default=None, description="Why it failed")
+
+
+class JobPage(_Out):
+    jobs: list[JobListItem]
+    next_cursor: str | None
 
 
 class SectionSummary(_Out):

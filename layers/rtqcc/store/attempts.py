@@ -106,6 +106,23 @@ class AttemptLedger:
                             " GROUP BY section_idx", j=job_id)
         return {row["section_idx"]: row for row in rows}
 
+    def list_figures(self, job_ids: list[int]) -> dict[int, Row]:
+        """For a page of jobs, in one statement: their sections (all, done) and billed tokens and
+        cost (None if any call is unpriced), what a jobs list shows beside each."""
+        rows = self.db.rows(
+            "SELECT j.id,"
+            " (SELECT COUNT(*) FROM sections s WHERE s.job_id = j.id)::int AS sections_total,"
+            " (SELECT COUNT(*) FROM sections s WHERE s.job_id = j.id AND s.status = 'done')::int AS sections_done,"
+            f" COALESCE(SUM({billed_tokens_sql('prompt', 'a')} + {billed_tokens_sql('completion', 'a')}), 0)::bigint"
+            " AS total_tokens,"
+            " CASE WHEN BOOL_OR(a.job_id IS NOT NULL AND a.cost_usd IS NULL) THEN NULL"
+            " ELSE COALESCE(SUM(a.cost_usd), 0) END AS cost_usd"
+            " FROM jobs j LEFT JOIN generation_attempts a ON a.job_id = j.id"
+            " WHERE j.id = ANY(CAST(:ids AS bigint[])) GROUP BY j.id",
+            ids=list(job_ids),
+        )
+        return {row["id"]: row for row in rows}
+
     def spent(self, job_id: int) -> tuple[int, float | None]:
         """Billed tokens of every attempt of the job, and their cost (None if any is unpriced)."""
         row = self.db.row(

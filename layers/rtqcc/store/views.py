@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .jobs import DEFAULT_SECTION_COUNT, Job, JobStore
-from .usage import public_job_usage, public_usage
+from .usage import money, public_job_usage, public_usage
 from ..status import SectionStatus
 
 
@@ -29,6 +29,24 @@ def job_summary(job: Job) -> dict:
         "model": job.model,
         "links": job_links(job.external_id),
     }
+
+
+def job_list_item(job: Job, figures: dict | None) -> dict:
+    """A job as `GET /jobs` lists it: enough for a dashboard row (progress, tokens, cost, and
+    why it stopped), without each section's detail."""
+    figures = figures or {}
+    item = {
+        **job_summary(job),
+        "progress": {"sections_total": figures.get("sections_total") or job.section_count or DEFAULT_SECTION_COUNT,
+                     "sections_done": figures.get("sections_done", 0)},
+        "usage": {"total_tokens": int(figures.get("total_tokens", 0)),
+                  "cost_usd": money(figures.get("cost_usd", 0.0))},
+    }
+    if job.status_reason:
+        item["status_reason"] = job.status_reason
+    if job.error:
+        item["error"] = job.error
+    return item
 
 
 def job_document(jobs: JobStore, job: Job) -> dict:
