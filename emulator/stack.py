@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from rtqcc import tracing
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 from rtqcc.store.db import Database
@@ -91,6 +92,7 @@ class LocalStack:
         self.env = env
         settings = Settings.from_env(env)
         settings.check_serving()
+        tracing.configure(settings.tracing)  # the gateway's requests; the consumers configure their own
         ensure_database(settings.database_url)
         db = Database(settings.database_url, max_size=settings.db_pool_size)
         migrate(db)

@@ -657,7 +657,9 @@ def test_compose_commands_are_ones_the_image_runs():
 def test_dockerfile_builds_a_non_root_image_of_the_project_with_local_extras():
     text = (INFRA / "docker" / "Dockerfile").read_text()
     assert re.findall(r"^FROM (\S+)", text, re.M) == ["python:3.11-slim", "python:3.11-slim"]
-    assert re.search(r"pip install \"\.\[local\]\"", text)
+    # the local stack's extras, and OpenTelemetry for traces when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    assert re.search(r"pip install \"\.\[local,otel\]\"", text)
+    assert {"local", "otel"} <= set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) > 0
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()

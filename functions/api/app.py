@@ -11,9 +11,11 @@ VPC reaches the database: it applies the schema migrations the database lacks (`
 
 import json
 import logging
+import os
 
 from chalice import Rate
 
+from rtqcc import tracing
 from rtqcc.api import create_app
 from rtqcc.logs import configure_logging
 from rtqcc.services import Services
@@ -33,6 +35,9 @@ def _api_services() -> Services:
 
 
 configure_logging()  # JSON lines carrying externalId and requestId, for CloudWatch
+# Only the OTEL_* variables are read here (the rest when the first request needs the clients);
+# unset, nothing of OpenTelemetry is imported.
+tracing.configure(tracing.TracingSettings.from_env(os.environ))
 app = create_app(_api_services)
 
 # Each is built on its first invocation: the API function's containers never import or open them.

@@ -1,5 +1,8 @@
 """Entry module of the streaming SSE function (a function URL with response streaming)."""
 
+import os
+
+from rtqcc import tracing
 from rtqcc.api.streaming import create_stream_handler
 from rtqcc.logs import configure_logging
 from rtqcc.services import Services
@@ -13,4 +16,5 @@ def _services() -> Services:
 
 
 configure_logging()
+tracing.configure(tracing.TracingSettings.from_env(os.environ))  # unset: nothing of OpenTelemetry imported
 handler = create_stream_handler(_services)

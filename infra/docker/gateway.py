@@ -27,6 +27,7 @@ from typing import Mapping
 
 from starlette.applications import Starlette
 
+from rtqcc import tracing
 from rtqcc.errors import ConfigError
 from rtqcc.logs import configure_logging
 from rtqcc.services import Services
@@ -46,6 +47,7 @@ def build_app(environ: Mapping[str, str], *, streaming: bool = True, integration
     if missing:
         raise ConfigError(f"{' and '.join(missing)} must be set for the gateway container")
     settings = Settings.from_env(environ)
+    tracing.configure(settings.tracing)
     settings.check_serving()  # no stream token secret, a placeholder or a dev key: refuse to start
     services = Services(settings)
     gateway = build_gateway(services, GatewayConfig(streaming=streaming, integration_timeout_s=integration_timeout_s))

@@ -184,6 +184,7 @@ def _consume(args: argparse.Namespace) -> int:
     import json
     import signal
 
+    from . import tracing
     from .run.consumer import Consumer, TimeBudget
     from .logs import configure_logging
     from .services import Services
@@ -191,6 +192,7 @@ def _consume(args: argparse.Namespace) -> int:
 
     configure_logging()
     consumer = Consumer(Services(Settings.from_env()))
+    tracing.configure(consumer.settings.tracing)
     signal.signal(signal.SIGTERM, lambda *_: consumer.shut_down())
     signal.signal(signal.SIGINT, lambda *_: consumer.shut_down())
     while True:

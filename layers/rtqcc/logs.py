@@ -1,5 +1,6 @@
 """Structured JSON logs. Every record carries the externalId and request id in force, set with
-`log_context(...)` where they become known (the API edge, the consumer's job loop)."""
+`log_context(...)` where they become known (the API edge, the consumer's job loop), and the
+trace and span ids when traces are on."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Iterator
 
 from pythonjsonlogger.json import JsonFormatter
 
+from . import tracing
 from .redact import redact_urls
 
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("rtqcc_log_context", default={})
@@ -37,6 +39,8 @@ class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in _context.get().items():
             setattr(record, key, value)
+        if (ids := tracing.current_ids()) is not None:  # a line joins its trace in the trace viewer
+            record.trace_id, record.span_id = ids
         return True
 
 

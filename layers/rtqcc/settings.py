@@ -10,6 +10,7 @@ from typing import Mapping
 
 from .errors import ConfigError
 from .redact import redact_urls
+from .tracing import TracingSettings
 from .writing.pricing import DEFAULT_PRICES, Price, load_prices
 from .writing.rate_limits import ModelLimit, parse_limits
 
@@ -186,6 +187,8 @@ class Settings:
     openai_base_url: str | None = field(default=None, repr=False)
     default_model: str = "gpt-4o-mini"
     fake_tokens_per_s: float = 200.0
+    # OpenTelemetry: OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) and OTEL_SERVICE_NAME
+    tracing: TracingSettings = TracingSettings(endpoint=None)
     fake_first_token_ms: int = 0
     openai_organization: str | None = None
     openai_project: str | None = None
@@ -282,6 +285,7 @@ class Settings:
             openai_base_url=_url(env, "OPENAI_BASE_URL", None, ("http", "https")),
             default_model=env.get("RTQCC_DEFAULT_MODEL") or "gpt-4o-mini",
             fake_tokens_per_s=_float(env, "RTQCC_FAKE_TOKENS_PER_S", 200.0),
+            tracing=TracingSettings.from_env(env),
             fake_first_token_ms=_int(env, "RTQCC_FAKE_FIRST_TOKEN_MS", 0),
             openai_organization=env.get("OPENAI_ORGANIZATION") or env.get("OPENAI_ORG_ID") or None,
             openai_project=env.get("OPENAI_PROJECT") or env.get("OPENAI_PROJECT_ID") or None,

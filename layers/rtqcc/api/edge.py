@@ -19,6 +19,7 @@ from chalice import Chalice, Response
 from chalice.app import Request
 from redis.exceptions import RedisError
 
+from .. import tracing
 from ..errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
 from ..logs import log_context
 from ..services import Services
@@ -197,21 +198,32 @@ def route(path: str, *methods: str) -> Callable[[Callable[..., Any]], Callable[.
 
 
 def mount(app: Chalice, services: LazyServices) -> None:
-    """Register every declared route on `app`, each behind the edge: log context and error mapping."""
+    """Register every declared route on `app`, each behind the edge: log context, trace span and
+    error mapping."""
     for spec in ROUTES:
         options = {"content_types": ["*/*"]} if spec.accepts_any_body else {}
-        app.route(spec.path, methods=list(spec.methods), **options)(_behind_the_edge(app, services, spec.view))
+        for method in spec.methods:
+            app.route(spec.path, methods=[method], **options)(_behind_the_edge(app, services, spec.view,
+                                                                               f"{method} {spec.path}"))
 
 
-def _behind_the_edge(app: Chalice, services: LazyServices, view: Callable[..., Any]) -> Callable[..., Any]:
+def _behind_the_edge(app: Chalice, services: LazyServices, view: Callable[..., Any], name: str) -> Callable[..., Any]:
     @functools.wraps(view)
     def answer(**path_params: str) -> Any:
         request = app.current_request
+        # A caller's own trace (a W3C traceparent header) is continued; else a trace starts here.
+        incoming = request.headers.get(tracing.TRACEPARENT)
         with log_context(requestId=(request.context or {}).get("requestId"),
-                         externalId=path_params.get("external_id")):
+                         externalId=path_params.get("external_id")), \
+                tracing.span(name, kind="server", parent={tracing.TRACEPARENT: incoming} if incoming else None,
+                             attributes={"http.request.method": request.method, "http.route": name.split(" ", 1)[1],
+                                         **({"rtqcc.job.external_id": path_params["external_id"]}
+                                            if "external_id" in path_params else {})}) as span:
             try:
-                return view(ApiCall(request, services), **path_params)
+                response = view(ApiCall(request, services), **path_params)
             except Exception as exc:
-                return error_response(error_answer(exc, f"{request.method} {request.path}"))
+                response = error_response(error_answer(exc, f"{request.method} {request.path}"))
+            span.set_attribute("http.response.status_code", getattr(response, "status_code", 200))
+            return response
 
     return answer

@@ -5,10 +5,12 @@ back to the queue, or found to need nothing; so a crash at any point duplicates,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis import Redis
 from redis.exceptions import ResponseError
+
+from .. import tracing
 
 STREAM = "jobs:pending"
 GROUP = "orchestrators"
@@ -41,6 +43,8 @@ class Delivery:
     message_id: str
     external_id: str
     reclaimed: bool = False  # taken over from a consumer that went quiet (see claim_stale)
+    # The W3C trace context of the request that queued the job (`traceparent`), when traced.
+    trace: dict[str, str] = field(default_factory=dict)
 
 
 class WorkQueue:
@@ -57,7 +61,8 @@ class WorkQueue:
                 raise
 
     def enqueue(self, external_id: str, *, pipeline=None) -> str | None:
-        return (pipeline or self.redis).xadd(self.stream, {"externalId": external_id})
+        """Queue a job, with the trace context in force (the request's) so its run joins that trace."""
+        return (pipeline or self.redis).xadd(self.stream, {"externalId": external_id, **tracing.carrier()})
 
     def read(self, consumer: str, *, count: int, block_ms: int) -> list[Delivery]:
         try:
@@ -132,14 +137,16 @@ class WorkQueue:
         rank = self.redis.zrank(waiting_key(tenant), external_id)
         return None if rank is None else rank + 1
 
-    def requeue_then_ack(self, external_id: str, message_id: str) -> None:
-        """Hand unfinished work back. The new entry is written before the old one is acknowledged,
-        in one transaction, so neither a crash nor a lost reply loses the job."""
+    def requeue_then_ack(self, external_id: str, message_id: str, *, trace: dict[str, str] | None = None) -> None:
+        """Hand unfinished work back (with the trace it belongs to). The new entry is written
+        before the old one is acknowledged, in one transaction, so neither a crash nor a lost
+        reply loses the job."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(self.stream, {"externalId": external_id})
+        pipe.xadd(self.stream, {"externalId": external_id, **(trace or {})})
         pipe.xack(self.stream, self.group, message_id)
         pipe.execute()
 
 
 def _delivery(entry_id: str, fields: dict[str, str], *, reclaimed: bool = False) -> Delivery:
-    return Delivery(message_id=entry_id, external_id=fields.get("externalId", ""), reclaimed=reclaimed)
+    trace = {tracing.TRACEPARENT: fields[tracing.TRACEPARENT]} if tracing.TRACEPARENT in fields else {}
+    return Delivery(message_id=entry_id, external_id=fields.get("externalId", ""), reclaimed=reclaimed, trace=trace)

@@ -14,6 +14,7 @@ from typing import Callable
 
 
 from ..writing.abort import AbortSignal, StopReason
+from .. import tracing
 from ..errors import LeaseLost, ProviderError, StreamCut
 from .failures import OUTAGE_ERRORS, describe_failure, gave_up
 from .failpoints import Failpoints
@@ -168,7 +169,7 @@ class Consumer:
             for delivery in batch:
                 if self.clock() >= deadline or self._shutting_down.is_set():
                     # Untouched: hand it straight back rather than strand it in our pending list.
-                    queue.requeue_then_ack(delivery.external_id, delivery.message_id)
+                    queue.requeue_then_ack(delivery.external_id, delivery.message_id, trace=delivery.trace)
                     result.add(DrainResult(returned=1), delivery.message_id)
                 else:
                     in_flight[runs.submit(self.handle, delivery, keeper)] = delivery
@@ -274,8 +275,16 @@ class Consumer:
             if lease.first_run and job.created_at is not None:
                 self.metrics.observe("queue_wait_seconds", max(0.0, time.time() - job.created_at.timestamp()),
                                      tenant=job.tenant)
+            # The message's wait, from the time in its stream id (when it was queued) to now.
+            tracing.record_span("job.queue_wait", start_ns=stream_id_tuple(delivery.message_id)[0] * 1_000_000,
+                                end_ns=time.time_ns(), parent=delivery.trace,
+                                attributes={"rtqcc.job.external_id": job.external_id})
             try:
-                self._run(job, lease, abort, delivery, result)
+                with tracing.span("job.run", kind="consumer", parent=delivery.trace, attributes={
+                        "rtqcc.job.external_id": job.external_id, "rtqcc.consumer": self.name,
+                        "messaging.system": "redis", "messaging.destination.name": self.services.queue.stream,
+                        "messaging.message.id": delivery.message_id}):
+                    self._run(job, lease, abort, delivery, result)
             finally:
                 if cap:
                     self._promote(job.tenant, 1)  # the slot this run held is free: the tenant's next may go
@@ -343,7 +352,7 @@ class Consumer:
             # A budget or quota: the orchestrator has paused the job itself and let the lease go.
             status_after = jobs.release_lease(lease)
             if status_after == JobStatus.QUEUED:  # resumed while we were stopping: run it again
-                queue.requeue_then_ack(job.external_id, delivery.message_id)
+                queue.requeue_then_ack(job.external_id, delivery.message_id, trace=delivery.trace)
             else:
                 queue.ack(delivery.message_id)
             result.stopped += 1
@@ -366,7 +375,7 @@ class Consumer:
             log.warning("could not release the lease of %s: %s", job.external_id, exc)
             return
         if error is None:
-            self.services.queue.requeue_then_ack(job.external_id, delivery.message_id)
+            self.services.queue.requeue_then_ack(job.external_id, delivery.message_id, trace=delivery.trace)
         result.requeued += 1
         result.processed += 1
 
@@ -384,9 +393,11 @@ def lambda_handler(services_factory: Callable[[], Services]) -> Callable[[dict, 
         if consumer is None:
             configure_logging()
             consumer = Consumer(services_factory())
+            tracing.configure(consumer.settings.tracing)
         started = time.monotonic()
         with log_context(requestId=getattr(context, "aws_request_id", None)):
             result = consumer.drain(context.get_remaining_time_in_millis)
+        tracing.flush()  # before Lambda freezes the container with the spans still buffered
         summary = {**result.as_dict(), "consumer": consumer.name, "elapsed_ms": int((time.monotonic() - started) * 1000)}
         log.info("drain finished %s", summary)
         return summary

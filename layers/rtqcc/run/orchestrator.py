@@ -11,11 +11,13 @@ section's start), besides its token deltas."""
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
+from .. import tracing
 from ..writing.abort import AbortSignal, StopReason
 from ..store.blobs import BlobStore, manuscript_key, section_key
 from ..store.manuscripts import assemble
@@ -238,6 +240,12 @@ class ManuscriptOrchestrator:
     def _write_section(self, run: "JobRun", upcoming: "UpcomingSection") -> str | None:
         """Stream one section; its text (its calls kept on `upcoming` for the statement that
         completes it), or None when the run stopped mid-way (the partial text and calls saved)."""
+        with tracing.span("section.write", attributes={"rtqcc.job.external_id": run.job.external_id,
+                                                       "rtqcc.section.index": upcoming.section.idx,
+                                                       "rtqcc.section.version": upcoming.version}):
+            return self._stream_section(run, upcoming)
+
+    def _stream_section(self, run: "JobRun", upcoming: "UpcomingSection") -> str | None:
         ext, section, lease, version = run.job.external_id, upcoming.section, run.lease, upcoming.version
         deltas = self.deltas.open(ext, index=section.idx, version=version)
 
@@ -313,7 +321,9 @@ class ManuscriptOrchestrator:
                     errors.append(exc)
                     return
 
-        workers = [threading.Thread(target=work, name=f"section-{run.job.external_id}-{n}", daemon=True)
+        # Each worker in a copy of this thread's context: its spans are children of the run's.
+        workers = [threading.Thread(target=contextvars.copy_context().run, args=(work,),
+                                    name=f"section-{run.job.external_id}-{n}", daemon=True)
                    for n in range(width)]
         for worker in workers:
             worker.start()
@@ -381,13 +391,26 @@ class ManuscriptOrchestrator:
             if reason := meter.add_output(count_tokens(text, request.model)):
                 abort.abort(reason)  # the next token would pass a limit: stop the stream now
 
-        try:
-            result = self.provider.stream(request, abort, metered if meter is not None else on_delta)
-        except ProviderRefused as exc:
-            if exc.partial is not None:
-                self.jobs.record_attempts(run.job.id, run.spend(self._attempts(idx, request, exc.partial, purpose, version)))
-            raise
-        return result, run.spend(self._attempts(idx, request, result, purpose, version))
+        # The GenAI semantic conventions' client span: "{operation} {model}", tokens as billed.
+        with tracing.span(f"chat {request.model}", kind="client", attributes={
+                "gen_ai.operation.name": "chat", "gen_ai.provider.name": self.provider.name,
+                "gen_ai.request.model": request.model, "rtqcc.purpose": purpose,
+                **({"gen_ai.request.max_tokens": request.max_tokens} if request.max_tokens else {}),
+                **({"gen_ai.request.temperature": request.temperature} if request.temperature is not None else {}),
+                }) as call:
+            try:
+                result = self.provider.stream(request, abort, metered if meter is not None else on_delta)
+            except ProviderRefused as exc:
+                if exc.partial is not None:
+                    self.jobs.record_attempts(run.job.id, run.spend(self._attempts(idx, request, exc.partial, purpose, version)))
+                raise
+            attempts = self._attempts(idx, request, result, purpose, version)
+            call.set_attributes({
+                "gen_ai.usage.input_tokens": sum(a.billed_prompt_tokens for a in attempts),
+                "gen_ai.usage.output_tokens": sum(a.billed_completion_tokens for a in attempts),
+                "gen_ai.response.finish_reasons": [result.finish_reason or result.aborted or "cut"],
+            })
+        return result, run.spend(attempts)
 
     def _attempts(self, idx: int | None, request: GenerationRequest, result: GenerationResult, purpose: str,
                   version: int | None) -> list[Attempt]:
