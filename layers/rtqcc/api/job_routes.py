@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from ..bus.control import ControlCommand, send_control
 from ..delivery.exports import stored_export
-from ..delivery.formats import ExportFormat, choose_format, content_disposition, download_name
+from ..delivery.formats import EXPORT_CSP, ExportFormat, choose_format, content_disposition, download_name
 from ..errors import BadRequest, NotFound, NotReady
 from ..ids import is_external_id
 from ..status import JobPriority, JobStatus, SectionStatus
@@ -224,28 +224,28 @@ def get_manuscript(call: ApiCall, external_id: str) -> Response:
     s = call.svc
     limit = s.settings.max_inline_manuscript_bytes
     if fmt.binary:
-        limit = limit * 3 // 4  # a binary answer travels base64-encoded, a third larger
+        # Chalice, as API Gateway, answers binary only to a request whose Accept names its type
+        # (or */*): any other client is sent to S3. And base64 makes the answer a third larger.
+        limit = limit * 3 // 4 if _takes_binary(call.request.headers.get("accept"), fmt) else 0
     disposition = content_disposition(download_name(job.title, job.external_id, fmt))
     export = stored_export(s.blobs, job.manuscript_key, job.title, fmt, inline_limit_bytes=limit,
                            disposition=disposition)
-    if export.body is None or (fmt.binary and not _takes_binary(call.request.headers.get("accept"), fmt)):
-        # Past what a function may answer (Lambda: 6 MB), or binary to a client whose Accept
-        # names no binary type (API Gateway and Chalice would refuse or mangle the answer): the
-        # client downloads it from S3 directly.
+    if export.body is None:
+        # Past what a function may answer (Lambda: 6 MB): the client downloads it from S3 directly.
         location = s.blobs.presigned_get(export.key)
-        return Response(body="", status_code=303, headers={"Location": location, "Cache-Control": "no-store",
-                                                           "Content-Disposition": disposition})
+        return Response(body="", status_code=303, headers={
+            "Location": location, "Cache-Control": "no-store", "Content-Disposition": disposition,
+            "Content-Type": "text/plain; charset=utf-8"})
     headers = {"Content-Type": fmt.content_type, "Content-Disposition": disposition,
                "X-Content-Type-Options": "nosniff"}
     if not fmt.binary:
         return Response(body=export.body.decode("utf-8"), status_code=200,
-                        headers={**headers, "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+                        headers={**headers, "Content-Security-Policy": EXPORT_CSP})
     return Response(body=export.body, status_code=200, headers=headers)
 
 
 def _takes_binary(accept: str | None, fmt: ExportFormat) -> bool:
-    """Chalice's rule (as API Gateway's binary media types): a binary answer only to a request
-    whose Accept names its type or */*."""
+    """Chalice's rule for a binary answer: the request's Accept names its type, or */*."""
     accept = (accept or "").lower()
     return "*/*" in accept or fmt.media_type in accept
 

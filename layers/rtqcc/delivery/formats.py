@@ -28,6 +28,8 @@ DOCX = ExportFormat("docx", "application/vnd.openxmlformats-officedocument.wordp
 PDF = ExportFormat("pdf", "application/pdf", "pdf", binary=True)
 FORMATS = {f.name: f for f in (MARKDOWN, HTML, DOCX, PDF)}
 BINARY_MEDIA_TYPES = [f.media_type for f in FORMATS.values() if f.binary]
+# A text export loads and runs nothing, as a file or as the API's answer: its own styles only.
+EXPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
 
 def choose_format(format_param: str | None, accept: str | None) -> ExportFormat:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from html import escape
 
+from .formats import EXPORT_CSP
 from .markdown import headings, parse, parser, split_title
 
 STYLE = """
@@ -30,8 +31,6 @@ table { border-collapse: collapse; } th, td { border: 1px solid #ccc; padding: .
 }
 @media print { nav.toc { display: none; } body { background: #fff; } }
 """
-# Nothing outside the file, no script: the styles above are the only thing it may apply.
-CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
 
 def render_html(markdown: str, title: str) -> bytes:
@@ -42,7 +41,7 @@ def render_html(markdown: str, title: str) -> bytes:
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{EXPORT_CSP}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n"
         f"<header>\n{heading}</header>\n{table_of_contents(body)}"
