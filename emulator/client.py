@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 import httpx
 from httpx_sse import connect_sse
 
+from rtqcc.delivery.formats import FORMATS
+
 
 def attachment_name(disposition: str | None) -> str | None:
     """The bare file name of a Content-Disposition header (no folder, not hidden), if it has one."""
@@ -125,7 +127,9 @@ class RtqccClient:
         """The manuscript in `fmt` (markdown, html, docx, pdf) and the file name the API gives it.
         A large one comes as a redirect to a presigned S3 URL: that one URL is followed, without
         the API key, and no redirect past it."""
-        response = self.http.get(f"/jobs/{external_id}/manuscript", params={"format": fmt}, follow_redirects=False)
+        # Naming the type gets a small DOCX or PDF inline; with */* it would come through S3.
+        response = self.http.get(f"/jobs/{external_id}/manuscript", params={"format": fmt}, follow_redirects=False,
+                                 headers={"Accept": FORMATS[fmt].media_type})
         if response.status_code >= 400:
             self._raise(response)
         name = attachment_name(response.headers.get("content-disposition"))

@@ -224,8 +224,8 @@ def get_manuscript(call: ApiCall, external_id: str) -> Response:
     s = call.svc
     limit = s.settings.max_inline_manuscript_bytes
     if fmt.binary:
-        # Chalice, as API Gateway, answers binary only to a request whose Accept names its type
-        # (or */*): any other client is sent to S3. And base64 makes the answer a third larger.
+        # Inline only to a client that asks for exactly this type (base64 makes it a third larger);
+        # any other, a browser or `Accept: */*`, downloads it from S3.
         limit = limit * 3 // 4 if _takes_binary(call.request.headers.get("accept"), fmt) else 0
     disposition = content_disposition(download_name(job.title, job.external_id, fmt))
     export = stored_export(s.blobs, job.manuscript_key, job.title, fmt, inline_limit_bytes=limit,
@@ -245,9 +245,12 @@ def get_manuscript(call: ApiCall, external_id: str) -> Response:
 
 
 def _takes_binary(accept: str | None, fmt: ExportFormat) -> bool:
-    """Chalice's rule for a binary answer: the request's Accept names its type, or */*."""
-    accept = (accept or "").lower()
-    return "*/*" in accept or fmt.media_type in accept
+    """Whether the gateway hands a base64 answer over as bytes: API Gateway decodes it only when
+    the first type in Accept is one of the API's binary media types (Chalice registers DOCX and
+    PDF, never */*, which would encode every JSON answer too); to any other client it would pass
+    the base64 text on as it is."""
+    first = (accept or "").split(",")[0].split(";")[0].strip().lower()
+    return first == fmt.media_type
 
 
 @route("/jobs/{external_id}/sections/{index}", "GET")
