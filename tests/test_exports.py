@@ -158,8 +158,9 @@ def test_html_from_the_model_or_a_user_is_text_in_every_format(api, run_consumer
     external_id = finished_job(api, run_consumer, title=title)
     edit_section(api, external_id, 1, HOSTILE)
 
-    tree = html5lib.HTMLParser(strict=True, namespaceHTMLElements=False).parse(
-        export(http, external_id, "html").content)
+    answer = export(http, external_id, "html")
+    assert answer.headers["content-disposition"] == 'attachment; filename="Notes-script-alert-0-script.html"'
+    tree = html5lib.HTMLParser(strict=True, namespaceHTMLElements=False).parse(answer.content)
     assert tree.findall(".//script") == [] and tree.findall(".//img") == [] and tree.findall(".//div") == []
     assert not [e for e in tree.iter() for name in e.attrib if name.lower().startswith("on")]
     assert all(not a.get("href", "").lower().startswith("javascript") for a in tree.iter("a"))
