@@ -6,10 +6,25 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from email.message import Message
+from pathlib import PurePosixPath
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import httpx
 from httpx_sse import connect_sse
+
+from rtqcc.delivery.formats import FORMATS
+
+
+def attachment_name(disposition: str | None) -> str | None:
+    """The bare file name of a Content-Disposition header (no folder, not hidden), if it has one."""
+    if not disposition:
+        return None
+    header = Message()
+    header["content-disposition"] = disposition
+    name = PurePosixPath((header.get_filename() or "").replace("\\", "/")).name
+    return name if name and not name.startswith(".") else None
 
 
 class ApiError(Exception):
@@ -107,6 +122,28 @@ class RtqccClient:
 
     def manuscript(self, external_id: str) -> str:
         return self._call("GET", f"/jobs/{external_id}/manuscript").text
+
+    def export(self, external_id: str, fmt: str) -> tuple[bytes, str | None]:
+        """The manuscript in `fmt` (markdown, html, docx, pdf) and the file name the API gives it.
+        A large one comes as a redirect to a presigned S3 URL: that one URL is followed, without
+        the API key, and no redirect past it."""
+        # Naming the type gets a small DOCX or PDF inline; with */* it would come through S3.
+        response = self.http.get(f"/jobs/{external_id}/manuscript", params={"format": fmt}, follow_redirects=False,
+                                 headers={"Accept": FORMATS[fmt].media_type})
+        if response.status_code >= 400:
+            self._raise(response)
+        name = attachment_name(response.headers.get("content-disposition"))
+        if not response.is_redirect:
+            return response.content, name
+        location = response.headers.get("location", "")
+        if urlsplit(location).scheme not in ("http", "https"):
+            raise ApiError(response.status_code, "bad_redirect", f"the API redirected to {location[:100]!r}")
+        with httpx.Client(timeout=self.http.timeout, follow_redirects=False) as storage:
+            download = storage.get(location)
+        if download.status_code != 200:
+            raise ApiError(download.status_code, "download_failed",
+                           f"the download from storage answered {download.status_code}")
+        return download.content, name
 
     def events(self, external_id: str, *, last_event_id: str | None = None,
                max_reconnects: int = 1000) -> Iterator[JobEvent]:

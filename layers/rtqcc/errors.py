@@ -42,6 +42,12 @@ class NotFound(ApiError):
     code = "not_found"
 
 
+class NotAcceptable(ApiError):
+    """The Accept header names no format the resource comes in."""
+    status = 406
+    code = "not_acceptable"
+
+
 class InvalidTransition(ApiError):
     status = 409
     code = "invalid_transition"

@@ -31,3 +31,12 @@ def find_unstorable(value: Any, path: str = "body") -> str | None:
             if found:
                 return found
     return None
+
+
+# XML 1.0 has no place for these (DOCX is XML; HTML parsers report them; PDF fonts lack them).
+_NOT_IN_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def strip_xml_illegal(text: str) -> str:
+    """For a document export: drop the control characters an XML document cannot hold."""
+    return _NOT_IN_XML.sub("", text)

@@ -7,6 +7,7 @@ from typing import Callable
 
 from chalice import Chalice
 
+from ..delivery.formats import BINARY_MEDIA_TYPES
 from ..services import Services
 from . import job_routes, operation_routes, revision_routes
 from .edge import LazyServices, ThreadSafeChalice, mount
@@ -17,5 +18,6 @@ ROUTE_MODULES = (job_routes, revision_routes, operation_routes)
 
 def create_app(services_factory: Callable[[], Services], *, app_name: str = "rtqcc-api") -> Chalice:
     app = ThreadSafeChalice(app_name=app_name)
+    app.api.binary_types.extend(BINARY_MEDIA_TYPES)  # the DOCX and PDF exports
     mount(app, LazyServices(services_factory))
     return app

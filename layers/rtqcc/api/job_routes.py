@@ -10,6 +10,8 @@ from chalice import Response
 from redis.exceptions import RedisError
 
 from ..bus.control import ControlCommand, send_control
+from ..delivery.exports import stored_export
+from ..delivery.formats import EXPORT_CSP, ExportFormat, choose_format, content_disposition, download_name
 from ..errors import BadRequest, NotFound, NotReady
 from ..ids import is_external_id
 from ..status import JobPriority, JobStatus, SectionStatus
@@ -214,16 +216,42 @@ def stream_token(call: ApiCall, external_id: str) -> Response:
 
 @route("/jobs/{external_id}/manuscript", "GET")
 def get_manuscript(call: ApiCall, external_id: str) -> Response:
+    """The manuscript as markdown, HTML, DOCX or PDF (`?format=`, else the Accept header): each
+    export built once per manuscript revision and kept in S3 (delivery/exports.py)."""
     job = call.job(external_id)
+    fmt = choose_format(call.params.get("format"), call.request.headers.get("accept"))
     if job.status != JobStatus.COMPLETED or not job.manuscript_key:
         raise NotReady(f"Job {external_id} is {job.status.value}; the manuscript exists once it is completed.")
     s = call.svc
-    body = s.blobs.read_at_most(job.manuscript_key, s.settings.max_inline_manuscript_bytes)
-    if body is None:
+    limit = s.settings.max_inline_manuscript_bytes
+    if fmt.binary:
+        # Inline only to a client that asks for exactly this type (base64 makes it a third larger);
+        # any other, a browser or `Accept: */*`, downloads it from S3.
+        limit = limit * 3 // 4 if _takes_binary(call.request.headers.get("accept"), fmt) else 0
+    disposition = content_disposition(download_name(job.title, job.external_id, fmt))
+    export = stored_export(s.blobs, job.manuscript_key, job.title, fmt, inline_limit_bytes=limit,
+                           disposition=disposition)
+    if export.body is None:
         # Past what a function may answer (Lambda: 6 MB): the client downloads it from S3 directly.
-        return Response(body="", status_code=303,
-                        headers={"Location": s.blobs.presigned_get(job.manuscript_key), "Cache-Control": "no-store"})
-    return Response(body=body.decode("utf-8"), status_code=200, headers={"Content-Type": "text/markdown; charset=utf-8"})
+        location = s.blobs.presigned_get(export.key)
+        return Response(body="", status_code=303, headers={
+            "Location": location, "Cache-Control": "no-store", "Content-Disposition": disposition,
+            "Content-Type": "text/plain; charset=utf-8"})
+    headers = {"Content-Type": fmt.content_type, "Content-Disposition": disposition,
+               "X-Content-Type-Options": "nosniff"}
+    if not fmt.binary:
+        return Response(body=export.body.decode("utf-8"), status_code=200,
+                        headers={**headers, "Content-Security-Policy": EXPORT_CSP})
+    return Response(body=export.body, status_code=200, headers=headers)
+
+
+def _takes_binary(accept: str | None, fmt: ExportFormat) -> bool:
+    """Whether the gateway hands a base64 answer over as bytes: API Gateway decodes it only when
+    the first type in Accept is one of the API's binary media types (Chalice registers DOCX and
+    PDF, never */*, which would encode every JSON answer too); to any other client it would pass
+    the base64 text on as it is."""
+    first = (accept or "").split(",")[0].split(";")[0].strip().lower()
+    return first == fmt.media_type
 
 
 @route("/jobs/{external_id}/sections/{index}", "GET")

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
+from ..delivery.formats import FORMATS
 from . import models
 
 
@@ -18,10 +19,11 @@ class Operation:
     method: str
     path: str
     summary: str
-    responses: dict[int, type[BaseModel] | str]
+    responses: dict[int, type[BaseModel] | str | tuple[str, ...]]  # a model (JSON), or media types of text
     body: type[BaseModel] | None = None
     auth: bool = True
     query: tuple[str, ...] = field(default=())
+    query_values: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the values a query parameter takes
 
 
 _ERRORS = {400: models.ErrorBody, 401: models.ErrorBody, 404: models.ErrorBody}
@@ -43,8 +45,10 @@ OPERATIONS = (
     Operation("GET", f"{_JOB}/stream", "Follow a job's events (Server-Sent Events)",
               {200: "text/event-stream", 204: "text/plain", **_ERRORS}, query=("lastEventId", "last_event_id", "access_token")),
     Operation("POST", f"{_JOB}/stream-token", "Get a short-lived token for EventSource", {201: models.StreamToken, **_ERRORS}),
-    Operation("GET", f"{_JOB}/manuscript", "Get the finished manuscript",
-              {200: "text/markdown", 409: models.ErrorBody, **_ERRORS}),
+    Operation("GET", f"{_JOB}/manuscript", "Get the finished manuscript: markdown, HTML, DOCX or PDF (?format=, else Accept)",
+              {200: tuple(f.media_type for f in FORMATS.values()), 303: "text/plain", 406: models.ErrorBody,
+               409: models.ErrorBody, **_ERRORS},
+              query=("format",), query_values={"format": tuple(FORMATS)}),
     Operation("GET", f"{_JOB}/sections/{{index}}", "Get one section", {200: models.SectionDocument, **_ERRORS}),
     Operation("PUT", f"{_JOB}/outline", "Replace the outline (created or awaiting review)",
               {200: models.JobDocument, 409: models.ErrorBody, 422: models.ErrorBody, **_ERRORS}, body=models.OutlineIn),
@@ -85,15 +89,18 @@ def openapi_document() -> dict:
         entry: dict = {"summary": op.summary, "operationId": _operation_id(op), "responses": {}}
         params = [{"name": name[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
                   for name in op.path.split("/") if name.startswith("{")]
-        params += [{"name": name, "in": "query", "required": False, "schema": {"type": "string"}} for name in op.query]
+        params += [{"name": name, "in": "query", "required": False,
+                    "schema": {"type": "string", **({"enum": list(op.query_values[name])} if name in op.query_values
+                                                    else {})}} for name in op.query]
         if params:
             entry["parameters"] = params
         if op.body:
             entry["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{op.body.__name__}"}}}}
         for status, answer in op.responses.items():
-            if isinstance(answer, str):
-                content = {answer: {"schema": {"type": "string"}}}
+            if isinstance(answer, (str, tuple)):
+                content = {media: {"schema": {"type": "string"}} for media in
+                           ((answer,) if isinstance(answer, str) else answer)}
             else:
                 content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{answer.__name__}"}}}
             entry["responses"][str(status)] = {"description": _describe(status), "content": content}
@@ -121,6 +128,8 @@ def _operation_id(op: Operation) -> str:
 
 def _describe(status: int) -> str:
     return {200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 400: "Bad request",
+            303: "See the Location header: a presigned download, past the size a function may answer",
+            406: "The Accept header names no format this comes in",
             401: "Missing or invalid API key", 404: "Not found", 409: "Conflict with the job's state",
             412: "If-Match names a version that is no longer current", 413: "Body too large", 415: "Not JSON", 422: "Invalid body (also: a model not allowed, a budget above the"
             " tenant's cap, a cost limit on a model without a price)",

@@ -64,8 +64,17 @@ def manuscript_key(external_id: str, revision: int = 0) -> str:
     return f"manuscripts/{external_id}/manuscript.r{revision}.md"
 
 
+def export_key(manuscript_key: str, extension: str) -> str:
+    """Where an export of one assembly of the manuscript is stored: beside it, named after it
+    (`manuscripts/{id}/exports/manuscript.r2.pdf` for `manuscripts/{id}/manuscript.r2.md`), so a
+    revision, which makes a new manuscript key, makes new exports and the old ones stay whole."""
+    folder, _, name = manuscript_key.rpartition("/")
+    return f"{folder}/exports/{name.removesuffix('.md')}.{extension}"
+
+
 class BlobStore(Protocol):
-    def put(self, key: str, body: bytes, content_type: str = "text/markdown; charset=utf-8") -> None: ...
+    def put(self, key: str, body: bytes, content_type: str = "text/markdown; charset=utf-8", *,
+            content_disposition: str | None = None) -> None: ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -113,11 +122,15 @@ class S3BlobStore:
                 if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
-    def put(self, key: str, body: bytes, content_type: str = "text/markdown; charset=utf-8") -> None:
+    def put(self, key: str, body: bytes, content_type: str = "text/markdown; charset=utf-8", *,
+            content_disposition: str | None = None) -> None:
+        """Store `body`; `content_disposition`: the header S3 answers every download of it with
+        (an export's file name, kept with the object rather than signed into each URL)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        extra = {"ContentDisposition": content_disposition} if content_disposition else {}
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, **extra)
         except (BotoCoreError, ClientError) as exc:
             raise _unavailable("store", key, exc) from exc
 
