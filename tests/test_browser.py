@@ -172,10 +172,10 @@ def check_finished_page(page, gateway, external_id: str, title: str, sections: i
     assert manuscript.startswith(f"# {title}\n")
     for index in range(sections):
         assert section_text(page, index) in norm(manuscript)
-    # The other formats' buttons ask the same route for their format.
-    for fmt in ("html", "docx", "pdf"):
-        assert page.is_visible(f"#export-{fmt}")
+    # The other formats' buttons ask the same route for their format, and each file downloads.
+    for fmt, ext, starts in (("html", "html", b"<!doctype html"), ("docx", "docx", b"PK\x03\x04"), ("pdf", "pdf", b"%PDF-")):
         assert page.get_attribute(f"#export-{fmt}", "href") == f"/jobs/{external_id}/manuscript?format={fmt}"
+        assert download(page, f"#export-{fmt}", f"{external_id}.{ext}")[:len(starts)].lower() == starts.lower()
     assert page.text_content("#error") == ""
     assert page.js_errors == []
 

@@ -460,12 +460,20 @@ $("resume").onclick = () => control("resume");
 $("cancel").onclick = () => control("cancel");
 $("retry").onclick = () => control("retry");
 
+// Named first in Accept, DOCX and PDF come inline (else the API redirects binary files to S3,
+// which API Gateway could not pass through as bytes).
+const EXPORT_TYPES = {
+  markdown: "text/markdown", html: "text/html", pdf: "application/pdf",
+  docx: "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+};
+
 for (const link of $("exports").querySelectorAll("a")) {
   link.onclick = async (e) => {
     e.preventDefault();
     say($("job-error"), "");
     try {
-      const { data } = await request("GET", link.getAttribute("href"), { blob: true });
+      const { data } = await request("GET", link.getAttribute("href"),
+                                     { blob: true, headers: { Accept: EXPORT_TYPES[link.dataset.format] } });
       const save = document.createElement("a");
       save.href = URL.createObjectURL(data);
       save.download = `${state.id}.${link.dataset.ext}`;
