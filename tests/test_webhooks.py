@@ -443,3 +443,38 @@ def test_the_consumer_sends_within_its_budget(make_services, make_api, receiver,
     # A budget shorter than one attempt's timeout claims nothing it could not finish.
     cancelled_job(api)
     assert run_consumer(services=make_services(**QUICK), budget_s=1).webhook_attempts == 0
+
+
+def test_the_cli_manages_endpoints_and_shows_their_deliveries(make_services, start_gateway, receiver, send_webhooks,
+                                                             capsys):
+    from rtqcc.cli import main
+
+    services = make_services(**QUICK)
+    gateway = start_gateway(services_override=services)
+
+    def cli(*argv: str) -> list[str]:
+        assert main(["webhooks", "--url", gateway.base_url, "--key", gateway.key, *argv]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out.strip().splitlines()
+
+    created = cli("create", f"{receiver.url}/cli", "--events", "job.cancelled,job.completed", "--description", "ops")
+    webhook_id = created[0].split()[0]
+    secret = created[1].rsplit(" ", 1)[1]
+    assert webhook_id.startswith("wh_") and secret.startswith("whsec_")
+    assert cli("list") == [f"{webhook_id}  {'job.cancelled,job.completed':<40}  {receiver.url}/cli  ops"]
+
+    with gateway.client() as client:
+        external_id = client.create(title="t", brief="b", section_count=1)["externalId"]
+        client.control(external_id, "cancel")
+    send_webhooks(services)
+    wait_for(lambda: receiver.requests, what="the delivery")
+    assert verified(secret, receiver.requests[0])["data"]["externalId"] == external_id
+    (line,) = wait_for(lambda: [l for l in cli("deliveries", webhook_id) if "succeeded" in l], what="the log")
+    delivery_id = line.split()[0]
+    assert "job.cancelled" in line and external_id in line and delivery_id.startswith("msg_")
+    assert cli("redeliver", webhook_id, delivery_id) == ["pending"]
+
+    rotated = cli("rotate", webhook_id)
+    assert rotated[1].rsplit(" ", 1)[1] != secret
+    assert cli("delete", webhook_id) == [f"deleted {webhook_id}"]
+    assert main(["webhooks", "--url", gateway.base_url, "--key", gateway.key, "delete", webhook_id]) == 1
+    assert "No webhook" in capsys.readouterr().err

@@ -113,6 +113,7 @@ class Consumer:
             failpoints=self.failpoints,
             prices=self.settings.prices,
             quotas=QuotaStore(services.db, self.settings),
+            webhooks=services.webhooks,
         )
 
     @property
