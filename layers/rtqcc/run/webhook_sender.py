@@ -16,6 +16,7 @@ from ..delivery.targets import Resolver, TargetPolicy, resolve
 from ..delivery.webhook_post import AttemptResult, post_delivery
 from ..settings import Settings
 from ..store.webhooks import DueDelivery, WebhookStore
+from .failures import OUTAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,15 @@ class WebhookSender:
     def run(self, deadline: float, finishing: threading.Event) -> int:
         """Send due deliveries until `deadline` (on `clock`), waiting `webhook_poll_s` (or a wake)
         between empty looks; once `finishing` is set, send what is due now and return. No batch
-        is claimed that could not end before the deadline. How many attempts were made."""
+        is claimed with less than one timeout left. How many attempts were made."""
         s, attempted = self.settings, 0
         with ThreadPoolExecutor(s.webhook_concurrency, thread_name_prefix="webhook") as pool:
             while self.clock() + s.webhook_timeout_s < deadline:
                 self._wake.clear()
                 try:
                     sent = self.deliver_due(pool)
-                except Exception as exc:  # Postgres away: try again after a pause, within the budget
-                    log.warning("webhook sender could not claim deliveries: %s", exc)
+                except (*OUTAGE_ERRORS, OSError) as exc:  # Postgres away: again after a pause, within the budget
+                    log.warning("webhook sender could not reach Postgres: %s", exc)
                     sent = 0
                 attempted += sent
                 if sent:
