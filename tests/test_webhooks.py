@@ -478,3 +478,51 @@ def test_the_cli_manages_endpoints_and_shows_their_deliveries(make_services, sta
     assert cli("delete", webhook_id) == [f"deleted {webhook_id}"]
     assert main(["webhooks", "--url", gateway.base_url, "--key", gateway.key, "delete", webhook_id]) == 1
     assert "No webhook" in capsys.readouterr().err
+
+
+class RefusingProvider:
+    """A provider that refuses every call the way a retry will not fix."""
+
+    name = "refusing"
+
+    def stream(self, request, abort, on_delta):
+        from rtqcc.errors import ProviderError
+
+        raise ProviderError("the model refused the brief")
+
+
+def test_awaiting_review_and_failed_are_announced_with_their_reason(make_api, make_services, run_consumer, receiver):
+    api, _ = make_api(**QUICK)
+    hook = register(api, receiver.url, ["job.awaiting_review", "job.failed"])
+    reviewed = api.create(outline=[{"title": "One"}], review={"outline": True})
+    assert api.post(f"/jobs/{reviewed}/start").json_body["status"] == "awaiting_review"  # the API's transition
+    failing = api.create(section_count=1)
+    api.post(f"/jobs/{failing}/start")
+
+    result = run_consumer(services=make_services(provider=RefusingProvider(), **QUICK))
+    assert result.failed == 1 and result.webhook_attempts == 2
+    events = {e["type"]: e["data"] for e in (verified(hook["secret"], r) for r in receiver.requests)}
+    assert events["job.awaiting_review"] == {"externalId": reviewed, "title": "A field guide",
+                                             "status": "awaiting_review"}
+    assert events["job.failed"]["externalId"] == failing and events["job.failed"]["status"] == "failed"
+    assert events["job.failed"]["error"] and events["job.failed"]["status_reason"]
+
+
+def test_a_claim_whose_sender_died_lapses_and_the_delivery_is_sent_again(make_api, services):
+    api, _ = make_api(**LOOPBACK)
+    register(api, "http://127.0.0.1:9/never", ["job.cancelled"])
+    cancelled_job(api)
+    (claimed,) = services.webhooks.claim_due(10, hold_s=0.2)
+    assert services.webhooks.claim_due(10, hold_s=0.2) == []  # held: no second sender takes it
+    # The first sender "died" without recording: once the hold lapses, the same delivery is due.
+    (again,) = wait_for(lambda: services.webhooks.claim_due(10, hold_s=60), what="the lapsed claim")
+    assert (again.public_id, again.attempt) == (claimed.public_id, 2)
+
+
+def test_the_backoff_doubles_to_its_cap_with_jitter(services):
+    settings = services.settings.with_overrides(webhook_backoff_s=5.0, webhook_backoff_max_s=3600.0)
+    low = WebhookSender(services.webhooks, settings, jitter=lambda: 0.0)
+    high = WebhookSender(services.webhooks, settings, jitter=lambda: 1.0)
+    assert [high.backoff_s(n) for n in (1, 2, 3, 4)] == [5.0, 10.0, 20.0, 40.0]
+    assert [low.backoff_s(n) for n in (1, 2, 3)] == [2.5, 5.0, 10.0]
+    assert high.backoff_s(20) == 3600.0 and high.backoff_s(10_000) == 3600.0
