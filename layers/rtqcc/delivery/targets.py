@@ -8,6 +8,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -31,11 +32,14 @@ class TargetPolicy:
 
     allowed: tuple[str, ...] = ()
 
+    @cached_property
+    def _networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(net, strict=False) for net in self.allowed]
+
     def check(self, address: IpAddress) -> None:
         """Raise TargetRefused unless `address` (and every address it embeds) may be reached."""
         for candidate in _with_embedded(address):
-            if any(candidate in ipaddress.ip_network(net, strict=False) for net in self.allowed
-                   if ipaddress.ip_network(net, strict=False).version == candidate.version):
+            if any(net.version == candidate.version and candidate in net for net in self._networks):
                 continue
             if candidate.is_multicast or not candidate.is_global:
                 raise TargetRefused(f"{address} is a {_kind(candidate)} address, which webhooks may not reach "
