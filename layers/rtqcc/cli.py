@@ -291,8 +291,9 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _webhooks(args: argparse.Namespace) -> int:
-    """`rtqcc webhooks create|list|delete|rotate|deliveries|redeliver`: one line per item."""
+def _with_client(args: argparse.Namespace, act) -> int:
+    """`act(client)` with a client of the API at --url, as --key: its exit status (None: 0); an
+    API error is one line and status 1."""
     from rtqcc_emulator.client import ApiError, RtqccClient
 
     if not args.key:
@@ -300,70 +301,71 @@ def _webhooks(args: argparse.Namespace) -> int:
         return 2
     with RtqccClient(args.url, args.key) as client:
         try:
-            if args.verb in ("create", "rotate"):
-                hook = (client.create_webhook(args.url_, [e.strip() for e in args.events.split(",") if e.strip()],
-                                              args.description) if args.verb == "create"
-                        else client.rotate_webhook_secret(args.webhook_id))
-                print(f"{hook['id']}  {hook['url']}  {','.join(hook['events'])}")
-                print(f"secret (shown once, store it now): {hook['secret']}")
-            elif args.verb == "list":
-                for hook in client.webhooks():
-                    print(f"{hook['id']}  {','.join(hook['events']):<40}  {hook['url']}  {hook['description']}")
-            elif args.verb == "delete":
-                client.delete_webhook(args.webhook_id)
-                print(f"deleted {args.webhook_id}")
-            elif args.verb == "deliveries":
-                page = client.webhook_deliveries(args.webhook_id, limit=args.limit, cursor=args.cursor)
-                for d in page["deliveries"]:
-                    print(f"{d['id']}  {d['event']:<20} {d['status']:<9} attempts {d['attempts']:<3}"
-                          f" last {d['last_status_code'] or '-':<4} {d['job'] or ''}  {d['last_error'] or ''}")
-                if page["next_cursor"]:
-                    print(f"more: --cursor {page['next_cursor']}")
-            elif args.verb == "redeliver":
-                print(client.redeliver(args.webhook_id, args.delivery_id)["status"])
+            return act(client) or 0
         except ApiError as exc:
             print(f"rtqcc: {exc.message} ({exc.status} {exc.code})", file=sys.stderr)
             return 1
-    return 0
+
+
+def _webhooks(args: argparse.Namespace) -> int:
+    """`rtqcc webhooks create|list|delete|rotate|deliveries|redeliver`: one line per item."""
+    return _with_client(args, lambda client: _webhook_verb(client, args))
+
+
+def _webhook_verb(client, args: argparse.Namespace) -> None:
+    if args.verb in ("create", "rotate"):
+        hook = (client.create_webhook(args.url_, [e.strip() for e in args.events.split(",") if e.strip()],
+                                      args.description) if args.verb == "create"
+                else client.rotate_webhook_secret(args.webhook_id))
+        print(f"{hook['id']}  {hook['url']}  {','.join(hook['events'])}")
+        print(f"secret (shown once, store it now): {hook['secret']}")
+    elif args.verb == "list":
+        for hook in client.webhooks():
+            print(f"{hook['id']}  {','.join(hook['events']):<40}  {hook['url']}  {hook['description']}")
+    elif args.verb == "delete":
+        client.delete_webhook(args.webhook_id)
+        print(f"deleted {args.webhook_id}")
+    elif args.verb == "deliveries":
+        page = client.webhook_deliveries(args.webhook_id, limit=args.limit, cursor=args.cursor)
+        for d in page["deliveries"]:
+            print(f"{d['id']}  {d['event']:<20} {d['status']:<9} attempts {d['attempts']:<3}"
+                  f" last {d['last_status_code'] or '-':<4} {d['job'] or ''}  {d['last_error'] or ''}")
+        if page["next_cursor"]:
+            print(f"more: --cursor {page['next_cursor']}")
+    elif args.verb == "redeliver":
+        print(client.redeliver(args.webhook_id, args.delivery_id)["status"])
 
 
 def _jobs(args: argparse.Namespace) -> int:
+    return _with_client(args, lambda client: _job_verb(client, args))
+
+
+def _job_verb(client, args: argparse.Namespace) -> int | None:
     import json
 
-    from rtqcc_emulator.client import ApiError, RtqccClient
-
-    if not args.key:
-        print("rtqcc: give the API key with --key or RTQCC_API_KEY", file=sys.stderr)
-        return 2
-    with RtqccClient(args.url, args.key) as client:
-        try:
-            if args.verb == "create":
-                extra = {"review": {"outline": True}} if args.review else {}
-                created = client.create(title=args.title, brief=args.brief, section_count=args.sections, **extra)
-                if args.start:
-                    client.control(created["externalId"], "start")
-                print(created["externalId"])
-            elif args.verb in ("start", "pause", "resume", "cancel", "approve"):
-                print(client.control(args.external_id, args.verb)["status"])
-            elif args.verb in _REVISION_VERBS:
-                _revise(client, args)
-            elif args.verb == "export":
-                return _export(client, args)
-            elif args.verb == "get":
-                print(json.dumps(client.get(args.external_id), indent=2))
-            elif args.verb == "list":
-                for job in client.list(status=args.status, limit=args.limit)["jobs"]:
-                    print(f"{job['externalId']}  {job['status']:<10}  {job['title']}")
-            elif args.verb == "watch":
-                for event in client.events(args.external_id):
-                    if event.type == "section.delta":
-                        print(event.data["text"], end="", flush=True)
-                    else:
-                        print(f"\n[{event.type}] {json.dumps(event.data)[:200]}", flush=True)
-        except ApiError as exc:
-            print(f"rtqcc: {exc.message} ({exc.status} {exc.code})", file=sys.stderr)
-            return 1
-    return 0
+    if args.verb == "create":
+        extra = {"review": {"outline": True}} if args.review else {}
+        created = client.create(title=args.title, brief=args.brief, section_count=args.sections, **extra)
+        if args.start:
+            client.control(created["externalId"], "start")
+        print(created["externalId"])
+    elif args.verb in ("start", "pause", "resume", "cancel", "approve"):
+        print(client.control(args.external_id, args.verb)["status"])
+    elif args.verb in _REVISION_VERBS:
+        _revise(client, args)
+    elif args.verb == "export":
+        return _export(client, args)
+    elif args.verb == "get":
+        print(json.dumps(client.get(args.external_id), indent=2))
+    elif args.verb == "list":
+        for job in client.list(status=args.status, limit=args.limit)["jobs"]:
+            print(f"{job['externalId']}  {job['status']:<10}  {job['title']}")
+    elif args.verb == "watch":
+        for event in client.events(args.external_id):
+            if event.type == "section.delta":
+                print(event.data["text"], end="", flush=True)
+            else:
+                print(f"\n[{event.type}] {json.dumps(event.data)[:200]}", flush=True)
 
 
 def _export(client, args: argparse.Namespace) -> int:
