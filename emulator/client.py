@@ -1,5 +1,5 @@
 """A small client for the RTQCC HTTP API (the emulator or a deployed stage), used by
-`rtqcc jobs ...` and the demo. `events()` follows a job's SSE stream across reconnects."""
+`rtqcc jobs ...`, `rtqcc webhooks ...` and the demo. `events()` follows a job's SSE stream across reconnects."""
 
 from __future__ import annotations
 
@@ -119,6 +119,29 @@ class RtqccClient:
         if outline is not None:
             body["outline"] = outline
         return self._call("POST", f"/jobs/{external_id}/fork", json=body).json()
+
+    def create_webhook(self, url: str, events: list[str], description: str = "") -> dict:
+        """A webhook endpoint, with its signing secret (shown this once)."""
+        body: dict[str, Any] = {"url": url, "events": events}
+        if description:
+            body["description"] = description
+        return self._call("POST", "/webhooks", json=body).json()
+
+    def webhooks(self) -> list[dict]:
+        return self._call("GET", "/webhooks").json()["webhooks"]
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self._call("DELETE", f"/webhooks/{webhook_id}")
+
+    def rotate_webhook_secret(self, webhook_id: str) -> dict:
+        return self._call("POST", f"/webhooks/{webhook_id}/rotate-secret").json()
+
+    def webhook_deliveries(self, webhook_id: str, *, limit: int = 20, cursor: str | None = None) -> dict:
+        params = {k: v for k, v in {"limit": limit, "cursor": cursor}.items() if v is not None}
+        return self._call("GET", f"/webhooks/{webhook_id}/deliveries", params=params).json()
+
+    def redeliver(self, webhook_id: str, delivery_id: str) -> dict:
+        return self._call("POST", f"/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver").json()
 
     def manuscript(self, external_id: str) -> str:
         return self._call("GET", f"/jobs/{external_id}/manuscript").text

@@ -89,6 +89,8 @@ class LocalStack:
         # A user's batch of a few hundred jobs runs at once: a job in flight is a waiting thread
         # (about 200 KB), and Postgres connections stay at the pool's size.
         env.setdefault("RTQCC_MAX_IN_FLIGHT", str(LOCAL_MAX_IN_FLIGHT))
+        # Webhooks to a receiver on this machine (a laptop's own tools); other private networks stay refused.
+        env.setdefault("RTQCC_WEBHOOK_ALLOW_PRIVATE", "127.0.0.0/8,::1/128")
         self.env = env
         settings = Settings.from_env(env)
         settings.check_serving()

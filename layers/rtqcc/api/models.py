@@ -41,6 +41,24 @@ class ReviewIn(_Strict):
         "POST /jobs/{id}/approve; PUT /jobs/{id}/outline may replace it meanwhile."))
 
 
+WebhookEvent = Literal["job.completed", "job.failed", "job.cancelled", "job.awaiting_review", "section.completed"]
+_WEBHOOK_URL = ("Where deliveries are POSTed: https (or http), no credentials in it. Its host must resolve to a "
+                "public address when a delivery is sent (private, loopback and link-local ones are refused unless "
+                "RTQCC_WEBHOOK_ALLOW_PRIVATE allows them).")
+
+
+class WebhookIn(_Strict):
+    url: str = Field(min_length=1, max_length=2048, description=_WEBHOOK_URL)
+    events: list[WebhookEvent] = Field(min_length=1, max_length=10)
+    description: str = Field(default="", max_length=500)
+
+
+class JobWebhookIn(_Strict):
+    url: str = Field(min_length=1, max_length=2048, description=_WEBHOOK_URL)
+    events: list[WebhookEvent] | None = Field(default=None, min_length=1, max_length=10, description=(
+        "Omitted: job.completed, job.failed, job.cancelled and job.awaiting_review"))
+
+
 class CreateJobIn(_Strict):
     title: str = Field(min_length=1, max_length=300)
     brief: str = Field(min_length=1, max_length=20_000)
@@ -62,6 +80,8 @@ class CreateJobIn(_Strict):
         "What each section's prompt carries of what came before: the end of the previous section (tail), or that "
         "and a running summary of the whole document so far (summary: generated after each section, accounted as "
         "its own attempts). Sections written in parallel carry their neighbours' briefs instead."))
+    webhook: JobWebhookIn | None = Field(default=None, description=(
+        "One URL told of this job's events, signed with a secret of its own returned once in the answer's webhook"))
 
 
 def outline_items(entries: list[OutlineEntryIn]) -> list:
@@ -199,12 +219,52 @@ class QuotaUse(_Out):
     active_jobs: CountQuota = Field(description="Jobs queued or running at once")
 
 
+class Webhook(_Out):
+    id: str
+    url: str
+    events: list[str]
+    description: str
+    job: str | None = Field(description="The job whose own URL this is (null: every job of the tenant)")
+    created_at: str
+    previous_secret_expires_at: str | None = Field(description=(
+        "After a rotation: until then the previous secret signs beside the new one"))
+
+
+class WebhookWithSecret(Webhook):
+    secret: str = Field(description="whsec_...: verifies the webhook-signature header; shown this once")
+
+
+class WebhookList(_Out):
+    webhooks: list[Webhook]
+
+
+class WebhookDelivery(_Out):
+    id: str = Field(description="The webhook-id header, the same on every attempt")
+    event: str
+    job: str | None
+    status: Literal["pending", "succeeded", "failed"]
+    attempts: int
+    next_attempt_at: str | None = Field(description="While pending")
+    last_attempt_at: str | None
+    last_status_code: int | None
+    last_error: str | None
+    last_response: str | None = Field(description="The start of the receiver's last answer")
+    delivered_at: str | None
+    created_at: str
+
+
+class WebhookDeliveryPage(_Out):
+    deliveries: list[WebhookDelivery]
+    next_cursor: str | None
+
+
 class JobCreated(_Out):
     externalId: str
     status: str
     links: Links
     budget: JobBudget | None = Field(default=None, description="The budget the job runs under, defaults applied")
     quota: QuotaUse | None = Field(default=None, description="The tenant's quotas and their use when it was created")
+    webhook: WebhookWithSecret | None = Field(default=None, description="The job's own webhook, when it named one")
 
 
 class JobSummary(_Out):

@@ -29,6 +29,7 @@ class Operation:
 _ERRORS = {400: models.ErrorBody, 401: models.ErrorBody, 404: models.ErrorBody}
 _JOB = "/jobs/{external_id}"
 _SECTION = f"{_JOB}/sections/{{index}}"
+_WEBHOOK = "/webhooks/{webhook_id}"
 # Verbs that put a job in the queue are checked against the tenant's quotas (quota_exceeded).
 _QUEUEING = {verb: {429: models.ErrorBody} for verb in ("start", "resume", "retry")}
 
@@ -69,6 +70,19 @@ OPERATIONS = (
               {201: models.SectionVersion, 409: models.ErrorBody, 412: models.ErrorBody, **_ERRORS}),
     Operation("POST", f"{_JOB}/fork", "Create a job that shares this one's first sections and writes the rest",
               {201: models.JobDocument, 409: models.ErrorBody, 422: models.ErrorBody, **_ERRORS}, body=models.ForkIn),
+    Operation("POST", "/webhooks", "Register a webhook endpoint (its signing secret is shown once)",
+              {201: models.WebhookWithSecret, 409: models.ErrorBody, 413: models.ErrorBody, 415: models.ErrorBody,
+               422: models.ErrorBody, **_ERRORS}, body=models.WebhookIn),
+    Operation("GET", "/webhooks", "List the tenant's webhook endpoints (no secrets)", {200: models.WebhookList, **_ERRORS}),
+    Operation("GET", _WEBHOOK, "Get a webhook endpoint", {200: models.Webhook, **_ERRORS}),
+    Operation("DELETE", _WEBHOOK, "Delete a webhook endpoint and its delivery log", {204: "text/plain", **_ERRORS}),
+    Operation("POST", f"{_WEBHOOK}/rotate-secret",
+              "A new signing secret, shown once; the previous one signs beside it for a grace period",
+              {200: models.WebhookWithSecret, **_ERRORS}),
+    Operation("GET", f"{_WEBHOOK}/deliveries", "An endpoint's deliveries, newest first",
+              {200: models.WebhookDeliveryPage, **_ERRORS}, query=("limit", "cursor")),
+    Operation("POST", f"{_WEBHOOK}/deliveries/{{delivery_id}}/redeliver",
+              "Send a delivery again now, with the same webhook-id", {202: models.WebhookDelivery, **_ERRORS}),
     Operation("GET", "/metrics", "Prometheus metrics", {200: "text/plain"}, auth=False),
     Operation("GET", "/openapi.json", "This document", {200: "application/json"}, auth=False),
     Operation("GET", "/healthz", "Liveness", {200: models.Health}, auth=False),
@@ -111,7 +125,7 @@ def openapi_document() -> dict:
         "openapi": "3.1.0",
         "info": {"title": "RTQCC", "version": __version__,
                  "description": "Durable long-document generation jobs: create, watch live, pause, resume, cancel,"
-                                " review the outline, regenerate, edit and lock sections, keep every version, fork."
+                                " review the outline, regenerate, edit and lock sections, keep every version, fork; signed webhooks."
                                 " Field names are snake_case; `externalId` keeps its historical camelCase; the query"
                                 " parameter `lastEventId` mirrors the SSE `Last-Event-ID` header (EventSource's name)"
                                 " and `last_event_id` is accepted too."},
@@ -130,7 +144,8 @@ def _describe(status: int) -> str:
     return {200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 400: "Bad request",
             303: "See the Location header: a presigned download, past the size a function may answer",
             406: "The Accept header names no format this comes in",
-            401: "Missing or invalid API key", 404: "Not found", 409: "Conflict with the job's state",
+            401: "Missing or invalid API key", 404: "Not found", 409: "Conflict with the job's state (webhooks: the"
+            " tenant has as many endpoints as it may)",
             412: "If-Match names a version that is no longer current", 413: "Body too large", 415: "Not JSON", 422: "Invalid body (also: a model not allowed, a budget above the"
             " tenant's cap, a cost limit on a model without a price)",
             429: "A quota is used up (quota_exceeded: tokens or cost today, with Retry-After until 00:00 UTC; jobs"

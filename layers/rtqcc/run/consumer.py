@@ -27,6 +27,7 @@ from ..store.leases import TenantAtCapacity
 from ..logs import configure_logging, log_context
 from ..metrics import MeasuredProvider, ModelLabels
 from .orchestrator import ManuscriptOrchestrator, RunOutcome
+from .webhook_sender import SenderThread, WebhookSender
 from ..writing.quotas import QuotaStore
 from ..services import Services
 from ..status import JobStatus
@@ -52,6 +53,7 @@ class DrainResult:
     parked: int = 0      # jobs set aside: their tenant ran as many as its cap allows
     returned: int = 0    # messages read as the budget ran out, put back on the queue untouched
     sections_written: int = 0
+    webhook_attempts: int = 0  # webhook deliveries sent (or refused) by this invocation's sender
     last_id: str | None = None
 
     def as_dict(self) -> dict:
@@ -101,6 +103,7 @@ class Consumer:
         self.failpoints = Failpoints(self.settings.crash_at)
         self._shutting_down = threading.Event()
         self._keeper: LeaseKeeper | None = None
+        self._webhooks: SenderThread | None = None
         self.metrics = services.metrics
         self.orchestrator = ManuscriptOrchestrator(
             jobs=services.jobs, blobs=services.blobs, events=services.events,
@@ -110,6 +113,7 @@ class Consumer:
             failpoints=self.failpoints,
             prices=self.settings.prices,
             quotas=QuotaStore(services.db, self.settings),
+            webhooks=services.webhooks,
         )
 
     @property
@@ -137,11 +141,14 @@ class Consumer:
         self._keeper = keeper
         if self._shutting_down.is_set():
             keeper.stop_all(StopReason.SHUTDOWN)
+        # Webhooks go out from here, beside the runs that write them, within the same budget.
+        self._webhooks = SenderThread(WebhookSender(self.services.webhooks, settings, clock=self.clock), deadline)
         try:
             with keeper, ThreadPoolExecutor(settings.max_in_flight, thread_name_prefix=f"run-{self.name}") as runs:
                 self._dispatch(runs, keeper, deadline, result)
         finally:
             self._keeper = None
+            result.webhook_attempts = self._webhooks.finish()
             self.metrics.flush()
         try:
             self._checkpoint(result)
@@ -164,6 +171,7 @@ class Consumer:
             for future in finished:
                 delivery = in_flight.pop(future)
                 result.add(future.result(), delivery.message_id)
+                self._webhooks.sender.wake()  # the run may have written deliveries
 
         def start(batch: list[Delivery]) -> None:
             for delivery in batch:

@@ -17,6 +17,7 @@ from .attempts import Attempt, AttemptLedger
 from .db import Connection, Database, Row
 from .leases import Lease, LeaseWrites
 from .sections import SECTION_COLUMNS, OutlineItem, Section, insert_sections
+from .webhooks import outbox_insert
 
 # Where callers have always found them.
 __all__ = ["Attempt", "DEFAULT_SECTION_COUNT", "Job", "JobStore", "Lease", "NewJob", "OutlineItem", "Section",
@@ -213,8 +214,8 @@ class JobStore(LeaseWrites, AttemptLedger):
         """`conn`: inside the caller's transaction (writing/quotas.py checks a quota and transitions under one lock)."""
         sources, target = TRANSITIONS[verb]
         row = (conn or self.db).row(
-            "WITH before AS (SELECT id, status FROM jobs WHERE external_id = :e AND tenant = :t FOR UPDATE)"
-            f" UPDATE jobs SET status = :target, status_reason = :reason, updated_at = now(),"
+            "WITH before AS (SELECT id, status FROM jobs WHERE external_id = :e AND tenant = :t FOR UPDATE),"
+            f" moved AS (UPDATE jobs SET status = :target, status_reason = :reason, updated_at = now(),"
             # A retried job starts with a clean slate: no error, no failed runs counted.
             " error = CASE WHEN :retry THEN NULL ELSE jobs.error END,"
             " failures = CASE WHEN :retry THEN 0 ELSE jobs.failures END,"
@@ -222,7 +223,9 @@ class JobStore(LeaseWrites, AttemptLedger):
             " options = CASE WHEN :approve THEN jsonb_set(jobs.options, '{review,approved}', 'true') ELSE jobs.options END,"
             " finished_at = CASE WHEN :target IN ('completed', 'failed', 'cancelled') THEN now() END"
             " FROM before WHERE jobs.id = before.id AND before.status = ANY(CAST(:sources AS text[]))"
-            f" RETURNING before.status AS previous, {', '.join('jobs.' + c.strip() for c in _JOB_COLUMNS.split(','))}",
+            f" RETURNING before.status AS previous, {', '.join('jobs.' + c.strip() for c in _JOB_COLUMNS.split(','))}),"
+            # Its webhook deliveries (job.cancelled, job.awaiting_review) in the same statement: the outbox.
+            f" announced AS ({outbox_insert('moved')}) SELECT * FROM moved",
             e=external_id,
             t=tenant,
             target=target.value,

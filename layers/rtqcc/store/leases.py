@@ -13,6 +13,7 @@ from .attempts import ATTEMPT_COLUMNS, INSERT_ATTEMPTS, USAGE_COLUMNS, Attempt, 
 from .versions import INSERT_VERSION, VERSION_COST
 from .db import Connection, Database, Row
 from .sections import OutlineItem, insert_sections
+from .webhooks import outbox_insert
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ _ACQUIRE = (
     " RETURNING id, lease_version, failures, error,"
     " (SELECT before.started_at IS NULL FROM jobs before WHERE before.id = jobs.id) AS first_run"
 )
+
+
+# complete_section's webhook deliveries: of the job in `fence`, when `done` marked the section.
+_SECTION_DONE = "(SELECT fence.id, fence.tenant, fence.external_id FROM fence JOIN done ON done.job_id = fence.id)"
+_SECTION_EVENT = "'section.completed'"
+_SECTION_EVENT_DATA = ("jsonb_build_object('externalId', src.external_id, 'index', CAST(:i AS int),"
+                       " 'version', CAST(:version AS int), 'chars', CAST(:chars AS int))")
 
 
 class TenantAtCapacity(Exception):
@@ -131,15 +139,20 @@ class LeaseWrites:
         """Move a running job to a terminal, paused or awaiting_review state (a completed one ends
         its revision, if any); False if it was no longer running under this lease (cancelled or
         paused meanwhile, or taken over)."""
-        changed = self.db.run(
-            "UPDATE jobs SET status = :s, error = :error, status_reason = :reason,"
+        # Its webhook deliveries are written by the same statement (the outbox): never lost, never
+        # sent for a change that did not happen.
+        row = self.db.row(
+            "WITH moved AS (UPDATE jobs SET status = :s, error = :error, status_reason = :reason,"
             " manuscript_key = COALESCE(:key, manuscript_key),"
             " manuscript_revision = COALESCE(CAST(:revision AS int), manuscript_revision),"
             " revision = CASE WHEN :s = 'completed' THEN NULL ELSE revision END,"
             " lease_owner = NULL, lease_expires_at = NULL,"
             " finished_at = CASE WHEN :s IN ('completed', 'failed', 'cancelled') THEN now() END,"
             " updated_at = now()"
-            " WHERE id = :j AND lease_version = :v AND lease_owner = :owner AND status = 'running'",
+            " WHERE id = :j AND lease_version = :v AND lease_owner = :owner AND status = 'running'"
+            " RETURNING id, tenant, external_id, title, status, status_reason, error),"
+            f" announced AS ({outbox_insert('moved')})"
+            " SELECT COUNT(*)::int AS changed FROM moved",
             s=status.value,
             error=error,
             reason=reason,
@@ -149,7 +162,7 @@ class LeaseWrites:
             v=lease.version,
             owner=lease.owner,
         )
-        return changed == 1
+        return row["changed"] == 1
 
     def save_outline(self, lease: Lease, outline: Iterable[OutlineItem]) -> None:
         with self.db.transaction() as conn:
@@ -167,16 +180,18 @@ class LeaseWrites:
         self._fenced_section_update(lease, idx, "status = 'pending', partial_text = :text", text=text)
 
     def complete_section(self, lease: Lease, idx: int, *, version: int, key: str, sha256: str, chars: int,
-                         attempts: list[Attempt], start_next: list[int], made_with: dict[str, Any]) -> Row:
+                         attempts: list[Attempt], start_next: list[int], made_with: dict[str, Any],
+                         announce: bool = True) -> Row:
         """Everything a finished section writes to Postgres, in one statement: its calls (recorded
         whoever holds the lease: they were paid for), its new version (called only after the S3
         write succeeded) made current on the fenced row, with what made it and what it cost, and
         the sections to write next marked running. Returns the section's usage over all its calls
         (usage_by_section's row). Raises LeaseLost, after recording the calls, if the lease is no
-        longer ours; a section already done (a cancelled revision put it back) stays as it is."""
+        longer ours; a section already done (a cancelled revision put it back) stays as it is.
+        With `announce`, its section.completed webhook deliveries are written by the statement too."""
         row = self.db.row(
-            "WITH fence AS (SELECT id FROM jobs WHERE id = :j AND lease_version = :v AND lease_owner = :owner"
-            f" FOR SHARE), added AS ({INSERT_ATTEMPTS} RETURNING {ATTEMPT_COLUMNS}),"
+            "WITH fence AS (SELECT id, tenant, external_id FROM jobs WHERE id = :j AND lease_version = :v"
+            f" AND lease_owner = :owner FOR SHARE), added AS ({INSERT_ATTEMPTS} RETURNING {ATTEMPT_COLUMNS}),"
             " done AS (UPDATE sections SET status = 'done', partial_text = '', content_key = :key,"
             " content_sha256 = :sha, content_chars = :chars, written_version = :v, completed_at = now(),"
             " current_version = :version, rewrite = NULL FROM fence"
@@ -190,6 +205,8 @@ class LeaseWrites:
             f" stored AS ({INSERT_VERSION} SELECT done.job_id, :i, :version, :key, :sha, :chars, 'model',"
             f" CAST(:made AS jsonb), paid.prompt_tokens, paid.completion_tokens, paid.cost_usd"
             f" FROM done, ({VERSION_COST} FROM calls WHERE section_version = :version AND purpose <> 'summary') AS paid RETURNING 1)"
+            # section.completed for the tenant's endpoints, only when this statement marked it done
+            + (f", announced AS ({outbox_insert(_SECTION_DONE, _SECTION_EVENT, _SECTION_EVENT_DATA)})" if announce else "") +
             f" SELECT (SELECT COUNT(*) FROM fence)::int AS held, {USAGE_COLUMNS} FROM calls",
             j=lease.job_id, v=lease.version, owner=lease.owner, i=idx, key=key, sha=sha256, chars=chars,
             attempts=attempts_json(attempts), next=start_next, version=version, made=json.dumps(made_with))
