@@ -256,6 +256,9 @@ class Settings:
     job_default_max_cost_usd: float | None = None
     job_max_tokens: int | None = None              # the most any job's budget may be
     job_max_cost_usd: float | None = None
+    # retention (run/deletion.py: prune): days a finished job is kept; None or 0: forever.
+    # A tenant's own is tenant_quotas.retention_days.
+    retention_days: int | None = None
     crash_at: str | None = None  # fault tests only: see run/failpoints.py
 
     @classmethod
@@ -343,6 +346,7 @@ class Settings:
             job_default_max_cost_usd=_float(env, "RTQCC_JOB_DEFAULT_MAX_COST_USD", None, minimum=0.0),
             job_max_tokens=_int(env, "RTQCC_JOB_MAX_TOKENS", None, minimum=1),
             job_max_cost_usd=_float(env, "RTQCC_JOB_MAX_COST_USD", None, minimum=0.0),
+            retention_days=_int(env, "RTQCC_RETENTION_DAYS", None, minimum=0),
             crash_at=env.get("RTQCC_CRASH_AT") or None,
         )
 

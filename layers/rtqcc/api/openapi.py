@@ -39,6 +39,8 @@ OPERATIONS = (
     Operation("GET", "/jobs", "List jobs, newest first", {200: models.JobPage, **_ERRORS},
               query=("status", "limit", "cursor")),
     Operation("GET", _JOB, "Get a job", {200: models.JobDocument, **_ERRORS}),
+    Operation("DELETE", _JOB, "Delete a job for good: stopped if running, then its rows, objects and events",
+              {202: models.JobDeleted, **_ERRORS}),
     *(Operation("POST", f"{_JOB}/{verb}", f"{verb.capitalize()} a job",
                 {202: models.JobDocument, 409: models.ErrorBody, **_QUEUEING.get(verb, {}), **_ERRORS})
       for verb in ("start", "pause", "resume", "cancel", "retry")),
@@ -69,6 +71,8 @@ OPERATIONS = (
               {201: models.SectionVersion, 409: models.ErrorBody, 412: models.ErrorBody, **_ERRORS}),
     Operation("POST", f"{_JOB}/fork", "Create a job that shares this one's first sections and writes the rest",
               {201: models.JobDocument, 409: models.ErrorBody, 422: models.ErrorBody, **_ERRORS}, body=models.ForkIn),
+    Operation("GET", "/usage", "The tenant's usage per UTC day or model (billed as reported, else counted)",
+              {200: models.UsageReport, **_ERRORS}, query=("from", "to", "group_by")),
     Operation("GET", "/metrics", "Prometheus metrics", {200: "text/plain"}, auth=False),
     Operation("GET", "/openapi.json", "This document", {200: "application/json"}, auth=False),
     Operation("GET", "/healthz", "Liveness", {200: models.Health}, auth=False),
