@@ -236,3 +236,15 @@ def test_prune_refuses_a_bad_limit(settings, s3_endpoint):
     env = consumer_env(settings, s3_endpoint)
     refused = run_cli(["prune", "--limit", "0"], env=env, without=EVERY_LOCAL_MODULE)
     assert refused.returncode == 2 and "--limit must be at least 1" in refused.stderr
+
+
+def test_deleting_a_job_gives_no_quota_back(api, run_consumer, database):
+    external_id = api.create(section_count=1)
+    api.post(f"/jobs/{external_id}/start")
+    assert run_consumer().completed == 1
+    spent = api.get(f"/jobs/{external_id}").json_body["usage"]["total_tokens"]
+    database.run("INSERT INTO tenant_quotas (tenant, tokens_per_day) VALUES ('tenant-a', :n)", n=spent)
+    assert api.post("/jobs", {"title": "T", "brief": "B"}).status_code == 429
+    assert api.delete(f"/jobs/{external_id}").status_code == 202
+    refused = api.post("/jobs", {"title": "T", "brief": "B"})
+    assert refused.status_code == 429 and refused.json_body["error"]["code"] == "quota_exceeded"
