@@ -68,8 +68,11 @@ def test_a_deleted_job_leaves_nothing_in_postgres_s3_or_redis(api, run_consumer,
     assert run_consumer().completed == 1
     edited = api.get(f"/jobs/{external_id}/sections/0")
     api.put(f"/jobs/{external_id}/sections/0", {"content": "A person's text."}, headers={"If-Match": edited.headers["ETag"]})
+    assert api.get(f"/jobs/{external_id}/manuscript?format=html").status_code == 200  # an export, stored
     job_id = _job_id(database, external_id)
-    assert len(blob_store.keys_under(job_prefix(external_id))) >= 4  # two sections, an edit, two manuscripts
+    stored = blob_store.keys_under(job_prefix(external_id))
+    assert any("/exports/" in key for key in stored)
+    assert len(stored) >= 5  # two sections, an edit, two manuscripts, an export
     assert job_events(redis_client, external_id)
 
     deleted = api.delete(f"/jobs/{external_id}")
