@@ -186,7 +186,7 @@ def blob_store(base_settings) -> S3BlobStore:
 
 @pytest.fixture
 def clean_state(database, redis_client) -> None:
-    database.run("TRUNCATE jobs, consumer_checkpoints, idempotency_keys, api_keys, tenant_quotas RESTART IDENTITY CASCADE")
+    database.run("TRUNCATE jobs, consumer_checkpoints, idempotency_keys, api_keys, tenant_quotas, deleted_usage RESTART IDENTITY CASCADE")
     redis_client.flushdb()
 
 
@@ -242,6 +242,9 @@ class ApiClient:
 
     def get(self, path: str, headers: dict | None = None):
         return self.client.http.get(path, headers=self.headers(headers))
+
+    def delete(self, path: str, headers: dict | None = None):
+        return self.client.http.delete(path, headers=self.headers(headers))
 
     def put(self, path: str, body: object, *, headers: dict | None = None):
         import json

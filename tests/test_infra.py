@@ -245,7 +245,7 @@ def effective(sam: dict, name: str) -> dict:
     return props
 
 
-FUNCTIONS = ("APIHandler", "Consumer", "Sweeper", "Migrate", "StreamFunction")
+FUNCTIONS = ("APIHandler", "Consumer", "Sweeper", "Pruner", "Migrate", "StreamFunction")
 
 
 def test_template_has_the_api_function_behind_api_gateway(sam):
@@ -259,8 +259,9 @@ def test_template_has_the_api_function_behind_api_gateway(sam):
     assert "${APIHandler.Arn}" in json.dumps(paths["/jobs"]["post"]["x-amazon-apigateway-integration"]["uri"])
 
 
-@pytest.mark.parametrize("name, schedule", [("Consumer", "rate(1 minute)"), ("Sweeper", "rate(5 minutes)")])
-def test_template_schedules_the_consumer_and_sweeper_with_timeout_and_reserved_concurrency(sam, name, schedule):
+@pytest.mark.parametrize("name, schedule", [("Consumer", "rate(1 minute)"), ("Sweeper", "rate(5 minutes)"),
+                                            ("Pruner", "rate(1 hour)")])
+def test_template_schedules_the_consumer_sweeper_and_pruner_with_timeout_and_reserved_concurrency(sam, name, schedule):
     props = effective(sam, name)
     config = CHALICE_CONFIG["stages"]["prod"]["lambda_functions"][name.lower()]
     assert props["Handler"] == f"app.{name.lower()}"
@@ -321,7 +322,7 @@ def test_chalice_config_stages():
         assert config["lambda_timeout"] <= 30, f"{stage}: API Gateway gives up after 29 s"
         assert long_poll_s < 29, "the buffered stream must answer before API Gateway gives up"
         functions = config["lambda_functions"]
-        assert set(functions) == {"consumer", "sweeper", "migrate"}, stage
+        assert set(functions) == {"consumer", "sweeper", "pruner", "migrate"}, stage
         for name, function in functions.items():
             assert function["reserved_concurrency"] >= 1 and function["lambda_timeout"] <= 900, (stage, name)
 
@@ -334,7 +335,8 @@ SCHEDULED_EVENT = {
 
 
 def test_app_py_scheduled_and_plain_functions_run_the_library(stream_env, monkeypatch, api):
-    """What the template's Consumer, Sweeper and Migrate invoke: app.consumer, app.sweeper, app.migrate."""
+    """What the template's Consumer, Sweeper, Pruner and Migrate invoke: app.consumer, app.sweeper, app.pruner,
+    app.migrate."""
     from rtqcc.run.consumer import TimeBudget
 
     for name, value in {**stream_env, "RTQCC_CONSUMER_IDLE_EXIT_MS": "200"}.items():
@@ -347,6 +349,7 @@ def test_app_py_scheduled_and_plain_functions_run_the_library(stream_env, monkey
     # The first sweep after a fresh Redis treats it as having lost data; nothing is runnable anyway.
     assert module.sweeper(SCHEDULED_EVENT, TimeBudget(10)) == {"requeued": 0, "queue_was_lost": True}
     assert module.sweeper(SCHEDULED_EVENT, TimeBudget(10)) == {"requeued": 0, "queue_was_lost": False}
+    assert module.pruner(SCHEDULED_EVENT, TimeBudget(10)) == {"deleted": 0, "waiting": 0, "failed": 0}
     assert module.migrate({}, TimeBudget(10)) == {"applied": []}  # the fixtures migrated already
 
 
@@ -357,6 +360,20 @@ def _terraform_references(value) -> set[str]:
         refs |= {".".join(m) for m in re.findall(r"\b(data)\.([a-z0-9_]+)\.([a-z0-9_\-]+)", expression)}
         refs |= {".".join(m) for m in re.findall(r"(?<!data\.)\b(aws_[a-z0-9_]+|var|local)\.([a-z0-9_\-]+)", expression)}
     return refs
+
+
+def test_the_bucket_cleans_up_what_s3_itself_leaves_behind(sam, packaged):
+    """Deletion removes a job's objects itself (run/deletion.py); lifecycle rules expire what S3 keeps
+    besides: parts of uploads never completed, versions a delete made noncurrent, delete markers."""
+    [rule] = sam["Resources"]["ManuscriptBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    assert rule["Status"] == "Enabled"
+    assert rule["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+    assert rule["NoncurrentVersionExpiration"] == {"NoncurrentDays": 1}
+    extra = json.loads((packaged / "terraform" / "rtqcc.tf.json").read_text())
+    [tf_rule] = extra["resource"]["aws_s3_bucket_lifecycle_configuration"]["manuscripts"]["rule"]
+    assert tf_rule["abort_incomplete_multipart_upload"] == [{"days_after_initiation": 1}]
+    assert tf_rule["noncurrent_version_expiration"] == [{"noncurrent_days": 1}]
+    assert effective(sam, "Pruner")["Environment"]["Variables"]["RTQCC_RETENTION_DAYS"] == {"Ref": "RetentionDays"}
 
 
 def test_terraform_output_is_complete_and_consistent(packaged):
@@ -507,8 +524,8 @@ def test_compose_file_follows_the_compose_spec():
 
 def test_compose_has_the_services_with_health_checks_and_start_order():
     services = COMPOSE["services"]
-    assert {"redis", "postgres", "minio", "minio-init", "migrate", "gateway", "consumer", "sweeper"} <= set(services)
-    assert APP_SERVICES == ["consumer", "gateway", "migrate", "sweeper"]
+    assert {"redis", "postgres", "minio", "minio-init", "migrate", "gateway", "consumer", "sweeper", "pruner"} <= set(services)
+    assert APP_SERVICES == ["consumer", "gateway", "migrate", "pruner", "sweeper"]
     for name in ("redis", "postgres", "minio", "gateway"):
         assert services[name]["healthcheck"]["test"], name
     assert "/readyz" in " ".join(services["gateway"]["healthcheck"]["test"])
@@ -739,7 +756,7 @@ def test_gateway_probes_and_service_point_at_the_port_it_listens_on():
     _check_command(container["command"])
 
 
-def test_consumer_loops_and_sweeper_runs_on_a_schedule():
+def test_consumer_loops_and_sweeper_and_pruner_run_on_a_schedule():
     consumer = _by_kind("Deployment", "rtqcc-consumer")
     [container] = consumer["spec"]["template"]["spec"]["containers"]
     assert container["command"][:3] == ["rtqcc", "consume", "--loop"]
@@ -750,11 +767,14 @@ def test_consumer_loops_and_sweeper_runs_on_a_schedule():
     assert consumer["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] * 1000 > \
         int(config["RTQCC_CONSUMER_SAFETY_MARGIN_MS"])
     assert budget_s > int(config["RTQCC_CONSUMER_SAFETY_MARGIN_MS"]) / 1000
-    cronjob = _by_kind("CronJob")
-    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
-    [sweeper] = _pod_spec(cronjob)["containers"]
-    assert sweeper["command"][:2] == ["rtqcc", "sweep"]
-    _check_command(sweeper["command"])
+    for name, command in (("rtqcc-sweeper", ["rtqcc", "sweep"]), ("rtqcc-pruner", ["rtqcc", "prune"])):
+        cronjob = _by_kind("CronJob", name)
+        assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+        [container] = _pod_spec(cronjob)["containers"]
+        assert container["command"][:2] == command
+        _check_command(container["command"])
+    assert _by_kind("CronJob", "rtqcc-pruner")["spec"]["schedule"] == "17 * * * *"  # hourly
+    assert "RTQCC_RETENTION_DAYS" in _by_kind("ConfigMap")["data"]
 
 
 def test_every_container_is_non_root_with_requests_and_limits_and_one_image():

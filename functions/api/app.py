@@ -6,6 +6,8 @@ schedules, timeouts and reserved concurrency into the same template:
   point); each invocation drains `jobs:pending` until its time is nearly spent.
 - `sweeper`: `rtqcc.run.sweeper.sweep`, which re-enqueues the jobs Postgres says should run (after Redis
   lost data, or a lease expired with nobody to reclaim it).
+- `pruner`: `rtqcc.run.deletion.prune`, which deletes finished jobs past their tenant's retention and
+  finishes deletions left half-done (`rtqcc prune`).
 And `migrate`, invoked by hand after a deploy (`aws lambda invoke`), since only the functions'
 VPC reaches the database: it applies the schema migrations the database lacks (`rtqcc migrate`)."""
 
@@ -43,6 +45,7 @@ app = create_app(_api_services)
 # Each is built on its first invocation: the API function's containers never import or open them.
 _drain: list = []
 _sweeper_services: list[Services] = []
+_pruner_services: list[Services] = []
 
 
 @app.schedule(Rate(1, unit=Rate.MINUTES), name="consumer",
@@ -66,6 +69,22 @@ def sweeper(event):
     summary = {"requeued": len(result.requeued), "queue_was_lost": result.queue_was_lost}
     logging.getLogger("rtqcc.run.sweeper").info("sweep finished %s", json.dumps(summary))
     return summary
+
+
+@app.schedule(Rate(1, unit=Rate.HOURS), name="pruner",
+              description="Deletes finished jobs past their tenant's retention; finishes interrupted deletions")
+def pruner(event):
+    from rtqcc.run.deletion import prune
+
+    if not _pruner_services:
+        _pruner_services.append(_services())
+    result = prune(_pruner_services[0], limit=PRUNE_LIMIT)
+    summary = {"deleted": result.deleted, "waiting": result.waiting, "failed": len(result.failed)}
+    logging.getLogger("rtqcc.run.deletion").info("prune finished %s", json.dumps(summary))
+    return summary
+
+
+PRUNE_LIMIT = 500  # jobs per hourly run: well within the function's timeout
 
 
 @app.lambda_function(name="migrate")

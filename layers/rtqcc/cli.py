@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     migrate_cmd = commands.add_parser("migrate", help="apply database migrations (idempotent)")
     migrate_cmd.add_argument("--create-database", action="store_true",
                              help="create the database named in DATABASE_URL if it is missing")
+    migrate_cmd.add_argument("--check", action="store_true",
+                             help="change nothing: exit 1 naming the migrations not applied yet, 0 when current")
 
     up_cmd = commands.add_parser("up", help="run the local stack in the foreground")
     up_cmd.add_argument("--port", type=int, default=int(os.environ.get("RTQCC_PORT", "8080")))
@@ -55,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep_cmd = commands.add_parser("sweep", help="re-enqueue jobs Postgres says should run (after Redis lost data)")
     sweep_cmd.add_argument("--queued-stale-after-s", type=float, default=600.0)
+
+    prune_cmd = commands.add_parser("prune", help="delete finished jobs past their tenant's retention, and finish"
+                                                  " deletions left half-done")
+    prune_cmd.add_argument("--limit", type=int, default=500, help="the most jobs deleted in this run")
 
     keys_cmd = commands.add_parser("keys", help="manage tenants' API keys (stored hashed in Postgres)")
     key_verbs = keys_cmd.add_subparsers(dest="verb", required=True)
@@ -166,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             return _consume(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "prune":
+            return _prune(args)
     except ConfigError as exc:
         print(f"rtqcc: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -289,6 +297,24 @@ def _sweep(args: argparse.Namespace) -> int:
         services.close()
     print(f"re-enqueued {len(result.requeued)} job(s)" + (" (the queue had been lost)" if result.queue_was_lost else ""))
     return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .services import Services
+    from .settings import Settings
+    from .run.deletion import prune
+
+    if args.limit < 1:
+        print("rtqcc: --limit must be at least 1", file=sys.stderr)
+        return 2
+    services = Services(Settings.from_env())
+    try:
+        result = prune(services, limit=args.limit)
+    finally:
+        services.close()
+    print(f"deleted {result.deleted} job(s), {result.waiting} waiting for their consumer to stop,"
+          f" {len(result.failed)} failed" + (f" ({', '.join(result.failed)})" if result.failed else ""))
+    return 1 if result.failed else 0
 
 
 def _with_client(args: argparse.Namespace, act) -> int:
@@ -435,10 +461,22 @@ def _read_text(path: str) -> str:
 
 def _migrate(args: argparse.Namespace) -> int:
     from .store.db import Database
-    from .store.migrate import ensure_database, migrate
+    from .store.migrate import ensure_database, migrate, pending_migrations
     from .settings import Settings
 
     settings = Settings.from_env()
+    if args.check:
+        db = Database(settings.database_url)
+        try:
+            pending = pending_migrations(db)
+        finally:
+            db.close()
+        if pending:
+            print(f"the database is behind: {len(pending)} migration(s) not applied: {', '.join(pending)}"
+                  " (run `rtqcc migrate`)", file=sys.stderr)
+            return 1
+        print("the database is up to date")
+        return 0
     if args.create_database and ensure_database(settings.database_url):
         print("created the database")
     db = Database(settings.database_url)

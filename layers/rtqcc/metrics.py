@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from redis import Redis
 
+from .bus.work_queue import DEAD_LETTERS
 from .writing.abort import AbortSignal
 from .store.stats import Stats
 from .writing.model_policy import allowed_models
@@ -31,6 +32,10 @@ HISTOGRAMS = {
     "provider_429_retry_after_seconds": ("The wait each 429 of the provider asked for (its count: the 429s)",
                                          ("provider", "model")),
     "queue_wait_seconds": ("From a job's creation to its first run", ("tenant",)),
+    "provider_error_seconds": ("Duration of provider streams that ended in an error (its count: the errors)",
+                               ("provider", "model")),
+    "api_request_seconds": ("Time the API took to answer, by method and status class (2xx, 4xx, 5xx)",
+                            ("method", "status")),
 }
 _KEY = "metrics:hist:{}"
 
@@ -141,9 +146,13 @@ class MeasuredProvider:
                 first.append(self.clock())
             on_delta(text)
 
-        result = self.inner.stream(request, abort, tap)
-        ended = self.clock()
         labels = {"provider": self.name, "model": self.model_label(request.model)}
+        try:
+            result = self.inner.stream(request, abort, tap)
+        except Exception:
+            self.recorder.observe("provider_error_seconds", self.clock() - started, **labels)
+            raise
+        ended = self.clock()
         if first:
             self.recorder.observe("provider_first_token_seconds", first[0] - started, **labels)
         self.recorder.observe("provider_stream_seconds", ended - started, **labels)
@@ -203,6 +212,14 @@ class _Collector:
                     lag.add_metric([group["name"]], group["lag"])
         yield pending
         yield lag
+        yield GaugeMetricFamily("rtqcc_dead_letters", "Entries in jobs:dead: jobs parked after too many failed runs",
+                                value=s.redis.xlen(DEAD_LETTERS))
+        checkpoint = GaugeMetricFamily("rtqcc_consumer_checkpoint_age_seconds",
+                                       "Seconds since any consumer last checkpointed (the end of an invocation)")
+        age_s = stats.checkpoint_age_s()
+        if age_s is not None:
+            checkpoint.add_metric([], age_s)
+        yield checkpoint
         yield from MetricsRecorder(s.redis).histograms()
 
 

@@ -280,6 +280,9 @@ class Settings:
     webhook_concurrency: int = 8           # deliveries one consumer sends at once
     webhook_secret_grace_s: float = 24 * 3600.0  # a rotated-out secret still signs this long
     max_webhooks_per_tenant: int = 20
+    # retention (run/deletion.py: prune): days a finished job is kept; None or 0: forever.
+    # A tenant's own is tenant_quotas.retention_days.
+    retention_days: int | None = None
     crash_at: str | None = None  # fault tests only: see run/failpoints.py
 
     @classmethod
@@ -376,6 +379,7 @@ class Settings:
             webhook_concurrency=_int(env, "RTQCC_WEBHOOK_CONCURRENCY", 8, minimum=1),
             webhook_secret_grace_s=_float(env, "RTQCC_WEBHOOK_SECRET_GRACE_S", 24 * 3600.0),
             max_webhooks_per_tenant=_int(env, "RTQCC_MAX_WEBHOOKS_PER_TENANT", 20, minimum=1),
+            retention_days=_int(env, "RTQCC_RETENTION_DAYS", None, minimum=0),
             crash_at=env.get("RTQCC_CRASH_AT") or None,
         )
 

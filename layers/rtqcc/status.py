@@ -14,6 +14,7 @@ class JobStatus(str, Enum):
     COMPLETED = "completed"  # every section stored and the manuscript assembled
     FAILED = "failed"        # stopped by an error a retry of the same input will not fix
     CANCELLED = "cancelled"  # stopped on request; never resumes
+    DELETING = "deleting"    # being deleted: gone from the API, its data removed next (run/deletion.py)
 
     @property
     def terminal(self) -> bool:

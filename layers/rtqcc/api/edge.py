@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -219,11 +220,22 @@ def _behind_the_edge(app: Chalice, services: LazyServices, view: Callable[..., A
                              attributes={"http.request.method": request.method, "http.route": name.split(" ", 1)[1],
                                          **({"rtqcc.job.external_id": path_params["external_id"]}
                                             if "external_id" in path_params else {})}) as span:
+            started = time.perf_counter()
             try:
                 response = view(ApiCall(request, services), **path_params)
             except Exception as exc:
                 response = error_response(error_answer(exc, f"{request.method} {request.path}"))
             span.set_attribute("http.response.status_code", getattr(response, "status_code", 200))
+            _observe(services, request.method, response, time.perf_counter() - started)
             return response
 
     return answer
+
+
+def _observe(services: LazyServices, method: str, answered: Any, seconds: float) -> None:
+    """The request's time by status class, for /metrics (the 5xx alert); never fails the request."""
+    status = answered.status_code if isinstance(answered, Response) else 200
+    try:
+        services().metrics.observe("api_request_seconds", seconds, method=method, status=f"{status // 100}xx")
+    except Exception as exc:  # the services could not be built: the answer already says so
+        log.debug("request not measured: %s", exc)

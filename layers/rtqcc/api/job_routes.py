@@ -90,8 +90,9 @@ def list_jobs(call: ApiCall) -> dict:
     owner = call.tenant()
     limit = int_param(call.params, "limit", default=20, lo=1, hi=MAX_PAGE)
     status = call.params.get("status")
-    if status is not None and status not in {s.value for s in JobStatus}:
-        raise BadRequest(f"status must be one of {', '.join(s.value for s in JobStatus)}; got {status!r}.")
+    listable = [s.value for s in JobStatus if s != JobStatus.DELETING]
+    if status is not None and status not in listable:
+        raise BadRequest(f"status must be one of {', '.join(listable)}; got {status!r}.")
     cursor = call.params.get("cursor")
     if cursor is not None and not is_external_id(cursor):
         raise BadRequest("cursor must be the next_cursor of a previous page.")
@@ -114,6 +115,19 @@ def get_job(call: ApiCall, external_id: str) -> dict:
         except RedisError as exc:  # the job's state is Postgres's: answer it without the detail
             log.warning("no queue position for %s, Redis is unavailable: %s", job.external_id, exc)
     return document
+
+
+@route("/jobs/{external_id}", "DELETE")
+def delete_job(call: ApiCall, external_id: str) -> Response:
+    """202 once the job is gone from the API for good; its data goes at once, or (a running job)
+    once its consumer has let go. A job already deleted is a 404: nothing is kept to say it was."""
+    from ..run.deletion import delete_job as delete  # off the cold path of the other routes
+
+    owner = call.tenant()
+    check_external_id(external_id)
+    deletion = delete(call.svc, owner, external_id)
+    return Response(body={"externalId": external_id, "status": "deleted" if deletion.done else "deleting"},
+                    status_code=202)
 
 
 def job_options(spec) -> dict:

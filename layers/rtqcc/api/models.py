@@ -412,3 +412,37 @@ class Health(_Out):
 class Readiness(_Out):
     status: str
     checks: dict[str, dict]
+
+
+class JobDeleted(_Out):
+    externalId: str
+    status: Literal["deleted", "deleting"] = Field(description=(
+        "deleted: its rows, objects and events are gone; deleting: gone from the API, its data removed once the "
+        "consumer that was running it has let go (a repeated DELETE or the next prune finishes it)"))
+
+
+class UsageFigures(_Out):
+    prompt_tokens: int = Field(description="Billed: as the provider reported, else as counted")
+    completion_tokens: int
+    total_tokens: int
+    reported: TokenFigures = Field(description="Summed over the calls the provider reported usage for")
+    counted: TokenFigures = Field(description="Our own count of every call")
+    estimated_attempts: int = Field(description="Calls billed by our count: the provider reported nothing")
+    cost_usd: float | None = Field(description="Null when a call's model has no price")
+    attempts: int
+    jobs: int = Field(description="Jobs with calls in the group (a job counts in each day it spent on)")
+    deleted_jobs: int = Field(description="Of those, jobs deleted since: their usage is kept for billing")
+
+
+class UsageGroup(UsageFigures):
+    day: str | None = Field(default=None, description="group_by=day: the UTC day, YYYY-MM-DD")
+    model: str | None = Field(default=None, description="group_by=model")
+
+
+class UsageReport(_Out):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: str = Field(alias="from", description="The first UTC day counted")
+    to: str = Field(description="The last UTC day counted (included)")
+    group_by: Literal["day", "model"]
+    groups: list[UsageGroup]
+    total: UsageFigures

@@ -40,6 +40,8 @@ OPERATIONS = (
     Operation("GET", "/jobs", "List jobs, newest first", {200: models.JobPage, **_ERRORS},
               query=("status", "limit", "cursor")),
     Operation("GET", _JOB, "Get a job", {200: models.JobDocument, **_ERRORS}),
+    Operation("DELETE", _JOB, "Delete a job for good: stopped if running, then its rows, objects and events",
+              {202: models.JobDeleted, **_ERRORS}),
     *(Operation("POST", f"{_JOB}/{verb}", f"{verb.capitalize()} a job",
                 {202: models.JobDocument, 409: models.ErrorBody, **_QUEUEING.get(verb, {}), **_ERRORS})
       for verb in ("start", "pause", "resume", "cancel", "retry")),
@@ -83,6 +85,8 @@ OPERATIONS = (
               {200: models.WebhookDeliveryPage, **_ERRORS}, query=("limit", "cursor")),
     Operation("POST", f"{_WEBHOOK}/deliveries/{{delivery_id}}/redeliver",
               "Send a delivery again now, with the same webhook-id", {202: models.WebhookDelivery, **_ERRORS}),
+    Operation("GET", "/usage", "The tenant's usage per UTC day or model (billed as reported, else counted)",
+              {200: models.UsageReport, **_ERRORS}, query=("from", "to", "group_by")),
     Operation("GET", "/metrics", "Prometheus metrics", {200: "text/plain"}, auth=False),
     Operation("GET", "/openapi.json", "This document", {200: "application/json"}, auth=False),
     Operation("GET", "/healthz", "Liveness", {200: models.Health}, auth=False),

@@ -137,6 +137,23 @@ class WorkQueue:
         rank = self.redis.zrank(waiting_key(tenant), external_id)
         return None if rank is None else rank + 1
 
+    def forget(self, tenant: str, external_id: str, *, page: int = 1000) -> int:
+        """Take a deleted job off every queue: its place waiting aside, and the entries naming it on
+        the stream and among the dead letters (both capped, so the scan is bounded). A pending entry
+        deleted here is acknowledged by whoever claims it (claim_stale). How many were removed."""
+        removed = int(self.redis.zrem(waiting_key(tenant), external_id))
+        for stream in (self.stream, DEAD_LETTERS):
+            start = "-"
+            while True:
+                entries = self.redis.xrange(stream, min=start, max="+", count=page)
+                naming = [entry_id for entry_id, fields in entries if fields.get("externalId") == external_id]
+                if naming:
+                    removed += int(self.redis.xdel(stream, *naming))
+                if len(entries) < page:
+                    break
+                start = "(" + entries[-1][0]
+        return removed
+
     def requeue_then_ack(self, external_id: str, message_id: str, *, trace: dict[str, str] | None = None) -> None:
         """Hand unfinished work back (with the trace it belongs to). The new entry is written
         before the old one is acknowledged, in one transaction, so neither a crash nor a lost

@@ -72,6 +72,16 @@ def export_key(manuscript_key: str, extension: str) -> str:
     return f"{folder}/exports/{name.removesuffix('.md')}.{extension}"
 
 
+def job_prefix(external_id: str) -> str:
+    """Every object of a job is stored under this (sections, versions, manuscripts, exports)."""
+    return f"manuscripts/{external_id}/"
+
+
+def job_of_key(key: str) -> str:
+    """The job whose prefix a key is under (a fork's rows name its source's objects)."""
+    return key.split("/", 2)[1] if key.count("/") >= 2 else ""
+
+
 class BlobStore(Protocol):
     def put(self, key: str, body: bytes, content_type: str = "text/markdown; charset=utf-8", *,
             content_disposition: str | None = None) -> None: ...
@@ -83,6 +93,10 @@ class BlobStore(Protocol):
     def presigned_get(self, key: str, *, expires_s: int = 300) -> str: ...
 
     def ping(self) -> None: ...
+
+    def keys_under(self, prefix: str) -> list[str]: ...
+
+    def delete(self, keys: list[str]) -> None: ...
 
 
 class BlobMissing(Exception):
@@ -163,6 +177,34 @@ class S3BlobStore:
 
     def ping(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
+
+    def keys_under(self, prefix: str) -> list[str]:
+        """Every key that starts with `prefix` (all its pages)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            return [item["Key"] for page in pages for item in page.get("Contents", [])]
+        except (BotoCoreError, ClientError) as exc:
+            raise _unavailable("list", prefix, exc) from exc
+
+    def delete(self, keys: list[str]) -> None:
+        """Delete the objects (a missing one is not an error), a thousand per request as S3 allows."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start:start + _DELETE_BATCH]
+            try:
+                answer = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True})
+            except (BotoCoreError, ClientError) as exc:
+                raise _unavailable("delete", batch[0], exc) from exc
+            failed = [error for error in answer.get("Errors", []) if error.get("Code") != "NoSuchKey"]
+            if failed:
+                raise _unavailable("delete", failed[0].get("Key", batch[0]), RuntimeError(failed[0].get("Message")))
+
+
+_DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
 
 
 def _unavailable(verb: str, key: str, exc: Exception) -> ServiceUnavailable:

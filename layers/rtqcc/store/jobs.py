@@ -160,7 +160,8 @@ class JobStore(LeaseWrites, AttemptLedger):
 
     def get(self, tenant: str, external_id: str) -> Job:
         row = self.db.row(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE external_id = :e AND tenant = :t", e=external_id, t=tenant
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE external_id = :e AND tenant = :t AND status <> 'deleting'",
+            e=external_id, t=tenant
         )
         if row is None:
             raise JobNotFound(f"No job {external_id} exists for this API key.")
@@ -172,7 +173,7 @@ class JobStore(LeaseWrites, AttemptLedger):
 
     def list(self, tenant: str, *, status: JobStatus | None, before: str | None, limit: int) -> list[Job]:
         rows = self.db.rows(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = :t"
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = :t AND status <> 'deleting'"
             " AND (CAST(:status AS text) IS NULL OR status = :status)"
             " AND (CAST(:before AS text) IS NULL OR external_id < :before)"
             " ORDER BY external_id DESC LIMIT :limit",

@@ -27,6 +27,17 @@ def available_migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+def pending_migrations(db: Database) -> list[str]:
+    """The versions this code has and the database has not applied yet (all, on a new database).
+    Reads only: safe against a live database, as a deploy pipeline's check."""
+    with db.connection() as conn:
+        if conn.row("SELECT to_regclass('schema_migrations') IS NOT NULL AS present")["present"]:
+            done = {row["version"] for row in conn.rows("SELECT version FROM schema_migrations")}
+        else:
+            done = set()
+    return [migration.version for migration in available_migrations() if migration.version not in done]
+
+
 def migrate(db: Database) -> list[str]:
     """Apply the migrations this database lacks; return the versions applied now."""
     applied_now: list[str] = []

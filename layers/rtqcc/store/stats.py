@@ -30,6 +30,11 @@ class Stats:
                             " AND lease_owner IS NOT NULL AND lease_expires_at > now() GROUP BY lease_owner")
         return {row["lease_owner"]: row["n"] for row in rows}
 
+    def checkpoint_age_s(self) -> float | None:
+        """Seconds since the most recent consumer checkpoint (None before any)."""
+        row = self.db.row("SELECT EXTRACT(EPOCH FROM now() - MAX(updated_at))::float8 AS age FROM consumer_checkpoints")
+        return row["age"] if row else None
+
     def waiting_by_tenant(self) -> dict[str, int]:
         """Queued jobs of each tenant (those waiting aside for its cap included)."""
         rows = self.db.rows("SELECT tenant, COUNT(*)::int AS n FROM jobs WHERE status = 'queued' GROUP BY tenant")

@@ -30,7 +30,8 @@ class TenantUsage:
         row = (conn or self.db).row(
             f"SELECT {overrides}, day.start + interval '1 day' AS resets_at,"
             " EXTRACT(EPOCH FROM day.start + interval '1 day' - now())::float8 AS resets_in_s,"
-            " spend.tokens, spend.cost_usd,"
+            # Its deleted jobs' usage counts too (deleted_usage): deleting a job gives no quota back.
+            " spend.tokens + gone.tokens AS tokens, spend.cost_usd + gone.cost_usd AS cost_usd,"
             " CASE WHEN :count_active THEN (SELECT COUNT(*) FROM jobs WHERE tenant = :t"
             "  AND status = ANY(CAST(:active AS text[]))"
             "  AND (CAST(:excluding AS text) IS NULL OR external_id <> :excluding))"
@@ -43,7 +44,11 @@ class TenantUsage:
             "  FROM generation_attempts a JOIN jobs j ON j.id = a.job_id"
             # Only outer values: Postgres checks it once (a one-time filter) and skips the scan when false.
             "  WHERE (:measure OR q.tokens_per_day IS NOT NULL OR q.cost_usd_per_day IS NOT NULL)"
-            "  AND j.tenant = :t AND a.created_at >= day.start) AS spend",
+            "  AND j.tenant = :t AND a.created_at >= day.start) AS spend"
+            " CROSS JOIN LATERAL (SELECT COALESCE(SUM(d.billed_prompt_tokens + d.billed_completion_tokens), 0)::bigint"
+            "  AS tokens, COALESCE(SUM(d.cost_usd), 0)::float8 AS cost_usd FROM deleted_usage d"
+            "  WHERE (:measure OR q.tokens_per_day IS NOT NULL OR q.cost_usd_per_day IS NOT NULL)"
+            "  AND d.tenant = :t AND d.day = (day.start AT TIME ZONE 'UTC')::date) AS gone",
             t=tenant, measure=measure, count_active=count_active, active=list(ACTIVE_STATUSES), excluding=excluding)
         assert row is not None
         return row

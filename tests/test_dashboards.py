@@ -1,0 +1,139 @@
+"""The Grafana dashboard and the Prometheus alert rules: promtool checks the rules and runs their unit
+tests, and every series their queries name is one a real /metrics serves after a job has run."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import METRICS_TOKEN
+from prometheus_client.parser import text_string_to_metric_families
+
+INFRA = Path(__file__).resolve().parent.parent / "infra"
+RULES = INFRA / "prometheus" / "alerts.yml"
+RULE_TESTS = INFRA / "prometheus" / "alerts.test.yml"
+DASHBOARD = json.loads((INFRA / "grafana" / "rtqcc.json").read_text())
+SERIES = re.compile(r"\brtqcc_[a-zA-Z0-9_]+")
+# What a family of each type is served as (prometheus_client's text format).
+SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+            "gauge": ("",), "summary": ("", "_count", "_sum")}
+
+
+def _promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.fail("promtool is missing: apt-get install -y prometheus (Debian's package; .ci/run installs it)")
+    return found
+
+
+def _dashboard_queries() -> list[str]:
+    return [target["expr"] for panel in DASHBOARD["panels"] for target in panel["targets"]]
+
+
+def _rule_queries() -> list[str]:
+    return [rule["expr"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+def test_promtool_checks_the_rules_and_their_unit_tests_pass():
+    promtool = _promtool()
+    checked = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 6 rules found" in checked.stdout
+    tested = subprocess.run([promtool, "test", "rules", RULE_TESTS.name], capture_output=True, text=True, timeout=60,
+                            cwd=RULE_TESTS.parent)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_promtool_refuses_a_broken_rule(tmp_path):
+    broken = tmp_path / "broken.yml"
+    broken.write_text(RULES.read_text().replace("max(rtqcc_queue_lag", "max(rtqcc_queue_lag{", 1))
+    checked = subprocess.run([_promtool(), "check", "rules", str(broken)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode != 0
+
+
+def test_the_alerts_cover_what_an_operator_is_paged_for():
+    names = {rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
+    assert names == {"RtqccQueueLagging", "RtqccQueueWaitHigh", "RtqccDeadLetters", "RtqccProviderErrors",
+                     "RtqccApi5xx", "RtqccConsumersNotCheckpointing"}
+
+
+def test_the_dashboard_is_well_formed():
+    panels = DASHBOARD["panels"]
+    assert DASHBOARD["uid"] == "rtqcc" and panels
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    cells = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        mine = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine
+        assert panel["targets"] and all(target["expr"].strip() for target in panel["targets"]), panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+def _served(api) -> tuple[set[str], set[str]]:
+    """The series names a scrape declares (every name its families are served as), and those with samples."""
+    response = api.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert response.status_code == 200
+    declared, sampled = set(), set()
+    for family in text_string_to_metric_families(response.body.decode()):
+        declared |= {family.name + suffix for suffix in SUFFIXES.get(family.type, ("",))}
+        sampled |= {sample.name for sample in family.samples}
+    return declared, sampled
+
+
+def test_every_series_the_dashboard_and_the_rules_name_is_served(api, run_consumer):
+    external_id = api.create(section_count=2)
+    api.post(f"/jobs/{external_id}/start")
+    assert run_consumer().completed == 1
+    declared, sampled = _served(api)
+    named = {name for query in [*_dashboard_queries(), *_rule_queries()] for name in SERIES.findall(query)}
+    assert named, "no query names a series"
+    assert not named - declared, f"queries name series /metrics does not serve: {sorted(named - declared)}"
+    # After a job, the series of the queue, the consumers and the provider carry samples.
+    assert {"rtqcc_jobs", "rtqcc_queue_lag", "rtqcc_queue_length", "rtqcc_tokens_total",
+            "rtqcc_sections_completed_total", "rtqcc_provider_stream_seconds_count", "rtqcc_queue_wait_seconds_bucket",
+            "rtqcc_dead_letters", "rtqcc_consumer_checkpoint_age_seconds"} <= sampled
+
+
+def test_api_answers_are_counted_by_status_class(api, make_api):
+    client, services = make_api()
+    assert client.get("/jobs/RTQCC-nope").status_code in (400, 404)
+    assert client.get("/jobs").status_code == 200
+    services.metrics.flush()
+    _, sampled = _served(api)
+    assert "rtqcc_api_request_seconds_count" in sampled
+    response = api.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).body.decode()
+    assert re.search(r'rtqcc_api_request_seconds_count\{method="GET",status="4xx"\} [1-9]', response)
+    assert re.search(r'rtqcc_api_request_seconds_count\{method="GET",status="2xx"\} [1-9]', response)
+
+
+class _RefusingProvider:
+    """A provider whose every call fails, as one does after its own retries."""
+
+    name = "fake"
+
+    def stream(self, request, abort, on_delta):
+        from rtqcc.errors import ProviderError
+
+        raise ProviderError("the provider answered 500 three times")
+
+
+def test_a_failed_provider_call_is_counted_as_an_error_not_a_stream(api, services):
+    from rtqcc.metrics import MeasuredProvider
+    from rtqcc.writing.abort import AbortSignal
+    from rtqcc.writing.providers.base import GenerationRequest
+
+    measured = MeasuredProvider(_RefusingProvider(), services.metrics)
+    with pytest.raises(Exception, match="500 three times"):
+        measured.stream(GenerationRequest(model="gpt-4o-mini", system="s", prompt="p"), AbortSignal(), lambda _: None)
+    services.metrics.flush()
+    scraped = api.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).body.decode()
+    assert re.search(r'rtqcc_provider_error_seconds_count\{model="gpt-4o-mini",provider="fake"\} 1\.0', scraped)
+    assert "rtqcc_provider_stream_seconds_count" not in scraped
