@@ -62,10 +62,17 @@ def _job_id(database, external_id: str) -> int:
     return database.row("SELECT id FROM jobs WHERE external_id = :e", e=external_id)["id"]
 
 
-def test_a_deleted_job_leaves_nothing_in_postgres_s3_or_redis(api, run_consumer, database, blob_store, redis_client):
-    external_id = api.create(outline=OUTLINE)
+def test_a_deleted_job_leaves_nothing_in_postgres_s3_or_redis(make_api, run_consumer, database, blob_store,
+                                                              redis_client):
+    # A tenant's endpoint and a job's own URL: both have deliveries about the job in their logs
+    # (on loopback, which this API accepts and the consumer's sender refuses: no request is sent).
+    api, _ = make_api(webhook_allowed_networks=("127.0.0.0/8",))
+    assert api.post("/webhooks", {"url": "http://127.0.0.1:9/rtqcc", "events": ["job.completed"]}).status_code == 201
+    external_id = api.create(outline=OUTLINE, webhook={"url": "http://127.0.0.1:9/this-job"})
     assert api.post(f"/jobs/{external_id}/start", headers={"Idempotency-Key": "start-once"}).status_code == 202
     assert run_consumer().completed == 1
+    assert database.row("SELECT COUNT(*)::int AS n FROM webhook_deliveries WHERE job_external_id = :e",
+                        e=external_id)["n"] == 2
     edited = api.get(f"/jobs/{external_id}/sections/0")
     api.put(f"/jobs/{external_id}/sections/0", {"content": "A person's text."}, headers={"If-Match": edited.headers["ETag"]})
     assert api.get(f"/jobs/{external_id}/manuscript?format=html").status_code == 200  # an export, stored

@@ -102,8 +102,9 @@ class JobDeletions:
 
     def remove(self, job_id: int) -> bool:
         """The last step, in one transaction: the job's usage added to `deleted_usage`, the stored
-        answers of requests that name it dropped, and its row deleted with every row that
-        references it (sections, versions, attempts: ON DELETE CASCADE). False when it was gone."""
+        answers of requests that name it and the webhook deliveries about it dropped, and its row
+        deleted with every row that references it (sections, versions, attempts, its own webhook
+        endpoint: ON DELETE CASCADE). False when it was gone."""
         with self.db.transaction() as conn:
             job = conn.row("SELECT tenant, external_id FROM jobs WHERE id = :j AND status = 'deleting' FOR UPDATE",
                            j=job_id)
@@ -112,6 +113,9 @@ class JobDeletions:
             conn.run(_KEEP_USAGE, j=job_id)
             conn.run("DELETE FROM idempotency_keys WHERE tenant = :t AND response_body ->> 'externalId' = :e",
                      t=job["tenant"], e=job["external_id"])
+            # Deliveries about it to the tenant's endpoints carry its id and events: they go too
+            # (those of its own endpoint go with the job row, by cascade).
+            conn.run("DELETE FROM webhook_deliveries WHERE job_external_id = :e", e=job["external_id"])
             conn.run("DELETE FROM jobs WHERE id = :j", j=job_id)
         return True
 
