@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .embedded import EmbeddedServiceError, LocalServices, PortTaken
+from .embedded import LocalServices, PortTaken
 from .local_secrets import write_private
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class ServiceSupervisor:
                 return self._give_up(f"{name} cannot come back: {error}; the stack stops so that no client "
                                      f"talks to another server there. See its log: {service.log_path}")
             except Exception as error:  # noqa: BLE001 - any failed start is one more death, reported
-                log.warning("restart of %s failed", name, exc_info=not isinstance(error, EmbeddedServiceError))
+                log.debug("restart of %s failed", name, exc_info=True)  # the line below says why
                 self.report(f"{name} did not start again: {str(error).splitlines()[0]}")
                 continue
             self.write_state()
