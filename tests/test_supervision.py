@@ -164,7 +164,7 @@ def _check_events(events: list, stored: dict[int, str]) -> None:
     for position, event in enumerate(events):
         if event.type == "section.started":
             started[event.data["index"]] = position
-    assert started, "the watcher saw no section start"
+    assert set(started) == set(stored), "the watcher, there from the start, saw every section start"
     for index, position in started.items():
         resumed = events[position].data["resumed_chars"]
         deltas = "".join(event.data["text"] for event in events[position + 1:]
