@@ -171,7 +171,8 @@ class RtqccClient:
     def events(self, external_id: str, *, last_event_id: str | None = None,
                max_reconnects: int = 1000) -> Iterator[JobEvent]:
         """Every event of the job until `done`, reconnecting with Last-Event-ID whenever the
-        server ends an answer early (a buffering gateway) or the connection drops."""
+        server ends an answer early (a buffering gateway), the connection drops or a part of the
+        service is down (503, retried after its Retry-After)."""
         reconnects = 0
         retry_s = 1.0
         while True:
@@ -181,6 +182,9 @@ class RtqccClient:
                                  timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as source:
                     if source.response.status_code == 204:
                         return
+                    if source.response.status_code == 503:  # a part of the stack is down: wait, resume
+                        retry_s = _retry_after_s(source.response, retry_s)
+                        raise httpx.TransportError("service unavailable")
                     if source.response.status_code >= 400:
                         source.response.read()
                         self._raise(source.response)
@@ -206,3 +210,10 @@ class RtqccClient:
             raise ApiError(response.status_code, error["code"], error["message"])
         except (ValueError, KeyError, TypeError):
             raise ApiError(response.status_code, "http_error", response.text[:300]) from None
+
+
+def _retry_after_s(response: httpx.Response, default_s: float) -> float:
+    try:
+        return min(30.0, max(0.1, float(response.headers.get("retry-after", ""))))
+    except ValueError:
+        return default_s

@@ -37,6 +37,10 @@ class EmbeddedServiceError(RuntimeError):
     """An embedded service could not be started; the message says which and why."""
 
 
+class PortTaken(EmbeddedServiceError):
+    """The port an embedded service must listen on (one it had before a restart) has another owner."""
+
+
 # How many ports a start tries when another process takes the one it chose before it binds.
 PORT_TRIES = 5
 _ADDRESS_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
@@ -72,7 +76,7 @@ def _start_on_free_ports(name: str, attempt: Callable[[], _T], *, new_ports: Cal
         except _PortTaken as clash:
             where = f"127.0.0.1:{clash.port}" if clash.port else "one of its ports"
             if clash.port in fixed_ports:
-                raise EmbeddedServiceError(f"{name} could not listen on {where}: another process has it") from None
+                raise PortTaken(f"{name} could not listen on {where}: another process has it") from None
             if tries == PORT_TRIES:
                 raise EmbeddedServiceError(f"{name} could not listen on {where}: another process took each of the "
                                            f"{PORT_TRIES} free ports chosen before it could bind them") from None
@@ -667,7 +671,7 @@ class LocalServices:
             self.postgres = EmbeddedPostgres(self.root / "postgres")
         if self.s3 is None and not self.environ.get("S3_ENDPOINT_URL"):
             self.s3 = SeaweedS3(self.root / "s3")
-        services = [(name, service) for name, service in self._embedded()
+        services = [(name, service) for name, service in self.embedded()
                     if service.process is None or service.process.poll() is not None]  # not already running
         if not services:
             return self
@@ -707,7 +711,7 @@ class LocalServices:
     def stop(self) -> None:
         """Stop what was started, in reverse order; every stop is tried even if one fails."""
         errors = []
-        for name, service in reversed(self._embedded()):
+        for name, service in reversed(self.embedded()):
             try:
                 service.stop()
             except Exception as error:  # noqa: BLE001 - reported below, after the others are stopped
@@ -715,7 +719,7 @@ class LocalServices:
         if errors:
             raise EmbeddedServiceError("could not stop " + "; ".join(errors))
 
-    def _embedded(self) -> list[tuple[str, EmbeddedRedis | EmbeddedPostgres | SeaweedS3]]:
+    def embedded(self) -> list[tuple[str, EmbeddedRedis | EmbeddedPostgres | SeaweedS3]]:
         candidates = [("redis", self.redis), ("postgres", self.postgres), ("s3", self.s3)]
         return [(name, service) for name, service in candidates if service is not None]
 

@@ -1,5 +1,8 @@
 """Invokes the consumer function like a scheduled Lambda: N invocations at once, each in its own
-process with a time budget; when one ends (or is killed), another starts in its place."""
+process with a time budget; when one ends (or is killed), another starts in its place. One that
+fails (a non-zero exit: Redis or Postgres away, a crash at start-up) is replaced after a pause that
+doubles with each failure in a row, up to `max_restart_delay_s`, so a part that is down costs no
+hot loop, and a clean end resets it."""
 
 from __future__ import annotations
 
@@ -14,13 +17,15 @@ from pathlib import Path
 
 class ConsumerScheduler:
     def __init__(self, *, concurrency: int, budget_s: float, env: dict[str, str], log_dir: Path,
-                 restart_delay_s: float = 0.2):
+                 restart_delay_s: float = 0.2, max_restart_delay_s: float = 5.0):
         self.concurrency = concurrency
         self.budget_s = budget_s
         self.env = env
         self.log_dir = log_dir
         self.restart_delay_s = restart_delay_s
+        self.max_restart_delay_s = max_restart_delay_s
         self.invocations = 0
+        self.failures_in_a_row = 0
         self._processes: list[subprocess.Popen] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -47,15 +52,24 @@ class ConsumerScheduler:
         return process
 
     def _supervise(self) -> None:
+        spawn_after = 0.0
         while not self._stopping.is_set():
             with self._lock:
                 alive = [p for p in self._processes if p.poll() is None]
-                ended = len(self._processes) - len(alive)
+                for ended in (p for p in self._processes if p.poll() is not None):
+                    self.failures_in_a_row = self.failures_in_a_row + 1 if ended.returncode else 0
+                if len(alive) < len(self._processes):
+                    spawn_after = time.monotonic() + self._restart_delay_s()
                 self._processes = alive
-                while len(self._processes) < self.concurrency and not self._stopping.is_set():
+                while (len(self._processes) < self.concurrency and not self._stopping.is_set()
+                       and time.monotonic() >= spawn_after):
                     self._processes.append(self._spawn())
-            # An invocation that ended at once (a crash at start-up) must not become a hot loop.
-            self._stopping.wait(self.restart_delay_s if ended else 0.05)
+            self._stopping.wait(0.05)
+
+    def _restart_delay_s(self) -> float:
+        if not self.failures_in_a_row:
+            return 0.0
+        return min(self.max_restart_delay_s, self.restart_delay_s * 2 ** (self.failures_in_a_row - 1))
 
     def stop(self, grace_s: float = 10.0) -> None:
         self._stopping.set()

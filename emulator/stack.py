@@ -1,5 +1,6 @@
 """The whole local stack in one object: services (embedded where none is configured), the
-database schema, the gateway over HTTP, and the scheduled consumers."""
+database schema, the gateway over HTTP, the scheduled consumers and sweeper, and the supervisor
+that restarts an embedded service that dies."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from rtqcc import tracing
 from rtqcc.services import Services
@@ -20,6 +21,8 @@ from .gateway import Gateway, GatewayConfig, build_gateway
 from .local_secrets import private_folder
 from .scheduler import ConsumerScheduler
 from .server import ServerThread, build_http_app
+from .supervisor import RestartPolicy, ServiceSupervisor
+from .sweeps import SweepSchedule
 
 
 LOCAL_MAX_IN_FLIGHT = 256  # jobs each of the local stack's consumers runs at once, unless set
@@ -39,9 +42,18 @@ class StackOptions:
 
 
 class LocalStack:
-    def __init__(self, options: StackOptions, environ: Mapping[str, str]):
+    """`report(line)` hears when a part goes down and comes back; `on_fatal(message)`, once, that the
+    stack cannot go on (a service that will not come back): the caller then stops it."""
+
+    def __init__(self, options: StackOptions, environ: Mapping[str, str], *,
+                 report: Callable[[str], None] = lambda line: None,
+                 on_fatal: Callable[[str], None] = lambda message: None):
         self.options = options
         self.environ = dict(environ)
+        self.report = report
+        self.on_fatal = on_fatal
+        self.supervisor: ServiceSupervisor | None = None
+        self.sweeps: SweepSchedule | None = None
         self.services_runner = LocalServices(options.data_dir, self.environ)
         self.env: dict[str, str] = {}
         self.services: Services | None = None
@@ -110,6 +122,19 @@ class LocalStack:
             self.scheduler = ConsumerScheduler(
                 concurrency=self.options.consumers, budget_s=self.options.consumer_budget_s, env=env,
                 log_dir=Path(self.options.data_dir).resolve() / "logs").start()
+        self.sweeps = SweepSchedule(services, interval_s=settings.sweep_interval_s, report=self.report).start()
+        # After a restart, sweep at once (Redis comes back empty: its queue is rebuilt from Postgres)
+        # and again once the leases of the runs the failure cut short have expired.
+        self.supervisor = ServiceSupervisor(
+            self.services_runner,
+            RestartPolicy(max_restarts=settings.service_max_restarts, window_s=settings.service_restart_window_s),
+            report=self.report, on_fatal=self.on_fatal,
+            on_back=lambda name: self.sweeps.sweep_soon(again_after_s=settings.lease_ttl_s + 1.0)).start()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the stack had to stop, if it did: the service that would not come back, and its log."""
+        return self.supervisor.failure if self.supervisor else None
 
     @property
     def metrics_token(self) -> str:
@@ -128,6 +153,10 @@ class LocalStack:
         return value
 
     def stop(self) -> None:
+        if self.supervisor:  # first: nothing is restarted while the stack stops
+            self.supervisor.stop()
+        if self.sweeps:
+            self.sweeps.stop()
         if self.scheduler:
             self.scheduler.stop()
         if self.server:

@@ -209,7 +209,7 @@ def _up(args: argparse.Namespace) -> int:
         integration_timeout_s=args.integration_timeout_s, consumers=args.consumers,
         consumer_budget_s=args.consumer_budget_s, max_in_flight=args.max_in_flight,
         max_running_per_tenant=args.max_running_per_tenant,
-    ), os.environ)
+    ), os.environ, report=lambda line: print(line, flush=True), on_fatal=lambda _message: stopping.set())
     stack.start()
     try:
         print(f"RTQCC local stack at {stack.base_url} (SSE {args.sse}, {args.consumers} consumers)")
@@ -220,6 +220,9 @@ def _up(args: argparse.Namespace) -> int:
         print("stopping ...", flush=True)
     finally:
         stack.stop()
+    if stack.failure:
+        print(f"rtqcc up: {stack.failure}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -258,6 +258,11 @@ class Settings:
     consumer_idle_exit_ms: int = 1000
     consumer_safety_margin_ms: int = 2000
     consumer_max_deliveries: int = 5
+    # the local stack (`rtqcc up`): how often it sweeps, and how many deaths of one embedded
+    # service within a window it restarts before it stops with a message naming the service
+    sweep_interval_s: float = 300.0
+    service_max_restarts: int = 5
+    service_restart_window_s: float = 60.0
     # cost controls (see writing/quotas.py and writing/model_policy.py); None: no limit
     allowed_models: frozenset[str] | None = None  # None: every priced model, and default_model
     quota_tokens_per_day: int | None = None        # per tenant, per UTC day
@@ -360,6 +365,9 @@ class Settings:
             consumer_idle_exit_ms=_int(env, "RTQCC_CONSUMER_IDLE_EXIT_MS", 1000),
             consumer_safety_margin_ms=_int(env, "RTQCC_CONSUMER_SAFETY_MARGIN_MS", 2000),
             consumer_max_deliveries=_int(env, "RTQCC_CONSUMER_MAX_DELIVERIES", 5, minimum=1),
+            sweep_interval_s=_float(env, "RTQCC_SWEEP_INTERVAL_S", 300.0, minimum=1.0),
+            service_max_restarts=_int(env, "RTQCC_SERVICE_MAX_RESTARTS", 5, minimum=1),
+            service_restart_window_s=_float(env, "RTQCC_SERVICE_RESTART_WINDOW_S", 60.0, minimum=1.0),
             # cost controls
             allowed_models=frozenset(m.strip() for m in env.get("RTQCC_ALLOWED_MODELS", "").split(",")
                                      if m.strip()) or None,

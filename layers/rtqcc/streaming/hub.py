@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from ..bus.events import events_key, stream_id_tuple
 from .stream import HEARTBEAT, sse_frame
@@ -50,9 +52,11 @@ class EventHub:
     def __init__(self, redis_url: str, *, max_connections: int = 200):
         if max_connections < 2:
             raise ValueError("the event hub needs at least 2 Redis connections")
+        # A command on a pooled connection that Redis closed (it restarted) reconnects and is sent
+        # again, instead of ending the stream of the client it was for.
         self._pool = aioredis.BlockingConnectionPool.from_url(
             redis_url, max_connections=max_connections, timeout=_POOL_WAIT_S, decode_responses=True,
-            socket_timeout=60, socket_connect_timeout=3)
+            socket_timeout=60, socket_connect_timeout=3, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2))
         self._redis = aioredis.Redis(connection_pool=self._pool)
         short = max(1, max_connections // 4)
         self._short = asyncio.Semaphore(short)

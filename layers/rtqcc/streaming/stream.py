@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import BadRequest
-from ..bus.events import Event, EventLog, is_stream_id
+from ..bus.events import Event, EventLog, is_stream_id, stream_id_tuple
 from ..store.jobs import Job, JobStore
 from ..status import JobStatus
 from .slots import REFRESH_S, StreamSlot
@@ -143,10 +143,13 @@ class JobEventStream:
             return self.last_event_id, [], False
         # A new client, or one whose position was trimmed or lost with Redis: start from the truth.
         cursor = self.events.last_id(self.ext) or "0-0"
+        # Redis's new stream may not yet reach the position of a client whose stream Redis lost:
+        # its snapshot then keeps that position, so the ids a client sees never go back.
+        shown = max(cursor, self.last_event_id or cursor, key=stream_id_tuple)
         job = self.jobs.get_by_external_id(self.ext) or self.job
-        opening = [format_event(cursor, "snapshot", job_document(self.jobs, job))]
+        opening = [format_event(shown, "snapshot", job_document(self.jobs, job))]
         if job.status.terminal:
-            opening.append(format_event(cursor, "done", _done_data(job)))
+            opening.append(format_event(shown, "done", _done_data(job)))
             return cursor, opening, True
         return cursor, opening, False
 
