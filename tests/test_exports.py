@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -58,6 +59,14 @@ def docx_paragraphs(body: bytes) -> list[tuple[str, str]]:
     import docx
 
     return [(p.style.name, p.text) for p in docx.Document(io.BytesIO(body)).paragraphs]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def poppler() -> None:
+    missing = [tool for tool in ("pdftoppm", "pdftotext") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} missing: apt-get install -y poppler-utils "
+                    "(Debian's package; .ci/run installs it)", pytrace=False)
 
 
 def pdf_text(path: Path, page: int | None = None) -> str:
