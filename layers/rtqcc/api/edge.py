@@ -102,6 +102,11 @@ class LazyServices:
         self._lock = threading.Lock()
         self._services: Services | None = None
 
+    @property
+    def built(self) -> Services | None:
+        """The clients if a request has built them, else None (nothing is built for asking)."""
+        return self._services
+
     def __call__(self) -> Services:
         if self._services is None:
             with self._lock:
@@ -204,11 +209,12 @@ def mount(app: Chalice, services: LazyServices) -> None:
     for spec in ROUTES:
         options = {"content_types": ["*/*"]} if spec.accepts_any_body else {}
         for method in spec.methods:
-            app.route(spec.path, methods=[method], **options)(_behind_the_edge(app, services, spec.view,
-                                                                               f"{method} {spec.path}"))
+            app.route(spec.path, methods=[method], **options)(_behind_the_edge(app, services, spec.view, method,
+                                                                               spec.path))
 
 
-def _behind_the_edge(app: Chalice, services: LazyServices, view: Callable[..., Any], name: str) -> Callable[..., Any]:
+def _behind_the_edge(app: Chalice, services: LazyServices, view: Callable[..., Any], method: str,
+                     path: str) -> Callable[..., Any]:
     @functools.wraps(view)
     def answer(**path_params: str) -> Any:
         request = app.current_request
@@ -216,8 +222,8 @@ def _behind_the_edge(app: Chalice, services: LazyServices, view: Callable[..., A
         incoming = request.headers.get(tracing.TRACEPARENT)
         with log_context(requestId=(request.context or {}).get("requestId"),
                          externalId=path_params.get("external_id")), \
-                tracing.span(name, kind="server", parent={tracing.TRACEPARENT: incoming} if incoming else None,
-                             attributes={"http.request.method": request.method, "http.route": name.split(" ", 1)[1],
+                tracing.span(f"{method} {path}", kind="server", parent={tracing.TRACEPARENT: incoming} if incoming else None,
+                             attributes={"http.request.method": request.method, "http.route": path,
                                          **({"rtqcc.job.external_id": path_params["external_id"]}
                                             if "external_id" in path_params else {})}) as span:
             started = time.perf_counter()
@@ -225,17 +231,21 @@ def _behind_the_edge(app: Chalice, services: LazyServices, view: Callable[..., A
                 response = view(ApiCall(request, services), **path_params)
             except Exception as exc:
                 response = error_response(error_answer(exc, f"{request.method} {request.path}"))
-            span.set_attribute("http.response.status_code", getattr(response, "status_code", 200))
-            _observe(services, request.method, response, time.perf_counter() - started)
+            status = response.status_code if isinstance(response, Response) else 200
+            span.set_attribute("http.response.status_code", status)
+            _observe(services, request.method, status, time.perf_counter() - started)
             return response
 
     return answer
 
 
-def _observe(services: LazyServices, method: str, answered: Any, seconds: float) -> None:
-    """The request's time by status class, for /metrics (the 5xx alert); never fails the request."""
-    status = answered.status_code if isinstance(answered, Response) else 200
+def _observe(services: LazyServices, method: str, status: int, seconds: float) -> None:
+    """The request's time by status class, for /metrics (the 5xx alert); never fails the request.
+    Only where the clients exist already: a /healthz on a cold start builds none for it."""
+    built = services.built
+    if built is None:
+        return
     try:
-        services().metrics.observe("api_request_seconds", seconds, method=method, status=f"{status // 100}xx")
-    except Exception as exc:  # the services could not be built: the answer already says so
+        built.metrics.observe("api_request_seconds", seconds, method=method, status=f"{status // 100}xx")
+    except Exception as exc:
         log.debug("request not measured: %s", exc)
