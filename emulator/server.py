@@ -15,7 +15,7 @@ import logging
 import socket
 import threading
 from importlib import resources
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 from urllib.parse import quote
 
 import anyio
@@ -104,7 +104,7 @@ def create_http_app(gateway: Gateway, *, hub: EventHub | None = None, allowed_ho
     middleware = [Middleware(SecurityHeaders), Middleware(AllowedHosts, hosts=tuple(allowed_hosts))]
     if trusted_proxies:
         middleware.insert(0, Middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies)))
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", index, methods=["GET"]),
             Mount("/static", StaticFiles(packages=[("rtqcc_emulator", "static")])),
@@ -115,6 +115,8 @@ def create_http_app(gateway: Gateway, *, hub: EventHub | None = None, allowed_ho
         # A path the catch-all cannot match (a decoded newline in it) is answered as API Gateway would.
         exception_handlers={404: lambda _request, _exc: _response(missing_route())},
     )
+    app.state.hub = hub  # GatewayServer drains it when the server stops
+    return app
 
 
 def build_http_app(gateway: Gateway, settings: Settings, *, live_tails: bool = True) -> Starlette:
@@ -204,6 +206,29 @@ async def _follow(hub: EventHub, opened: OpenedStream, limiter: anyio.CapacityLi
                 next_touch = anyio.current_time() + refresh_s
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn, which on stopping (SIGTERM, SIGINT, `should_exit`) first drains the app's event
+    hub: its open live tails are told to reconnect and end, so the server's wait for open
+    connections is short and every watcher resumes elsewhere from its last event id. Then, as
+    uvicorn does, it stops listening and lets API calls in progress finish. `on_started` is called
+    once it serves."""
+
+    def __init__(self, config: uvicorn.Config, *, on_started: Callable[[], None] | None = None):
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and self._on_started is not None:
+            self._on_started()
+
+    async def shutdown(self, sockets=None) -> None:
+        hub = getattr(getattr(self.config.app, "state", None), "hub", None)
+        if hub is not None:
+            hub.drain()
+        await super().shutdown(sockets)
+
+
 class ServerThread:
     """uvicorn in a background thread, for tests and for the demo; stopped with `stop()`.
     `options` are uvicorn.Config's; X-Forwarded-For is never believed here unless asked for
@@ -217,7 +242,7 @@ class ServerThread:
         options = {"log_level": "warning", "timeout_graceful_shutdown": 1, "proxy_headers": False, **options}
         self.host = host
         self.port = port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
+        self.server = GatewayServer(uvicorn.Config(app, host=host, port=port, **options))
         self.thread = threading.Thread(target=self._serve, name="gateway-http", daemon=True)
         self._socket: socket.socket | None = None
 

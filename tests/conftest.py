@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from redis import Redis
@@ -440,3 +445,89 @@ def consumer_env(settings: Settings, s3_endpoint: str, **extra: str) -> dict[str
         **extra,
     })
     return env
+
+
+@dataclass
+class ServedGateway:
+    """`rtqcc serve` in a process of its own (its supervisor; the workers are its children)."""
+
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.base_url).port
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        workers = []
+        for pid in children:
+            try:  # multiprocessing's resource tracker is a child too
+                if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    workers.append(int(pid))
+            except FileNotFoundError:  # exited while we looked
+                pass
+        return workers
+
+    def threads(self) -> int:
+        """Threads of its workers, together."""
+        total = 0
+        for pid in self.worker_pids():
+            status = Path(f"/proc/{pid}/status").read_text()
+            total += int(re.search(r"^Threads:\s+(\d+)", status, re.M)[1])
+        return total
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+@pytest.fixture
+def served_gateway(settings, s3_endpoint, tmp_path):
+    """`rtqcc serve` on 127.0.0.1, as its container runs it, over the test services: a free port
+    unless `port` is given (a second gateway can share one: SO_REUSEPORT), one worker unless
+    `workers`; `**env` adds settings."""
+    import httpx
+
+    started: list[ServedGateway] = []
+    rtqcc = Path(sys.executable).with_name("rtqcc")
+
+    def start(*, workers: int = 1, port: int = 0, **env: str) -> ServedGateway:
+        environment = consumer_env(settings, s3_endpoint, RTQCC_API_KEYS=f"{API_KEY}:tenant-a,{OTHER_KEY}:tenant-b",
+                                   RTQCC_STREAM_TOKEN_SECRET=STREAM_TOKEN_SECRET, RTQCC_SSE_HEARTBEAT_S="0.5", **env)
+        log_path = Path(tmp_path) / f"gateway-{len(started)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen([str(rtqcc), "serve", "--host", "127.0.0.1", "--port", str(port),
+                                        "--workers", str(workers)],
+                                       env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            base_url = announced_address(log_path, r"listening on (http://\S+)", process, timeout_s=60)
+        except BaseException:
+            process.kill()
+            process.wait(5)
+            raise
+        gateway = ServedGateway(process, base_url, log_path)
+        started.append(gateway)
+
+        def answers() -> bool:
+            assert process.poll() is None, f"the gateway exited: {gateway.log()[-3000:]}"
+            try:
+                return httpx.get(gateway.base_url + "/healthz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(answers, timeout_s=60, interval_s=0.1, what="the gateway to answer /healthz")
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()

@@ -1,6 +1,6 @@
 """Attacks on the HTTP front of the gateways, over real sockets: `rtqcc up`'s server (the
 emulator's Starlette app under uvicorn, in this process) and the container gateway
-(infra/docker/gateway.py run as the container runs it, in a process of its own).
+(`rtqcc serve` run as the container runs it, in processes of its own).
 
 Each test is an attack that worked before the front was hardened: the page handing out the dev
 key to any Host, a chunked body buffered whole, `%2F` turned into a separator, X-Forwarded-For
@@ -15,90 +15,23 @@ import logging
 import re
 import select
 import socket
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import API_KEY, OTHER_KEY, STREAM_TOKEN_SECRET, announced_address, consumer_env, job_events, wait_for
+from conftest import API_KEY, OTHER_KEY, job_events, wait_for
 
 from rtqcc.bus.events import stream_id_tuple
 from rtqcc_emulator.client import RtqccClient
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTAINER_GATEWAY = ROOT / "infra" / "docker" / "gateway.py"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WAIT_S = 30.0  # the bound of every wait
 
 
 # ---------------------------------------------------------------- helpers
-
-@dataclass
-class ContainerGateway:
-    process: subprocess.Popen
-    base_url: str
-    log_path: Path
-
-    @property
-    def port(self) -> int:
-        return urlsplit(self.base_url).port
-
-    def threads(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"^Threads:\s+(\d+)", status, re.M)[1])
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-
-@pytest.fixture
-def container_gateway(settings, s3_endpoint, tmp_path):
-    """`python infra/docker/gateway.py` on a free port of 127.0.0.1, as its container runs it,
-    over the test services; `**env` adds settings."""
-    started: list[ContainerGateway] = []
-
-    def start(**env: str) -> ContainerGateway:
-        environment = consumer_env(settings, s3_endpoint, RTQCC_API_KEYS=f"{API_KEY}:tenant-a,{OTHER_KEY}:tenant-b",
-                                   RTQCC_STREAM_TOKEN_SECRET=STREAM_TOKEN_SECRET, RTQCC_SSE_HEARTBEAT_S="0.5", **env)
-        log_path = tmp_path / f"gateway-{len(started)}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen([sys.executable, str(CONTAINER_GATEWAY), "--host", "127.0.0.1", "--port", "0"],
-                                       env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        try:
-            base_url = announced_address(log_path, r"listening on (http://\S+)", process, timeout_s=WAIT_S)
-        except BaseException:
-            process.kill()
-            process.wait(5)
-            raise
-        gateway = ContainerGateway(process, base_url, log_path)
-        started.append(gateway)
-
-        def answers() -> bool:
-            assert process.poll() is None, f"the container gateway exited: {gateway.log()[-3000:]}"
-            try:
-                return httpx.get(gateway.base_url + "/healthz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(answers, timeout_s=WAIT_S, interval_s=0.1, what="the container gateway to answer /healthz")
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
-
 
 def _create(base_url: str, key: str = API_KEY, **fields) -> str:
     answer = httpx.post(f"{base_url}/jobs", json={"title": "t", "brief": "b", **fields},
@@ -189,8 +122,8 @@ def test_every_answer_carries_csp_nosniff_and_no_referrer_and_the_page_has_no_in
         assert answer.headers.get("referrer-policy") == "no-referrer", where
 
 
-def test_the_container_gateway_answers_configured_hosts_only_and_probes_from_any(container_gateway):
-    gateway = container_gateway(RTQCC_ALLOWED_HOSTS="api.example.test,*.tenants.example.test")
+def test_the_served_gateway_answers_configured_hosts_only_and_probes_from_any(served_gateway):
+    gateway = served_gateway(RTQCC_ALLOWED_HOSTS="api.example.test,*.tenants.example.test")
     for host, expected in (("api.example.test", 200), ("acme.tenants.example.test:443", 200), ("localhost:8080", 200),
                            (EVIL_HOST, 400), ("example.test", 400), ("tenants.example.test", 400)):
         answer = httpx.get(gateway.base_url + "/jobs", headers={**AUTH, "Host": host})
@@ -248,8 +181,8 @@ def test_a_chunked_body_just_over_the_limit_gets_the_gateways_413(start_gateway)
 # ---------------------------------------------------------------- %2F is no separator (item 11)
 
 @pytest.mark.parametrize("which", ["rtqcc-up", "container"])
-def test_an_encoded_slash_stays_inside_its_path_parameter(which, start_gateway, container_gateway):
-    base_url = start_gateway().base_url if which == "rtqcc-up" else container_gateway().base_url
+def test_an_encoded_slash_stays_inside_its_path_parameter(which, start_gateway, served_gateway):
+    base_url = start_gateway().base_url if which == "rtqcc-up" else served_gateway().base_url
     external_id = _create(base_url, outline=[{"title": "One", "brief": "b"}])
     # As API Gateway: the path is /jobs/{external_id}, with external_id "<id>/stream" (decoded).
     with httpx.stream("GET", f"{base_url}/jobs/{external_id}%2Fstream", headers=AUTH, timeout=10) as answer:
@@ -273,15 +206,15 @@ def _bad_key_statuses(base_url: str, forwarded_for: list[str]) -> list[int]:
                       timeout=10).status_code for address in forwarded_for]
 
 
-def test_x_forwarded_for_from_an_untrusted_client_cannot_dodge_the_failed_auth_throttle(container_gateway):
-    gateway = container_gateway(RTQCC_AUTH_FAILURES_PER_MIN="3")
+def test_x_forwarded_for_from_an_untrusted_client_cannot_dodge_the_failed_auth_throttle(served_gateway):
+    gateway = served_gateway(RTQCC_AUTH_FAILURES_PER_MIN="3")
     # Each guess claims another address; the gateway must see the one the connection comes from.
     statuses = _bad_key_statuses(gateway.base_url, [f"203.0.113.{n}" for n in range(1, 7)])
     assert statuses[:3] == [401, 401, 401] and 429 in statuses[3:], statuses
 
 
-def test_x_forwarded_for_is_believed_from_a_configured_proxy(container_gateway):
-    gateway = container_gateway(RTQCC_AUTH_FAILURES_PER_MIN="3", RTQCC_TRUSTED_PROXIES="127.0.0.0/8")
+def test_x_forwarded_for_is_believed_from_a_configured_proxy(served_gateway):
+    gateway = served_gateway(RTQCC_AUTH_FAILURES_PER_MIN="3", RTQCC_TRUSTED_PROXIES="127.0.0.0/8")
     # Behind a trusted proxy each client is counted on its own...
     assert _bad_key_statuses(gateway.base_url, [f"203.0.113.{n}" for n in range(1, 7)]) == [401] * 6
     # ...and one client is still throttled.
@@ -359,8 +292,8 @@ def test_rtqcc_ups_access_log_shows_no_stream_token(services, start_gateway):
     assert "access_token=***&lastEventId=0-0" in logged
 
 
-def test_the_container_gateways_log_shows_no_stream_token(container_gateway):
-    gateway = container_gateway()
+def test_the_served_gateways_log_shows_no_stream_token(served_gateway):
+    gateway = served_gateway()
     external_id = _create(gateway.base_url)
     token = _stream_token(gateway.base_url, external_id)
     _open_with_token(gateway.base_url, external_id, token)
@@ -376,8 +309,8 @@ STREAMS = 200
 
 
 def test_a_flood_of_streams_holds_no_thread_each_and_starves_neither_health_nor_api_nor_others(
-        container_gateway, start_consumer, redis_client):
-    gateway = container_gateway(RTQCC_MAX_STREAMS_PER_TENANT="1000", RTQCC_MAX_STREAMS_PER_KEY="1000")
+        served_gateway, start_consumer, redis_client):
+    gateway = served_gateway(RTQCC_MAX_STREAMS_PER_TENANT="1000", RTQCC_MAX_STREAMS_PER_KEY="1000")
     idle_job = _create(gateway.base_url)
 
     async def attack() -> None:

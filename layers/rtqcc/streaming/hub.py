@@ -8,13 +8,18 @@ Redis use is bounded by the pool (`RTQCC_HUB_REDIS_CONNECTIONS`), so no number o
 followed jobs can exhaust it: a quarter of it serves short commands (a client's catch-up, a
 feed's first look, polls), bounded by a semaphore; the rest are reader slots, one per feed with
 followers, for a blocking XREAD. A feed that finds no slot free polls instead under the
-short-command bound: later by up to `_POLL_S`, but flowing, whoever holds the slots."""
+short-command bound: later by up to `_POLL_S`, but flowing, whoever holds the slots.
+
+A gateway that is stopping `drain()`s its hub: every client is told to reconnect (a `retry:`
+hint, spread so thousands do not come back in the same instant) and its answer ends after the
+last event it was sent; the client resumes from that event's id on whichever gateway answers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -23,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from ..bus.events import events_key, stream_id_tuple
-from .stream import HEARTBEAT, sse_frame
+from .stream import HEARTBEAT, retry_hint, sse_frame
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,9 @@ _READ_BLOCK_MS = 5_000
 _IDLE_FEED_S = 30.0
 _POLL_S = 0.25          # how often a feed without a reader slot looks for new events
 _POOL_WAIT_S = 30.0     # the accounting keeps the pool from running dry; should it, wait, don't fail
+# A drained client waits a random time in this range (ms) before it reconnects.
+DRAIN_RETRY_MS = (250, 2_500)
+_DRAIN = object()       # put in a client's queue: end with a reconnect hint
 
 
 def _frame(event_id: str, fields: dict[str, str]) -> bytes:
@@ -62,6 +70,14 @@ class EventHub:
         self._short = asyncio.Semaphore(short)
         self._free_reader_slots = max_connections - short  # one event loop: a plain counter is safe
         self._feeds: dict[str, _Feed] = {}
+        self._queues: set[asyncio.Queue] = set()  # every client's, so a drain reaches those still opening
+        self.draining = False
+
+    def drain(self) -> None:
+        """Stop serving: every client, now and from here on, ends with a reconnect hint."""
+        self.draining = True
+        for queue in self._queues:
+            queue.put_nowait(_DRAIN)
 
     async def close(self) -> None:
         for feed in list(self._feeds.values()):
@@ -74,7 +90,11 @@ class EventHub:
                      ending: Callable[[str], Awaitable[str | None]]) -> AsyncIterator[bytes]:
         """Every event after `cursor` until `done`; heartbeats while idle; `ending(cursor)` is
         asked on idle whether the job finished without a `done` we saw (events lost)."""
+        if self.draining:
+            yield _reconnect_hint()
+            return
         queue: asyncio.Queue = asyncio.Queue()
+        self._queues.add(queue)
         feed = self._attach(external_id, queue)
         try:
             while not feed.ready.is_set():
@@ -82,6 +102,9 @@ class EventHub:
                     await asyncio.wait_for(feed.ready.wait(), heartbeat_s)
                 except asyncio.TimeoutError:
                     yield HEARTBEAT.encode()
+                if self.draining:
+                    yield _reconnect_hint()
+                    return
             # Attached first, then caught up: anything published meanwhile is in one or the other.
             # The bound is held for the read only, never while a (slow) client is written to.
             async with self._short:
@@ -107,6 +130,9 @@ class EventHub:
                 for item in items:
                     if item is None:  # the feed stopped: end here; the client resumes from its last id
                         break
+                    if item is _DRAIN:
+                        chunk.append(_reconnect_hint())
+                        break
                     event_id, frame, done = item
                     if stream_id_tuple(event_id) <= stream_id_tuple(cursor):
                         continue  # already sent during the catch-up
@@ -123,6 +149,7 @@ class EventHub:
                 return
         finally:
             feed.queues.discard(queue)
+            self._queues.discard(queue)
 
     def _attach(self, external_id: str, queue: asyncio.Queue) -> _Feed:
         feed = self._feeds.get(external_id)
@@ -185,3 +212,7 @@ class EventHub:
             feed.ready.set()
             for queue in list(feed.queues):
                 queue.put_nowait(None)
+
+
+def _reconnect_hint() -> bytes:
+    return retry_hint(random.randint(*DRAIN_RETRY_MS)).encode()
