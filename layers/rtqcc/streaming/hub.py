@@ -8,7 +8,9 @@ Redis use is bounded by the pool (`RTQCC_HUB_REDIS_CONNECTIONS`), so no number o
 followed jobs can exhaust it: a quarter of it serves short commands (a client's catch-up, a
 feed's first look, polls), bounded by a semaphore; the rest are reader slots, one per feed with
 followers, for a blocking XREAD. A feed that finds no slot free polls instead under the
-short-command bound: later by up to `_POLL_S`, but flowing, whoever holds the slots.
+short-command bound: later by up to `_POLL_S`, but flowing, whoever holds the slots. A feed keeps
+its job's latest events, formatted, so a client that opens (or comes back) at a recent position
+catches up from memory: a thousand watchers arriving at once cost no read each.
 
 A gateway that is stopping `drain()`s its hub: every client is told to reconnect (a `retry:`
 hint, spread so thousands do not come back in the same instant) and its answer ends after the
@@ -20,6 +22,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -39,6 +43,10 @@ _POOL_WAIT_S = 30.0     # the accounting keeps the pool from running dry; should
 # A drained client waits a random time in this range (ms) before it reconnects.
 DRAIN_RETRY_MS = (250, 2_500)
 _DRAIN = object()       # put in a client's queue: end with a reconnect hint
+# What each feed keeps for clients catching up: the last _RECENT_EVENTS events no older than
+# _RECENT_S (so a busy job's feed holds at most ~250 KB, a quiet one little).
+_RECENT_EVENTS = 1_024
+_RECENT_S = 30.0
 
 
 def _frame(event_id: str, fields: dict[str, str]) -> bytes:
@@ -54,6 +62,28 @@ class _Feed:
     task: asyncio.Task | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # set once it knows where it reads from
     idle_since: float = 0.0
+    # The events read so far, newest last, as (id as a tuple, queue item); every event after
+    # `complete_after` (an id as a tuple) is among them. None until the feed knows where it starts.
+    recent: deque = field(default_factory=lambda: deque(maxlen=_RECENT_EVENTS))
+    complete_after: tuple[int, int] | None = None
+
+    def keep(self, key: tuple[int, int], item: tuple) -> None:
+        oldest_ms = key[0] - _RECENT_S * 1000
+        while self.recent and (len(self.recent) == self.recent.maxlen or self.recent[0][0][0] < oldest_ms):
+            self.complete_after = self.recent.popleft()[0]
+        self.recent.append((key, item))
+
+    def after(self, position: tuple[int, int]) -> list[tuple] | None:
+        """The kept events after `position`, oldest first; None if some may be missing."""
+        if self.complete_after is None or position < self.complete_after:
+            return None
+        found = []
+        for key, item in reversed(self.recent):
+            if key <= position:
+                break
+            found.append(item)
+        found.reverse()
+        return found
 
 
 class EventHub:
@@ -95,7 +125,7 @@ class EventHub:
             return
         queue: asyncio.Queue = asyncio.Queue()
         self._queues.add(queue)
-        feed = self._attach(external_id, queue)
+        feed = self._attach(external_id, queue, cursor)
         try:
             while not feed.ready.is_set():
                 try:
@@ -106,13 +136,21 @@ class EventHub:
                     yield _reconnect_hint()
                     return
             # Attached first, then caught up: anything published meanwhile is in one or the other.
-            # The bound is held for the read only, never while a (slow) client is written to.
-            async with self._short:
-                missed = await self._redis.xrange(feed.key, min=f"({cursor}", max="+")
-            for event_id, fields in missed:
-                yield _frame(event_id, fields)
-                cursor = event_id
-                if fields["type"] == "done":
+            missed = feed.after(stream_id_tuple(cursor))
+            if missed is None:  # from further back than the feed keeps: read it
+                # The bound is held for the read only, never while a (slow) client is written to.
+                async with self._short:
+                    read = await self._redis.xrange(feed.key, min=f"({cursor}", max="+")
+                missed = [(event_id, _frame(event_id, fields), fields["type"] == "done") for event_id, fields in read]
+            if missed:
+                catch_up = []
+                for event_id, frame, done in missed:
+                    catch_up.append(frame)
+                    cursor = event_id
+                    if done:
+                        break
+                yield b"".join(catch_up)
+                if done:
                     return
             while True:
                 try:
@@ -151,25 +189,32 @@ class EventHub:
             feed.queues.discard(queue)
             self._queues.discard(queue)
 
-    def _attach(self, external_id: str, queue: asyncio.Queue) -> _Feed:
+    def _attach(self, external_id: str, queue: asyncio.Queue, cursor: str) -> _Feed:
         feed = self._feeds.get(external_id)
         if feed is None or feed.task is None or feed.task.done():
             feed = _Feed(key=events_key(external_id))
             self._feeds[external_id] = feed
-            feed.task = asyncio.get_running_loop().create_task(self._read(external_id, feed))
+            feed.task = asyncio.get_running_loop().create_task(self._read(external_id, feed, cursor))
         feed.queues.add(queue)
         return feed
 
-    async def _read(self, external_id: str, feed: _Feed) -> None:
+    async def _read(self, external_id: str, feed: _Feed, first_cursor: str) -> None:
         loop = asyncio.get_running_loop()
         feed.idle_since = loop.time()
         slotted = False  # holds a reader slot: may block on a connection of its own
         try:
-            # Read from the newest entry as of now; clients catch up to it with XRANGE only after
-            # this is known, so no event falls between their catch-up and this feed.
-            async with self._short:
-                newest = await self._redis.xrevrange(feed.key, count=1)
-            cursor = newest[0][0] if newest else "0-0"
+            # Read from the position of the client that asked for this feed: the clients arriving
+            # with it (a burst of watchers of one job) then catch up from the feed's memory. A
+            # position from longer ago than the feed keeps events for: from the newest entry as of
+            # now; clients catch up to it with XRANGE only after this is known, so no event falls
+            # between their catch-up and this feed.
+            if stream_id_tuple(first_cursor)[0] >= time.time() * 1000 - _RECENT_S * 1000:
+                cursor = first_cursor
+            else:
+                async with self._short:
+                    newest = await self._redis.xrevrange(feed.key, count=1)
+                cursor = newest[0][0] if newest else "0-0"
+            feed.complete_after = stream_id_tuple(cursor)
             feed.ready.set()
             while True:
                 if not feed.queues:
@@ -200,6 +245,7 @@ class EventHub:
                 for _, entries in found or []:
                     for event_id, fields in entries:
                         item = (event_id, _frame(event_id, fields), fields["type"] == "done")
+                        feed.keep(stream_id_tuple(event_id), item)
                         for queue in list(feed.queues):
                             queue.put_nowait(item)
                         cursor = event_id

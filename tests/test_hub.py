@@ -1,0 +1,89 @@
+"""The gateway's live-tail hub over real Redis: clients that open at any position get every event
+after it once, in order, whether they catch up from the feed's memory or, from further back, from
+Redis; a drained hub ends every client with a reconnect hint."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from rtqcc.bus.events import EventLog
+from rtqcc.streaming import hub as hub_module
+from rtqcc.streaming.hub import DRAIN_RETRY_MS, EventHub
+
+JOB = "RTQCC-HUBTEST"
+
+
+def _ids(chunks: list[bytes]) -> list[str]:
+    return re.findall(r"^id: (\S+)$", b"".join(chunks).decode(), re.M)
+
+
+async def _follow(hub: EventHub, cursor: str, chunks: list[bytes]) -> None:
+    async def no_ending(_cursor: str) -> None:
+        return None
+
+    async for chunk in hub.follow(JOB, cursor, heartbeat_s=0.2, ending=no_ending):
+        chunks.append(chunk)
+
+
+async def _until(predicate, what: str) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_clients_opening_anywhere_get_every_later_event_once_in_order(settings, redis_client, monkeypatch):
+    monkeypatch.setattr(hub_module, "_RECENT_EVENTS", 8)  # so some positions are further back than it keeps
+    log = EventLog(redis_client)
+    start = log.publish(JOB, "status", {"status": "running"})
+
+    async def scenario() -> dict[str, list[str]]:
+        hub = EventHub(settings.redis_url, max_connections=8)
+        first: list[bytes] = []
+        following = asyncio.create_task(_follow(hub, start, first))
+        published = [start]
+        for n in range(20):  # the feed reads these and keeps the last 8
+            published.append(log.publish(JOB, "section.delta", {"index": 0, "text": f"{n} "}))
+        await _until(lambda: _ids(first)[-1:] == published[-1:], "the first client to see every event")
+        late = {}
+        for name, position in (("in memory", published[18]), ("evicted", published[2]), ("at the end", published[20])):
+            late[name] = []
+            late[name + " task"] = asyncio.create_task(_follow(hub, position, late[name]))
+        await asyncio.sleep(0)
+        published.append(log.publish(JOB, "done", {"status": "completed"}))
+        await asyncio.wait_for(asyncio.gather(following, *(t for k, t in late.items() if k.endswith("task"))), 10)
+        await hub.close()
+        return {"published": published, "first": _ids(first),
+                **{name: _ids(chunks) for name, chunks in late.items() if not name.endswith("task")}}
+
+    seen = asyncio.run(scenario())
+    published = seen["published"]
+    assert seen["first"] == published[1:]
+    assert seen["in memory"] == published[19:]
+    assert seen["evicted"] == published[3:]  # further back than the 8 kept: read from Redis
+    assert seen["at the end"] == published[21:]  # only done
+
+
+def test_a_drained_hub_tells_every_client_when_to_reconnect_and_ends_their_streams(settings, redis_client):
+    log = EventLog(redis_client)
+    start = log.publish(JOB, "status", {"status": "running"})
+
+    async def scenario() -> list[list[bytes]]:
+        hub = EventHub(settings.redis_url, max_connections=8)
+        clients = [[] for _ in range(3)]
+        tasks = [asyncio.create_task(_follow(hub, start, chunks)) for chunks in clients]
+        log.publish(JOB, "section.delta", {"index": 0, "text": "a"})
+        await _until(lambda: all(_ids(chunks) for chunks in clients), "every client to get the event")
+        hub.drain()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        after: list[bytes] = []
+        await asyncio.wait_for(_follow(hub, start, after), 10)  # a client arriving while it drains
+        await hub.close()
+        return [*clients, after]
+
+    for chunks in asyncio.run(scenario()):
+        hint = re.fullmatch(rb"retry: (\d+)\n\n", chunks[-1])
+        assert hint and DRAIN_RETRY_MS[0] <= int(hint[1]) <= DRAIN_RETRY_MS[1]
+        assert b"event: done" not in b"".join(chunks)
