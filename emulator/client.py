@@ -77,6 +77,10 @@ class RtqccClient:
     def get(self, external_id: str) -> dict:
         return self._call("GET", f"/jobs/{external_id}").json()
 
+    def delete(self, external_id: str) -> dict:
+        """`{"externalId", "status"}`: `deleted`, or `deleting` while its consumer is still stopping."""
+        return self._call("DELETE", f"/jobs/{external_id}").json()
+
     def list(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict:
         params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
         return self._call("GET", "/jobs", params=params).json()

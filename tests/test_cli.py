@@ -6,6 +6,7 @@ the extra's modules unimportable (`sys.modules[name] = None` makes `import name`
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import consumer_env
+from conftest import consumer_env, wait_for
 
 from rtqcc.cli import LOCAL_STACK_MODULES
 
@@ -140,3 +141,62 @@ def test_the_revision_verbs_take_a_job_from_review_to_a_fork(start_gateway, run_
     run_consumer()
     forked = json.loads(cli("get", fork))
     assert forked["status"] == "completed" and forked["forked_from"] == {"job": external_id, "from_section": 1}
+
+
+class _Terminal(io.StringIO):
+    """Standard input that is a terminal, its answers typed in advance."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_jobs_delete_asks_first_refuses_without_a_terminal_and_says_what_happened(
+        start_gateway, start_consumer, run_consumer, monkeypatch, capsys):
+    from rtqcc.cli import main
+    from rtqcc_emulator.client import ApiError
+
+    gateway = start_gateway()
+    base = ["jobs", "--url", gateway.base_url, "--key", gateway.key]
+    with gateway.client() as client:
+        finished = client.create(title="Done with", brief="b", section_count=1)["externalId"]
+        client.control(finished, "start")
+        run_consumer()
+
+        monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # piped: nobody there to ask
+        assert main([*base, "delete", finished]) == 2
+        out, err = capsys.readouterr()
+        (line,) = err.strip().splitlines()
+        assert line == f"rtqcc: not deleting {finished}: no terminal to confirm on; pass --yes to delete it"
+        assert out == "" and client.get(finished)["status"] == "completed"
+
+        monkeypatch.setattr("sys.stdin", _Terminal("n\n"))
+        assert main([*base, "delete", finished]) == 1
+        out, _ = capsys.readouterr()
+        assert out.endswith(f"{finished} not deleted\n") and "[y/N]" in out
+        assert client.get(finished)["status"] == "completed"
+
+        monkeypatch.setattr("sys.stdin", _Terminal("y\n"))
+        assert main([*base, "delete", finished]) == 0
+        assert capsys.readouterr().out.endswith(f"{finished} deleted\n")
+        with pytest.raises(ApiError):
+            client.get(finished)
+
+        # Gone: the API's 404, in one line, and a non-zero exit.
+        assert main([*base, "delete", finished, "--yes"]) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err.strip() == f"rtqcc: No job {finished} exists for this API key. (404 job_not_found)"
+
+        # A running job: marked at once, its data gone once its consumer has stopped.
+        running = client.create(title="Under way", brief="b", outline=[{"title": "Only", "brief": "b"}],
+                                params={"max_tokens_per_section": 2000})["externalId"]
+        client.control(running, "start")
+        consumer = start_consumer(fake_tokens_per_s=40.0, lease_ttl_s=1.0)
+        wait_for(lambda: client.get(running)["sections"][0]["status"] == "running", timeout_s=15,
+                 what="its consumer to be writing")
+        assert main([*base, "delete", running, "--yes"]) == 0
+        assert capsys.readouterr().out.startswith(f"{running} marked for deletion and gone from the API;"
+                                                  " its consumer is still stopping")
+        assert consumer.join(20).completed == 0
+        wait_for(lambda: main([*base, "delete", running, "--yes"]) == 1, timeout_s=15, interval_s=0.2,
+                 what="the deletion to finish")

@@ -4,12 +4,17 @@ the fork needs them; its usage stays counted for billing; retention deletes what
 
 from __future__ import annotations
 
-from conftest import OTHER_KEY, consumer_env, job_events, wait_for
+import threading
+
+import httpx
+import pytest
+from conftest import OTHER_KEY, consumer_env, job_events, parse_sse, wait_for
 from test_cli import EVERY_LOCAL_MODULE, run_cli
 
 from rtqcc.run.deletion import prune
 from rtqcc.store.blobs import job_prefix
 from rtqcc.store.deletion import JobDeletions
+from rtqcc_emulator.client import ApiError
 
 OUTLINE = [{"title": "Beginnings", "brief": "how it started"}, {"title": "Endings", "brief": "how it ends"}]
 
@@ -134,6 +139,104 @@ def test_a_job_deleted_mid_run_stops_at_once_and_its_consumer_writes_nothing_aft
     # No message left behind makes a consumer bring anything back.
     assert run_consumer().completed == 0
     assert_nothing_left(database, blob_store, redis_client, external_id, job_id)
+
+
+DELETED_DONE = {"status": "cancelled", "code": "job_deleted"}
+LIVE_MODES = pytest.mark.parametrize("hub", [True, False], ids=["event-hub", "function-generator"])
+
+
+def _follow(client, external_id: str) -> tuple[list, threading.Thread, list]:
+    """A watcher following the job's stream on a thread of its own: its events, and its error."""
+    seen, failed = [], []
+
+    def watch() -> None:
+        try:
+            seen.extend(client.events(external_id, max_reconnects=0))
+        except BaseException as exc:  # shown by the test that joins it
+            failed.append(exc)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return seen, watcher, failed
+
+
+def _ended(watcher: threading.Thread, failed: list) -> None:
+    watcher.join(20)
+    assert not watcher.is_alive(), "the stream of the deleted job did not end"
+    assert not failed, failed
+
+
+def _reconnect_is_a_404(client, external_id: str, last_event_id: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        next(iter(client.events(external_id, last_event_id=last_event_id, max_reconnects=0)))
+    assert refused.value.status == 404 and refused.value.code == "job_not_found"
+
+
+@LIVE_MODES
+def test_a_watcher_of_a_job_deleted_mid_run_gets_done_and_its_stream_ends(start_gateway, start_consumer, hub):
+    running = start_gateway(streaming=True, hub=hub)
+    with running.client() as client, running.client() as watching:
+        external_id = client.create(title="Doomed", brief="b", outline=OUTLINE,
+                                    params={"max_tokens_per_section": 2000})["externalId"]
+        client.control(external_id, "start")
+        consumer = start_consumer(fake_tokens_per_s=40.0, lease_ttl_s=1.0)
+        seen, watcher, failed = _follow(watching, external_id)
+        wait_for(lambda: any(event.type == "section.delta" for event in seen), timeout_s=15,
+                 what="the watcher to see the first token")
+
+        assert client.delete(external_id)["status"] == "deleting"  # its consumer held a live lease
+        _ended(watcher, failed)
+        assert (seen[-1].type, seen[-1].data) == ("done", DELETED_DONE)
+        assert [event.type for event in seen].count("done") == 1
+        assert consumer.join(20).completed == 0
+        # A watcher that reconnects now finds no job, as one that comes back after the deletion did.
+        _reconnect_is_a_404(watching, external_id, seen[-1].id)
+
+
+@LIVE_MODES
+def test_a_watcher_that_misses_the_deletions_done_gets_it_from_postgres_on_its_next_heartbeat(
+        start_gateway, services, database, redis_client, hub):
+    running = start_gateway(streaming=True, hub=hub)
+    with running.client() as client, running.client() as watching:
+        external_id = client.create(title="Doomed", brief="b", outline=OUTLINE)["externalId"]
+        client.control(external_id, "start")  # queued; no consumer: the stream idles on heartbeats
+        seen, watcher, failed = _follow(watching, external_id)
+        wait_for(lambda: seen, what="the watcher's snapshot")
+        # Marked by a process that died before anything else (no done published), then purged:
+        # the watcher's events are gone with it, the heartbeat (0.5 s in tests) finds the end.
+        JobDeletions(database).mark("tenant-a", external_id)
+        assert prune(services, limit=10).deleted == 1
+        _ended(watcher, failed)
+        assert [(event.type, event.data) for event in seen[1:]] == [("done", DELETED_DONE)]
+        _reconnect_is_a_404(watching, external_id, seen[-1].id)
+    assert job_events(redis_client, external_id) == []
+
+
+def test_a_buffered_long_poll_in_flight_when_its_job_is_deleted_answers_done(start_gateway, make_services,
+                                                                              redis_client, settings):
+    # Long polls that wait far longer than the test: only the deletion can end this one soon.
+    running = start_gateway(streaming=False, services_override=make_services(sse_long_poll_s=20.0))
+    db = int(settings.redis_url.rsplit("/", 1)[1])
+    with running.client() as client, httpx.Client(base_url=running.base_url, timeout=30,
+                                                   headers={"Authorization": f"Bearer {running.key}"}) as http:
+        external_id = client.create(title="Doomed", brief="b", outline=OUTLINE)["externalId"]
+        client.control(external_id, "start")
+        snapshot = parse_sse(http.get(f"/jobs/{external_id}/stream").text)[0]
+        answers: list[httpx.Response] = []
+        poll = threading.Thread(target=lambda: answers.append(http.get(
+            f"/jobs/{external_id}/stream", headers={"Last-Event-ID": snapshot["id"]})), daemon=True)
+        poll.start()
+        wait_for(lambda: [c for c in redis_client.client_list()
+                          if c["cmd"] == "xread" and "b" in c["flags"] and int(c["db"]) == db],
+                 what="the long poll to wait on the job's events")
+
+        assert client.delete(external_id)["status"] == "deleted"
+        poll.join(20)
+        assert answers and answers[0].status_code == 200
+        assert [(e["event"], e["data"]) for e in parse_sse(answers[0].text)] == [("done", DELETED_DONE)]
+        # Its reconnect (and that of a watcher between polls) finds no job.
+        again = http.get(f"/jobs/{external_id}/stream", headers={"Last-Event-ID": parse_sse(answers[0].text)[0]["id"]})
+        assert again.status_code == 404 and again.json()["error"]["code"] == "job_not_found"
 
 
 def test_a_fork_keeps_the_objects_it_shares_until_it_is_deleted_too(api, run_consumer, database, blob_store,

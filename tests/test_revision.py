@@ -10,9 +10,11 @@ import json
 import threading
 
 import httpx
-from conftest import job_events, parse_sse, section_texts, wait_for
+from conftest import BackgroundConsumer, job_events, parse_sse, section_texts, wait_for
 
 from rtqcc.bus.events import stream_id_tuple
+from rtqcc.run.consumer import Consumer
+from rtqcc.run.failpoints import POINTS, Failpoints
 from rtqcc.store.manuscripts import assemble
 from rtqcc.writing.prompts import SUMMARY_SYSTEM
 
@@ -236,6 +238,49 @@ def test_a_paused_revision_resumes_and_a_cancelled_one_keeps_the_versions_it_had
     assert manuscript(api, external_id) == assemble(job["title"], [(s["title"], now[s["index"]]) for s in job["sections"]])
     if all(s["version"] == 1 for s in job["sections"]):
         assert manuscript(api, external_id) == text_before
+
+
+class HoldAt(Failpoints):
+    """Holds the run that passes `point` (instead of killing it) until `release()`."""
+
+    def __init__(self, point: str):
+        super().__init__()
+        assert point in POINTS
+        self.point = point
+        self.reached = threading.Event()
+        self._released = threading.Event()
+
+    def hit(self, name: str) -> None:
+        if name == self.point and not self.reached.is_set():
+            self.reached.set()
+            assert self._released.wait(30), "the held run was never released"
+
+    def release(self) -> None:
+        self._released.set()
+
+
+def test_a_revision_cancelled_as_its_last_section_is_stored_keeps_the_manuscript_of_its_current_versions(
+        api, run_consumer, make_services):
+    external_id = completed_job(api, run_consumer)
+    text_before = manuscript(api, external_id)
+    api.post(f"/jobs/{external_id}/sections/3/regenerate", {"instructions": "Shorter."})
+    # The run holds its new section 3 in S3, not yet current; the cancel comes then.
+    hold = HoldAt("after_s3_put")
+    revising = BackgroundConsumer(Consumer(make_services(), name="consumer-1", failpoints=hold), 20.0)
+    try:
+        assert hold.reached.wait(15), "the revision never stored its section"
+        cancelled = api.post(f"/jobs/{external_id}/cancel").json_body
+        assert cancelled["status"] == "completed" and cancelled["status_reason"] == "revision_cancelled"
+        assert manuscript(api, external_id) == text_before
+    finally:
+        hold.release()
+    assert revising.join(20).completed == 0
+    # The run went on to its end after the cancel: it made nothing current and wrote over no manuscript.
+    job = api.get(f"/jobs/{external_id}").json_body
+    assert [s["version"] for s in job["sections"]] == [1, 1, 1, 1]
+    now = section_texts(api, external_id)
+    assert manuscript(api, external_id) == assemble(job["title"], [(s["title"], now[s["index"]]) for s in job["sections"]])
+    assert manuscript(api, external_id) == text_before
 
 
 # ---- edit, If-Match, restore --------------------------------------------------------------

@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--format", choices=list(EXPORT_FORMATS), default="markdown")
     export.add_argument("-o", "--output", default=None,
                         help="the file to write, - for standard output (default: the name the API gives, here)")
+    delete = verbs.add_parser("delete", help="delete a job for good: its sections, versions, manuscripts and events")
+    delete.add_argument("external_id")
+    delete.add_argument("--yes", action="store_true", help="do not ask first (needed without a terminal)")
     listing = verbs.add_parser("list")
     listing.add_argument("--status", default=None)
     listing.add_argument("--limit", type=int, default=20)
@@ -419,6 +422,8 @@ def _job_verb(client, args: argparse.Namespace) -> int | None:
         _revise(client, args)
     elif args.verb == "export":
         return _export(client, args)
+    elif args.verb == "delete":
+        return _delete(client, args)
     elif args.verb == "get":
         print(json.dumps(client.get(args.external_id), indent=2))
     elif args.verb == "list":
@@ -447,6 +452,29 @@ def _export(client, args: argparse.Namespace) -> int:
         return 1
     path.write_bytes(body)
     print(f"{path} ({len(body)} bytes)")
+    return 0
+
+
+def _delete(client, args: argparse.Namespace) -> int:
+    """`rtqcc jobs delete`: nothing deleted comes back, so it asks first, on a terminal, unless
+    --yes; without a terminal to ask on, it refuses rather than guess."""
+    ext = args.external_id
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(f"rtqcc: not deleting {ext}: no terminal to confirm on; pass --yes to delete it", file=sys.stderr)
+            return 2
+        try:
+            answer = input(f"Delete job {ext} and everything it wrote, for good? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print(f"{ext} not deleted")
+            return 1
+    if client.delete(ext)["status"] == "deleted":
+        print(f"{ext} deleted")
+    else:  # the API's `deleting`: its consumer's lease has not run out yet
+        print(f"{ext} marked for deletion and gone from the API; its consumer is still stopping, and its data goes"
+              " once it has (the next `rtqcc prune`, or this command again)")
     return 0
 
 

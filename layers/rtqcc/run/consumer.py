@@ -95,12 +95,14 @@ class Consumer:
     waiting on a token stream; pg8000, redis-py and the provider's HTTP client are blocking), with
     one lease keeper thread for all of them. A new message is read whenever a slot is free."""
 
-    def __init__(self, services: Services, *, name: str | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, services: Services, *, name: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 failpoints: Failpoints | None = None):
         self.services = services
         self.settings = services.settings
         self.name = name or default_consumer_name()
         self.clock = clock
-        self.failpoints = Failpoints(self.settings.crash_at)
+        # Tests may pass their own (one that holds a run at a point instead of killing it).
+        self.failpoints = failpoints or Failpoints(self.settings.crash_at)
         self._shutting_down = threading.Event()
         self._keeper: LeaseKeeper | None = None
         self._webhooks: SenderThread | None = None

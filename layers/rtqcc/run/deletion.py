@@ -3,7 +3,9 @@ Redis keys, in an order a crash may interrupt anywhere.
 
 1. Postgres marks it `deleting` (store/deletion.py: mark): gone from the API at once, and a
    consumer running it is fenced off; a cancel command makes that consumer abort its provider
-   stream within milliseconds, as a cancel does.
+   stream within milliseconds, as a cancel does. Its `done` event (cancelled, code `job_deleted`)
+   ends the streams that follow it at once; one that misses it (its events are purged next) gets
+   the same `done` from Postgres when it next goes idle (streaming/stream.py's synthetic_done).
 2. Once no consumer can still write it (its lease was free, or has expired since), its Redis keys
    and queue entries go, then its objects in S3 (but those another job still names: a fork shares
    its source's sections; and a fork's borrowed objects go with it once their own job is gone),
@@ -24,6 +26,7 @@ from ..services import Services
 from ..status import JobStatus
 from ..store.blobs import job_of_key, job_prefix
 from ..store.deletion import Doomed, JobDeletions
+from ..streaming.stream import DELETED_DONE
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,11 @@ def delete_job(s: Services, tenant: str, external_id: str) -> Deletion:
     doomed = JobDeletions(s.db).mark(tenant, external_id)
     if doomed is None:
         raise JobNotFound(f"No job {external_id} exists for this API key.")
+    if doomed.was != JobStatus.DELETING:
+        try:  # wakes the live tails blocked on its event stream, before the stream is purged
+            s.events.publish(external_id, "done", DELETED_DONE)
+        except Exception as exc:  # they find the same end in Postgres on their next heartbeat
+            log.warning("no done event for deleted job %s: %s", external_id, exc)
     if doomed.was == JobStatus.RUNNING:
         try:
             send_control(s.redis, external_id, ControlCommand.CANCEL)

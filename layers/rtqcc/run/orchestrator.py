@@ -123,8 +123,10 @@ class ManuscriptOrchestrator:
         revision = job.manuscript_revision + 1 if job.manuscript_key else 0
         key = manuscript_key(ext, revision)
         body = assemble(job.title, [(s.title, self._text_of(run, s.idx)) for s in run.sections])
-        self.blobs.put(key, body.encode("utf-8"))
-        if not self.jobs.finish(lease, JobStatus.COMPLETED, manuscript_key=key, manuscript_revision=revision):
+        # Stored only while the job still runs under our lease: a revision cancelled meanwhile has
+        # put its sections back and assembled them under this same key, and must keep it.
+        if not self.jobs.complete_with_manuscript(lease, manuscript_key=key, manuscript_revision=revision,
+                                                  store_manuscript=lambda: self.blobs.put(key, body.encode("utf-8"))):
             # Paused or cancelled after the last section: the control handler owns that story.
             return RunOutcome(status=None, stopped_by=abort.reason or StopReason.STATE_CHANGED,
                               sections_written=run.written)

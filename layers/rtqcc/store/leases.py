@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..errors import LeaseLost
 from ..status import JobStatus
@@ -134,35 +134,30 @@ class LeaseWrites:
         return JobStatus(row["status"]) if row else None
 
     def finish(self, lease: Lease, status: JobStatus, *, error: str | None = None,
-               manuscript_key: str | None = None, manuscript_revision: int | None = None,
                reason: str | None = None) -> bool:
-        """Move a running job to a terminal, paused or awaiting_review state (a completed one ends
-        its revision, if any); False if it was no longer running under this lease (cancelled or
-        paused meanwhile, or taken over)."""
-        # Its webhook deliveries are written by the same statement (the outbox): never lost, never
-        # sent for a change that did not happen.
-        row = self.db.row(
-            "WITH moved AS (UPDATE jobs SET status = :s, error = :error, status_reason = :reason,"
-            " manuscript_key = COALESCE(:key, manuscript_key),"
-            " manuscript_revision = COALESCE(CAST(:revision AS int), manuscript_revision),"
-            " revision = CASE WHEN :s = 'completed' THEN NULL ELSE revision END,"
-            " lease_owner = NULL, lease_expires_at = NULL,"
-            " finished_at = CASE WHEN :s IN ('completed', 'failed', 'cancelled') THEN now() END,"
-            " updated_at = now()"
-            " WHERE id = :j AND lease_version = :v AND lease_owner = :owner AND status = 'running'"
-            " RETURNING id, tenant, external_id, title, status, status_reason, error),"
-            f" announced AS ({outbox_insert('moved')})"
-            " SELECT COUNT(*)::int AS changed FROM moved",
-            s=status.value,
-            error=error,
-            reason=reason,
-            key=manuscript_key,
-            revision=manuscript_revision,
-            j=lease.job_id,
-            v=lease.version,
-            owner=lease.owner,
-        )
-        return row["changed"] == 1
+        """Move a running job to a failed, cancelled, paused or awaiting_review state; False if it
+        was no longer running under this lease (cancelled or paused meanwhile, or taken over).
+        A completed one ends with its manuscript: complete_with_manuscript."""
+        return _finish(self.db, lease, status, error=error, reason=reason)
+
+    def complete_with_manuscript(self, lease: Lease, *, manuscript_key: str, manuscript_revision: int,
+                                 store_manuscript: Callable[[], None]) -> bool:
+        """Complete the job (ending its revision, if any) with the manuscript `store_manuscript()`
+        writes at `manuscript_key`, in one transaction holding the job's row: the object is
+        written only while the job still runs under this lease, and nobody who takes the row
+        meanwhile comes between the write and the move; above all a cancelled revision, whose
+        reassembly writes the same key from the versions it left current. False, nothing
+        written, if the job no longer runs under this lease. A crash between the write and the
+        commit leaves an object nothing names, written again by the next run or reassembly."""
+        with self.db.transaction() as conn:
+            held = conn.row(
+                "SELECT 1 AS held FROM jobs WHERE id = :j AND lease_version = :v AND lease_owner = :owner"
+                " AND status = 'running' FOR UPDATE", j=lease.job_id, v=lease.version, owner=lease.owner)
+            if held is None:
+                return False
+            store_manuscript()
+            return _finish(conn, lease, JobStatus.COMPLETED, manuscript_key=manuscript_key,
+                           manuscript_revision=manuscript_revision)
 
     def save_outline(self, lease: Lease, outline: Iterable[OutlineItem]) -> None:
         with self.db.transaction() as conn:
@@ -236,6 +231,37 @@ class LeaseWrites:
         if not row["held"]:
             raise LeaseLost(f"Job {lease.external_id}: lease version {lease.version} is no longer held by {lease.owner}")
         return row["changed"] == 1
+
+
+def _finish(db: Database | Connection, lease: Lease, status: JobStatus, *, error: str | None = None,
+            reason: str | None = None, manuscript_key: str | None = None,
+            manuscript_revision: int | None = None) -> bool:
+    """The move out of `running` (LeaseWrites.finish, complete_with_manuscript), on `db` or
+    inside the caller's transaction."""
+    # Its webhook deliveries are written by the same statement (the outbox): never lost, never
+    # sent for a change that did not happen.
+    row = db.row(
+        "WITH moved AS (UPDATE jobs SET status = :s, error = :error, status_reason = :reason,"
+        " manuscript_key = COALESCE(:key, manuscript_key),"
+        " manuscript_revision = COALESCE(CAST(:revision AS int), manuscript_revision),"
+        " revision = CASE WHEN :s = 'completed' THEN NULL ELSE revision END,"
+        " lease_owner = NULL, lease_expires_at = NULL,"
+        " finished_at = CASE WHEN :s IN ('completed', 'failed', 'cancelled') THEN now() END,"
+        " updated_at = now()"
+        " WHERE id = :j AND lease_version = :v AND lease_owner = :owner AND status = 'running'"
+        " RETURNING id, tenant, external_id, title, status, status_reason, error),"
+        f" announced AS ({outbox_insert('moved')})"
+        " SELECT COUNT(*)::int AS changed FROM moved",
+        s=status.value,
+        error=error,
+        reason=reason,
+        key=manuscript_key,
+        revision=manuscript_revision,
+        j=lease.job_id,
+        v=lease.version,
+        owner=lease.owner,
+    )
+    return row["changed"] == 1
 
 
 def _check_fence(conn: Connection, lease: Lease) -> None:

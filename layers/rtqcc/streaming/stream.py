@@ -21,6 +21,9 @@ from .slots import REFRESH_S, StreamSlot
 from ..store.views import job_document
 
 HEARTBEAT = ": keep-alive\n\n"
+# The `done` of a job deleted while it was followed (DELETE /jobs/{id}): the contract's statuses
+# are completed, failed and cancelled, so a deletion ends it as cancelled, its code saying why.
+DELETED_DONE = {"status": "cancelled", "code": "job_deleted"}
 
 
 def sse_frame(event_id: str, event_type: str, data_json: str) -> str:
@@ -146,7 +149,10 @@ class JobEventStream:
         # Redis's new stream may not yet reach the position of a client whose stream Redis lost:
         # its snapshot then keeps that position, so the ids a client sees never go back.
         shown = max(cursor, self.last_event_id or cursor, key=stream_id_tuple)
-        job = self.jobs.get_by_external_id(self.ext) or self.job
+        job = self.jobs.get_by_external_id(self.ext)
+        if _deleted(job):  # deleted since the stream was opened: what it was, and the end
+            return cursor, [format_event(shown, "snapshot", job_document(self.jobs, self.job)),
+                            format_event(shown, "done", DELETED_DONE)], True
         opening = [format_event(shown, "snapshot", job_document(self.jobs, job))]
         if job.status.terminal:
             opening.append(format_event(shown, "done", _done_data(job)))
@@ -154,10 +160,19 @@ class JobEventStream:
         return cursor, opening, False
 
     def synthetic_done(self, cursor: str) -> str | None:
+        """The `done` a client idle at `cursor` has not seen though the job has ended: its `done`
+        was lost with Redis, or the job was deleted (its events purged with it). None: it goes on."""
         job = self.jobs.get_by_external_id(self.ext)
-        if job is not None and job.status.terminal:
+        if _deleted(job):
+            return format_event(cursor, "done", DELETED_DONE)
+        if job.status.terminal:
             return format_event(cursor, "done", _done_data(job))
         return None
+
+
+def _deleted(job: Job | None) -> bool:
+    """The followed job is gone, or going (marked `deleting`: hidden from the API at once)."""
+    return job is None or job.status == JobStatus.DELETING
 
 
 def _frame(event: Event) -> str:
