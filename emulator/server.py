@@ -10,6 +10,7 @@ calls) each have their own bounded threads; with a hub, a live tail holds no thr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -196,14 +197,15 @@ async def _follow(hub: EventHub, opened: OpenedStream, limiter: anyio.CapacityLi
     # The hub yields at least once a heartbeat, so waking no later than the slot refresh keeps
     # the stream's slot alive however quiet the job is.
     refresh_s = stream.slot_refresh_s
-    next_touch = anyio.current_time() + refresh_s
+    clock = asyncio.get_running_loop().time  # read once a chunk: the plain loop clock
+    next_touch = clock() + refresh_s
     tail = hub.follow(stream.ext, cursor, heartbeat_s=min(opened.heartbeat_s, refresh_s), ending=ending)
     async with contextlib.aclosing(tail):
         async for chunk in tail:
             yield chunk
-            if anyio.current_time() >= next_touch:
+            if clock() >= next_touch:
                 await anyio.to_thread.run_sync(stream.touch, limiter=limiter)
-                next_touch = anyio.current_time() + refresh_s
+                next_touch = clock() + refresh_s
 
 
 class GatewayServer(uvicorn.Server):

@@ -87,3 +87,28 @@ def test_a_drained_hub_tells_every_client_when_to_reconnect_and_ends_their_strea
         hint = re.fullmatch(rb"retry: (\d+)\n\n", chunks[-1])
         assert hint and DRAIN_RETRY_MS[0] <= int(hint[1]) <= DRAIN_RETRY_MS[1]
         assert b"event: done" not in b"".join(chunks)
+
+
+def test_many_clients_of_one_job_fanned_out_in_batches_get_every_event_once_in_order(settings, redis_client):
+    log = EventLog(redis_client)
+    start = log.publish(JOB, "status", {"status": "running"})
+    followers = hub_module._BATCH_FOLLOWERS + 8
+
+    async def scenario() -> tuple[list[str], list[list[bytes]]]:
+        hub = EventHub(settings.redis_url, max_connections=8)
+        clients = [[] for _ in range(followers)]
+        tasks = [asyncio.create_task(_follow(hub, start, chunks)) for chunks in clients]
+        await asyncio.sleep(0)
+        published = []
+        for n in range(40):
+            published.append(log.publish(JOB, "section.delta", {"index": 0, "text": f"{n} "}))
+            if n % 10 == 0:
+                await asyncio.sleep(0.02)  # some arrive while a batch interval is open
+        published.append(log.publish(JOB, "done", {"status": "completed"}))
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        await hub.close()
+        return published, clients
+
+    published, clients = asyncio.run(scenario())
+    for chunks in clients:
+        assert _ids(chunks) == published

@@ -1,6 +1,8 @@
 """Live SSE tails for many clients from one process: one Redis reader per followed job, its
 events formatted once and fanned out to every client's queue, on the event loop, with no thread
-per client. The gateway serves the stream route's tail from here in streaming mode; opening a
+per client. A job followed by many clients is fanned out at most every 50 ms, each client's
+events of the interval in one write: the cost of a fan-out is per write, so thousands of
+watchers of per-token events would otherwise cost a write per token each. The gateway serves the stream route's tail from here in streaming mode; opening a
 stream (auth, job lookup, snapshot or replay position) still goes through the same code as the
 streaming function (`rtqcc.api.access.open_job_stream`).
 
@@ -43,6 +45,10 @@ _POOL_WAIT_S = 30.0     # the accounting keeps the pool from running dry; should
 # A drained client waits a random time in this range (ms) before it reconnects.
 DRAIN_RETRY_MS = (250, 2_500)
 _DRAIN = object()       # put in a client's queue: end with a reconnect hint
+# A feed with this many clients fans out at most once per _BATCH_S, each client's events of the
+# interval in one write; with fewer, each read is sent as it comes.
+_BATCH_FOLLOWERS = 32
+_BATCH_S = 0.05
 # What each feed keeps for clients catching up: the last _RECENT_EVENTS events no older than
 # _RECENT_S (so a busy job's feed holds at most ~250 KB, a quiet one little).
 _RECENT_EVENTS = 1_024
@@ -154,8 +160,10 @@ class EventHub:
                     return
             while True:
                 try:
-                    items = [await asyncio.wait_for(queue.get(), heartbeat_s)]
-                except asyncio.TimeoutError:
+                    # A timeout scope, not wait_for: that makes a task per wait, per event per client.
+                    async with asyncio.timeout(heartbeat_s):
+                        items = [await queue.get()]
+                except TimeoutError:
                     final = await ending(cursor)
                     if final:
                         yield final.encode()
@@ -165,7 +173,7 @@ class EventHub:
                 while not queue.empty():  # whatever else is already queued goes out in the same write
                     items.append(queue.get_nowait())
                 chunk: list[bytes] = []
-                for item in items:
+                for item in _flattened(items):
                     if item is None:  # the feed stopped: end here; the client resumes from its last id
                         break
                     if item is _DRAIN:
@@ -243,12 +251,18 @@ class EventHub:
                     await asyncio.sleep(1.0)
                     continue
                 for _, entries in found or []:
+                    batch = []
                     for event_id, fields in entries:
                         item = (event_id, _frame(event_id, fields), fields["type"] == "done")
                         feed.keep(stream_id_tuple(event_id), item)
-                        for queue in list(feed.queues):
-                            queue.put_nowait(item)
+                        batch.append(item)
                         cursor = event_id
+                    for queue in list(feed.queues):
+                        queue.put_nowait(batch)
+                if len(feed.queues) >= _BATCH_FOLLOWERS:
+                    # Many clients: one write each per interval carrying every event it brought,
+                    # not one per event (the fan-out's cost is per write, and grows with them).
+                    await asyncio.sleep(_BATCH_S)
         finally:
             if slotted:
                 self._free_reader_slots += 1
@@ -262,3 +276,15 @@ class EventHub:
 
 def _reconnect_hint() -> bytes:
     return retry_hint(random.randint(*DRAIN_RETRY_MS)).encode()
+
+
+def _flattened(items: list) -> list:
+    """A client's queue holds the feed's batches (lists of events) and sentinels (None, _DRAIN):
+    their events in order, up to and with the first sentinel."""
+    flat: list = []
+    for item in items:
+        if item is None or item is _DRAIN:
+            flat.append(item)
+            break
+        flat.extend(item)
+    return flat
