@@ -65,7 +65,8 @@ def sse_rows(f: dict) -> list[Row]:
             continue
         clients = int(key.split("_")[1])
         ours, base = f[key]["ours"], f[key]["baseline_redis_pubsub"]
-        what = (f"live delivery, {clients:,} SSE clients on {f['jobs']} running jobs through the gateway "
+        gateway = f"`{f['gateway']}`" if "gateway" in f else "the gateway"
+        what = (f"live delivery, {clients:,} SSE clients on {f['jobs']} running jobs through {gateway} "
                 f"({f['tokens_per_s_per_job']} tokens/s a job, one event each)")
         rows.append((what,
                      f"p50 {_n(ours['p50_ms'])} ms, p99 {_n(ours['p99_ms'])} ms, {ours['events_per_s']:,} events/s"

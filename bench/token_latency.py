@@ -203,11 +203,14 @@ def _run(settings: Settings, jobs: int) -> dict:
             for connected in range(2 * jobs):  # each watcher pushes once it follows its job
                 if not redis.blpop([CONNECTED], timeout=max(1, int(deadline - time.monotonic()))):
                     raise RuntimeError(f"only {connected} of {2 * jobs} watchers connected")
-            consumers = [subprocess.Popen([sys.executable, "-m", "bench.token_latency", "consumer", str(out)],
-                                          env=env, cwd=Path(__file__).resolve().parent.parent) for out in outputs]
+            # Every job queued first, then the consumers started: they take the jobs together, so
+            # all of them are in flight at once (started one POST at a time beside running
+            # consumers, the first finished before the last began).
             with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {BENCH_KEY}"}) as http:
                 for external_id in job_ids:
                     http.post(f"/jobs/{external_id}/start")
+            consumers = [subprocess.Popen([sys.executable, "-m", "bench.token_latency", "consumer", str(out)],
+                                          env=env, cwd=Path(__file__).resolve().parent.parent) for out in outputs]
             peak = 0
             while running := [c for c in consumers if c.poll() is None]:
                 peak = max(peak, services.db.row("SELECT COUNT(*)::int AS n FROM jobs WHERE status = 'running'")["n"])
