@@ -8,6 +8,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -124,3 +126,12 @@ def test_a_rolling_restart_loses_no_event_and_repeats_none(served_gateway, start
         assert [(e.id, e.type, e.data) for e in events[1:]] == [(e["id"], e["event"], e["data"]) for e in after]
     # ... and every watcher came back through the new gateway.
     assert new.log().count(f"/jobs/{external_id}/stream") >= len(seen)
+
+
+def test_without_its_services_it_refuses_to_start_and_names_what_is_missing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RTQCC_", "REDIS_", "DATABASE_", "S3_"))}
+    answer = subprocess.run([str(Path(sys.executable).with_name("rtqcc")), "serve", "--port", "0"],
+                            env={**env, "REDIS_URL": "redis://127.0.0.1:6379/0"}, capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert answer.returncode == 2
+    assert "DATABASE_URL must be set" in answer.stderr and "listening" not in answer.stdout
