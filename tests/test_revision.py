@@ -260,7 +260,7 @@ class HoldAt(Failpoints):
 
 
 def test_a_revision_cancelled_as_its_last_section_is_stored_keeps_the_manuscript_of_its_current_versions(
-        api, run_consumer, make_services):
+        api, run_consumer, make_services, redis_client):
     external_id = completed_job(api, run_consumer)
     text_before = manuscript(api, external_id)
     api.post(f"/jobs/{external_id}/sections/3/regenerate", {"instructions": "Shorter."})
@@ -275,7 +275,10 @@ def test_a_revision_cancelled_as_its_last_section_is_stored_keeps_the_manuscript
     finally:
         hold.release()
     assert revising.join(20).completed == 0
-    # The run went on to its end after the cancel: it made nothing current and wrote over no manuscript.
+    # The run stopped at the section the cancel put back: it made nothing current, announced no
+    # version that never became current, and wrote over no manuscript.
+    assert not [e for e in job_events(redis_client, external_id)
+                if e["event"] == "section.completed" and e["data"]["version"] == 2]
     job = api.get(f"/jobs/{external_id}").json_body
     assert [s["version"] for s in job["sections"]] == [1, 1, 1, 1]
     now = section_texts(api, external_id)

@@ -116,6 +116,11 @@ class LeaseLost(RtqccError):
     """A fenced write was refused: another consumer holds a newer lease on the job."""
 
 
+class SectionWithdrawn(LeaseLost):
+    """The section a run just wrote is done already: a cancelled revision put its earlier version
+    back. The run stops there, announcing nothing, as if its lease were lost."""
+
+
 class ProviderError(RtqccError):
     """The provider failed in a way a retry will not fix."""
 

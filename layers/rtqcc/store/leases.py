@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from ..errors import LeaseLost
+from ..errors import LeaseLost, SectionWithdrawn
 from ..status import JobStatus
 from .attempts import ATTEMPT_COLUMNS, INSERT_ATTEMPTS, USAGE_COLUMNS, Attempt, attempts_json
 from .versions import INSERT_VERSION, VERSION_COST
@@ -182,7 +182,8 @@ class LeaseWrites:
         write succeeded) made current on the fenced row, with what made it and what it cost, and
         the sections to write next marked running. Returns the section's usage over all its calls
         (usage_by_section's row). Raises LeaseLost, after recording the calls, if the lease is no
-        longer ours; a section already done (a cancelled revision put it back) stays as it is.
+        longer ours; SectionWithdrawn, after recording the calls, if the section is done already
+        (a cancelled revision put it back): it stays as it is.
         With `announce`, its section.completed webhook deliveries are written by the statement too."""
         row = self.db.row(
             "WITH fence AS (SELECT id, tenant, external_id FROM jobs WHERE id = :j AND lease_version = :v"
@@ -202,12 +203,16 @@ class LeaseWrites:
             f" FROM done, ({VERSION_COST} FROM calls WHERE section_version = :version AND purpose <> 'summary') AS paid RETURNING 1)"
             # section.completed for the tenant's endpoints, only when this statement marked it done
             + (f", announced AS ({outbox_insert(_SECTION_DONE, _SECTION_EVENT, _SECTION_EVENT_DATA)})" if announce else "") +
-            f" SELECT (SELECT COUNT(*) FROM fence)::int AS held, {USAGE_COLUMNS} FROM calls",
+            f" SELECT (SELECT COUNT(*) FROM fence)::int AS held, (SELECT COUNT(*) FROM done)::int AS marked,"
+            f" {USAGE_COLUMNS} FROM calls",
             j=lease.job_id, v=lease.version, owner=lease.owner, i=idx, key=key, sha=sha256, chars=chars,
             attempts=attempts_json(attempts), next=start_next, version=version, made=json.dumps(made_with))
         assert row is not None
         if not row.pop("held"):
             raise LeaseLost(f"Job {lease.external_id}: lease version {lease.version} is no longer held by {lease.owner}")
+        if not row.pop("marked"):
+            raise SectionWithdrawn(f"Job {lease.external_id}: section {idx} is done already (a cancelled revision"
+                                   " put it back); this run stops")
         return row
 
     def save_summary(self, lease: Lease, idx: int, summary: str) -> None:
