@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
-import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,8 @@ from redis import Redis
 
 from rtqcc.bus.events import events_key
 
-from .stack import BENCH_KEY, fresh_services, percentile, service_env, start_local_stack, stop_local_stack
+from .stack import (BENCH_KEY, fresh_services, percentile, service_env, start_announcing, start_local_stack,
+                    stop_local_stack)
 
 JOBS = 10
 TOKENS_PER_S = 40
@@ -226,20 +226,8 @@ def _start_jobs(base_url: str, count: int) -> list[str]:
 def _start_gateway(settings, data_dir: Path, workers: int) -> tuple[subprocess.Popen, str]:
     """`rtqcc serve` over the bench's services, as a container runs it."""
     env = service_env(settings, RTQCC_SSE_HEARTBEAT_S="5", RTQCC_DELTA_FLUSH_MS="0", RTQCC_RATE_LIMIT_PER_MIN="0")
-    log_path = data_dir / "gateway.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "rtqcc.cli", "serve", "--port", "0", "--workers", str(workers)],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        found = re.search(r"listening on (http://\S+)", log_path.read_text())
-        if found:
-            return process, found.group(1)
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    stop_local_stack(process)
-    raise RuntimeError(f"the gateway did not start; see {log_path}")
+    return start_announcing(["serve", "--port", "0", "--workers", str(workers)], env, data_dir / "gateway.log",
+                            address=r"listening on (http://\S+)")
 
 
 def run(settings, *, client_counts: tuple[int, ...] = (100, 1000, 5000)) -> dict:

@@ -132,24 +132,33 @@ def start_local_stack(settings: Settings, data_dir: Path, *, args: tuple[str, ..
         "RTQCC_RATE_LIMIT_PER_MIN": "0",
         **env,
     }
-    log_path = data_dir / "stack.log"
+    return start_announcing(["up", "--port", "0", "--data-dir", str(data_dir), *args], environment,
+                            data_dir / "stack.log", ready=lambda printed: "ready" in printed.splitlines(),
+                            address=r"local stack at (http://\S+)")
+
+
+def start_announcing(rtqcc_args: list[str], env: dict[str, str], log_path: Path, *, address: str,
+                     ready=None) -> tuple[subprocess.Popen, str]:
+    """`rtqcc <rtqcc_args>` in a process of its own, its output in `log_path`; the process and the
+    address it printed (group 1 of `address`) once `ready(printed)` holds (by default: once the
+    address is printed). Raises, with the log's path, if it exits or is not ready within 60 s."""
     with open(log_path, "w") as log:  # a file, not a pipe nobody drains: a full pipe would stall the server
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rtqcc.cli", "up", "--port", "0", "--data-dir", str(data_dir), *args],
-            env=environment, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "rtqcc.cli", *rtqcc_args], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         printed = log_path.read_text()
-        if "ready" in printed.splitlines():
-            return process, re.search(r"local stack at (http://\S+)", printed).group(1)
-        try:  # look at the log again in a moment, or at once if the stack died
+        found = re.search(address, printed)
+        if found and (ready is None or ready(printed)):
+            return process, found.group(1)
+        try:  # look at the log again in a moment, or at once if the process died
             process.wait(0.1)
             break
         except subprocess.TimeoutExpired:
             continue
     process.kill()
     process.wait(5)
-    raise RuntimeError(f"the stack did not become ready; see {log_path}")
+    raise RuntimeError(f"`rtqcc {rtqcc_args[0]}` did not become ready; see {log_path}")
 
 
 def stop_local_stack(process: subprocess.Popen) -> None:

@@ -108,7 +108,7 @@ def serve(environ: Mapping[str, str], options: ServeOptions) -> int:
         reservation.close()
 
 
-def _listening_socket(host: str, port: int, *, listen: bool) -> socket.socket:
+def _shared_port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -127,7 +127,7 @@ def _reserve(host: str, port: int) -> socket.socket:
     """The port, bound but not listening (so the kernel gives it no connection), held by the
     supervisor for its whole life: the workers listen on it beside it, and `port=0` names one."""
     try:
-        return _listening_socket(host, port, listen=False)
+        return _shared_port_socket(host, port, listen=False)
     except OSError as exc:
         raise GatewayStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
@@ -136,7 +136,7 @@ def _worker(environ: dict[str, str], options: ServeOptions, port: int, ready) ->
     """One worker process: its app, its socket on the shared port, uvicorn until told to stop."""
     configure_logging()
     app = build_app(environ, streaming=options.streaming, integration_timeout_s=options.integration_timeout_s)
-    sock = _listening_socket(options.host, port, listen=True)
+    sock = _shared_port_socket(options.host, port, listen=True)
     config = uvicorn.Config(app, host=options.host, port=port, timeout_graceful_shutdown=options.grace_s,
                             **UVICORN_OPTIONS)
     server = GatewayServer(config, on_started=lambda: ready.send(os.getpid()))

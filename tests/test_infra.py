@@ -16,7 +16,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 import tomllib
 import zipfile
 from pathlib import Path
@@ -29,6 +28,7 @@ from conftest import API_KEY, announced_address, consumer_env, parse_sse
 
 from rtqcc.errors import ConfigError
 from rtqcc.settings import Settings
+from rtqcc_emulator.serve import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -768,7 +768,8 @@ def test_gateway_drains_within_the_pods_grace_period_with_a_worker_a_cpu():
     compose_gateway = COMPOSE["services"]["gateway"]
     assert compose_gateway["command"][:2] == ["rtqcc", "serve"]
     compose_grace_s = float(compose_gateway["stop_grace_period"].rstrip("s"))
-    assert compose_grace_s > 20  # rtqcc serve's default --grace-s
+    assert "--grace-s" not in compose_gateway["command"]  # so its default is the one to fit in
+    assert compose_grace_s > ServeOptions().grace_s
 
 
 def test_consumer_loops_and_sweeper_and_pruner_run_on_a_schedule():

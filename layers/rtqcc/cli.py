@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--sse", choices=["streaming", "buffered"], default="streaming",
                            help="streaming: frames flow as produced; buffered: like API Gateway REST (long-poll)")
     serve_cmd.add_argument("--integration-timeout-s", type=float, default=29.0)
-    serve_cmd.add_argument("--grace-s", type=float, default=float(os.environ.get("RTQCC_GATEWAY_GRACE_S", "20")),
-                           help="on SIGTERM: how long API calls in progress may finish (streams end at once)")
+    serve_cmd.add_argument("--grace-s", type=float, default=None,
+                           help="on SIGTERM: how long API calls in progress may finish (streams end at once;"
+                                " default 20 s)")
 
     consume_cmd = commands.add_parser("consume", help="run consumer invocations (a warm container)")
     consume_cmd.add_argument("--budget-s", type=float, default=60.0, help="each invocation's time budget")
@@ -256,7 +257,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging()
     options = ServeOptions(host=args.host, port=args.port, workers=workers, streaming=args.sse == "streaming",
-                           integration_timeout_s=args.integration_timeout_s, grace_s=args.grace_s)
+                           integration_timeout_s=args.integration_timeout_s,
+                           **({"grace_s": args.grace_s} if args.grace_s is not None else {}))
     try:
         return serve(os.environ, options)
     except GatewayStartError as exc:

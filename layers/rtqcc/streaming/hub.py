@@ -109,14 +109,14 @@ class EventHub:
         self._short = asyncio.Semaphore(short)
         self._free_reader_slots = max_connections - short  # one event loop: a plain counter is safe
         self._feeds: dict[str, _Feed] = {}
-        self._queues: set[asyncio.Queue] = set()  # every client's, so a drain reaches those still opening
         self.draining = False
 
     def drain(self) -> None:
         """Stop serving: every client, now and from here on, ends with a reconnect hint."""
         self.draining = True
-        for queue in self._queues:
-            queue.put_nowait(_DRAIN)
+        for feed in self._feeds.values():
+            for queue in feed.queues:
+                queue.put_nowait(_DRAIN)
 
     async def close(self) -> None:
         for feed in list(self._feeds.values()):
@@ -133,7 +133,6 @@ class EventHub:
             yield _reconnect_hint()
             return
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues.add(queue)
         feed = self._attach(external_id, queue, cursor)
         try:
             while not feed.ready.is_set():
@@ -198,7 +197,6 @@ class EventHub:
                 return
         finally:
             feed.queues.discard(queue)
-            self._queues.discard(queue)
 
     def _attach(self, external_id: str, queue: asyncio.Queue, cursor: str) -> _Feed:
         feed = self._feeds.get(external_id)
