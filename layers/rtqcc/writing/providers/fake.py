@@ -3,6 +3,7 @@ at a configurable pace. The default when no API key is set, and the workhorse of
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -11,6 +12,7 @@ from typing import Callable
 from ..abort import AbortSignal
 from ..tokens import count_tokens
 from .base import GenerationRequest, GenerationResult
+from .stream_loop import run_stream
 
 _WORDS = (
     "the system records each step so that work survives a crash and resumes where it stopped "
@@ -36,15 +38,40 @@ class FakeProvider:
         # Continue after the prefix when it is ours; a foreign prefix is followed by a fresh answer.
         remaining = full[len(request.prefix):] if full.startswith(request.prefix) else full
         pieces = _split_tokens(remaining)
+        if self.tokens_per_s <= 0 and not self.first_token_ms:
+            # Instant: no waiting, so no reason to leave the run's thread.
+            produced: list[str] = []
+            for piece in pieces:
+                if abort.aborted:
+                    return self._aborted(produced, abort)
+                produced.append(piece)
+                on_delta(piece)
+            return self._finished(request, produced)
+        return run_stream(lambda: self._paced(request, pieces, abort, on_delta), abort)
+
+    async def _paced(self, request: GenerationRequest, pieces: list[str], abort: AbortSignal,
+                     on_delta: Callable[[str], None]) -> GenerationResult:
+        loop = asyncio.get_running_loop()
         interval = 1.0 / self.tokens_per_s if self.tokens_per_s > 0 else 0.0
         produced: list[str] = []
-        if self.first_token_ms and abort.wait(self.first_token_ms / 1000):
-            return self._aborted(request, produced, abort)
-        for piece in pieces:
-            if abort.aborted or (interval and abort.wait(interval)):
-                return self._aborted(request, produced, abort)
-            produced.append(piece)
-            on_delta(piece)
+        try:
+            if self.first_token_ms:
+                await asyncio.sleep(self.first_token_ms / 1000)
+            # Each token is due on the stream's own clock, as a server sends it whether or not its
+            # reader keeps up: a late reader gets what it missed at once, as from a socket's buffer.
+            due = loop.time()
+            for piece in pieces:
+                due += interval
+                await asyncio.sleep(due - loop.time())
+                if abort.aborted:  # raised by on_delta itself (a budget reached)
+                    return self._aborted(produced, abort)
+                produced.append(piece)
+                on_delta(piece)
+        except asyncio.CancelledError:
+            return self._aborted(produced, abort)
+        return self._finished(request, produced)
+
+    def _finished(self, request: GenerationRequest, produced: list[str]) -> GenerationResult:
         text = "".join(produced)
         return GenerationResult(
             text=text,
@@ -61,7 +88,7 @@ class FakeProvider:
             return json.dumps(_outline(rng, request.json_schema))
         return _prose(rng, request.max_tokens or DEFAULT_SECTION_TOKENS)
 
-    def _aborted(self, request: GenerationRequest, produced: list[str], abort: AbortSignal) -> GenerationResult:
+    def _aborted(self, produced: list[str], abort: AbortSignal) -> GenerationResult:
         # Like a real server cut short: no finish reason and no usage report.
         return GenerationResult(text="".join(produced), finish_reason=None, aborted=abort.reason or "aborted")
 

@@ -12,22 +12,23 @@ One `stream()` is one answer, which may take several HTTP calls:
 Every call that reached the model is reported in `GenerationResult.calls`, with the server's
 usage (asked for with `stream_options.include_usage`) and our own count.
 
-Abort: the signal shuts the call's socket from whichever thread raises it, so the server sees
-the connection close at once and the reading thread wakes from its `recv` with end-of-file. The
-socket is caught as it connects (httpx's `trace` extension), so this works while waiting for
-headers too; for that, each call uses a fresh connection (keep-alive off: one handshake per
-section is nothing beside the generation)."""
+Each call's HTTP stream runs on the process's stream loop (`stream_loop`), not on the run's
+thread, which sleeps until the call ends: hundreds of streams cost one thread woken per burst of
+chunks instead of a thread woken per token. Abort cancels the call's task from whichever thread
+raises it: the connection closes at once, so the server sees it go, whether the call was waiting
+for headers, for its next chunk, or reading one. Each call uses a fresh connection (keep-alive
+off: one handshake per section is nothing beside the generation, and no connection a cancelled
+call left half-read is ever reused)."""
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
+import os
 import random
-import socket
-import threading
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -40,6 +41,7 @@ from ..rate_limits import ProviderRateLimiter
 from ..tokens import tokenizer_for
 from .base import (CONTINUE_INSTRUCTION, CallUsage, GenerationRequest, GenerationResult, ProviderRefused,
                    ProviderUnavailable, QuotaExceeded, chat_messages)
+from .stream_loop import run_stream
 
 log = logging.getLogger(__name__)
 
@@ -49,102 +51,28 @@ RETRYABLE_STATUS = frozenset({408, 409, 429})
 # Ways of asking for structured output, best first; a server that rejects one gets the next.
 _RESPONSE_FORMATS = ("json_schema", "json_object", "none")
 
-_current_call: ContextVar["_Connection | None"] = ContextVar("rtqcc_openai_call", default=None)
-
-
-class _Connection:
-    """The socket under one HTTP call, caught as it connects, so an abort or a stall can shut it
-    from any thread without waiting for the next byte."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._shut = False
-
-    def trace(self, event: str, info: dict[str, Any]) -> None:
-        # "connection.connect_tcp.complete", "connection.start_tls.complete", and the same from
-        # "proxy." when a tunnel is used: each hands over the stream the call will read from.
-        if not event.endswith((".connect_tcp.complete", ".start_tls.complete")):
-            return
-        stream = info.get("return_value")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        with self._lock:
-            self._sock = sock
-            shut = self._shut
-        if shut and sock is not None:  # the abort came while we were connecting
-            _shutdown(sock)
-
-    def shut(self) -> None:
-        with self._lock:
-            self._shut = True
-            sock = self._sock
-        if sock is not None:
-            _shutdown(sock)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        # The plain socket method, on a TLS socket too: it sends FIN and wakes a blocked recv in
-        # the reading thread, without touching the SSL object that thread is using.
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed
-
-
-def _attach_trace(request: httpx2.Request) -> None:
-    connection = _current_call.get()
-    if connection is not None:
-        request.extensions["trace"] = connection.trace
-
-
-class _Watchdog:
-    """Shuts the connection when the server goes quiet: `first_s` for the answer to start, then
-    `idle_s` between two chunks."""
-
-    def __init__(self, connection: _Connection, first_s: float, idle_s: float, clock: Callable[[], float]):
-        self._connection = connection
-        self._idle_s = idle_s
-        self._clock = clock
-        self._last = clock()
-        self._limit = first_s
-        self._done = threading.Event()
-        self.fired = False
-        self._thread = threading.Thread(target=self._run, name="openai-idle-watch", daemon=True)
-
-    def __enter__(self) -> "_Watchdog":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def touch(self) -> None:
-        self._last = self._clock()
-        self._limit = self._idle_s
-
-    def _run(self) -> None:
-        while True:
-            remaining = self._last + self._limit - self._clock()
-            if remaining <= 0:
-                self.fired = True
-                self._connection.shut()
-                return
-            # Wake at least once per idle period: `touch` shortens the limit without waking us.
-            if self._done.wait(min(remaining, self._idle_s)):
-                return
-
-
 class _AbortedEarly(Exception):
     """Stopped before the server answered: no token was generated for us, nothing to bill."""
 
 
 class _Retry(Exception):
-    """A call refused before its first token, worth another try after `retry_after_s`."""
+    """A call refused before its first token, worth another try after `retry_after_s`;
+    `rate_limited`: a 429, which every consumer holds the model back for."""
 
-    def __init__(self, reason: str, retry_after_s: float | None = None):
+    def __init__(self, reason: str, retry_after_s: float | None = None, *, rate_limited: bool = False):
         super().__init__(reason)
         self.retry_after_s = retry_after_s
+        self.rate_limited = rate_limited
+
+
+@dataclass
+class _Streamed:
+    """What one HTTP call's stream brought, as its coroutine hands it back to the run's thread."""
+
+    pieces: list[str]
+    finish_reason: str | None
+    usage: Any  # the server's usage chunk, if it sent one
+    cut: str | None
 
 
 @dataclass
@@ -183,19 +111,23 @@ class OpenAIProvider:
         # know only `max_tokens`.
         self.max_tokens_field = "max_completion_tokens" if host.endswith(("openai.com", "openai.azure.com")) else "max_tokens"
         self._formats: dict[str, str] = {}  # model -> the structured-output form its server accepts
-        # The answer must start within timeout_s; the watchdog enforces it and the idle timeout,
-        # so httpx's read timeout is only a backstop behind it.
-        self._http = openai.DefaultHttpxClient(
-            timeout=httpx2.Timeout(timeout_s, read=timeout_s + idle_timeout_s),
-            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=0),
-            event_hooks={"request": [_attach_trace]},
-        )
-        self._client = openai.OpenAI(
-            api_key=api_key, organization=organization, project=project, base_url=base_url,
-            max_retries=0,  # ours below: the SDK's sleeps cannot be interrupted by an abort
-            timeout=httpx2.Timeout(timeout_s, read=timeout_s + idle_timeout_s),
-            http_client=self._http,
-        )
+        self.organization, self.project, self._api_key, self._base_url = organization, project, api_key, base_url
+        self._clients: tuple[int, openai.AsyncOpenAI] | None = None  # (pid, client): made on the stream loop
+
+    def _client(self) -> openai.AsyncOpenAI:
+        """The client of this process's stream loop (a forked child makes its own)."""
+        if self._clients is None or self._clients[0] != os.getpid():
+            # The answer must start within timeout_s and chunks come within idle_timeout_s of each
+            # other (both enforced by the call itself); httpx's read timeout is a backstop behind.
+            timeout = httpx2.Timeout(self.timeout_s, read=self.timeout_s + self.idle_timeout_s)
+            http = openai.DefaultAsyncHttpxClient(
+                timeout=timeout, limits=httpx2.Limits(max_connections=None, max_keepalive_connections=0))
+            self._clients = (os.getpid(), openai.AsyncOpenAI(
+                api_key=self._api_key, organization=self.organization, project=self.project,
+                base_url=self._base_url, timeout=timeout, http_client=http,
+                max_retries=0,  # ours: a retry waits on the run's thread, where an abort ends the wait
+            ))
+        return self._clients[1]
 
     @classmethod
     def from_settings(cls, settings, *, limiter: ProviderRateLimiter | None = None) -> "OpenAIProvider":
@@ -208,7 +140,9 @@ class OpenAIProvider:
         )
 
     def close(self) -> None:
-        self._client.close()
+        if self._clients is not None and self._clients[0] == os.getpid():
+            client, self._clients = self._clients[1], None
+            run_stream(client.close)
 
     # ---- one answer ---------------------------------------------------------------------------
 
@@ -225,6 +159,9 @@ class OpenAIProvider:
             except _AbortedEarly as exc:
                 return _result(kept, None, calls, str(exc))
             except _Retry as exc:
+                if exc.rate_limited and self.limiter is not None:
+                    # Every consumer holds this model back, not only this call.
+                    self.limiter.hold(request.model, exc.retry_after_s if exc.retry_after_s is not None else self.backoff_s)
                 if abort.aborted:
                     return _result(kept, None, calls, abort.reason or "aborted")
                 refusals += 1
@@ -283,54 +220,8 @@ class OpenAIProvider:
             self.limiter.acquire(request.model, estimate, abort)
             if abort.aborted:
                 raise _AbortedEarly(abort.reason or "aborted")
-        connection = _Connection()
-        unregister = abort.on_abort(connection.shut)
-        pieces: list[str] = []
-        finish: str | None = None
-        usage = None
-        cut: str | None = None
-        stream = None
-        try:
-            with _Watchdog(connection, self.timeout_s, self.idle_timeout_s, self.clock) as watchdog:
-                token = _current_call.set(connection)
-                try:
-                    stream = self._client.chat.completions.create(**params)
-                except openai.APIStatusError as exc:
-                    if abort.aborted:
-                        raise _AbortedEarly(abort.reason or "aborted") from exc
-                    self._refusal(request, exc, fmt)  # raises
-                except (openai.APIConnectionError, httpx2.HTTPError) as exc:
-                    if abort.aborted:
-                        raise _AbortedEarly(abort.reason or "aborted") from exc
-                    raise _Retry("no answer in time" if watchdog.fired else f"cannot reach {self.server}: {exc}") from exc
-                finally:
-                    _current_call.reset(token)
-                try:
-                    for chunk in stream:
-                        if chunk.usage is not None:
-                            usage = chunk.usage
-                        for choice in chunk.choices[:1]:
-                            text = choice.delta.content if choice.delta else None
-                            if text:
-                                pieces.append(text)
-                                on_delta(text)
-                            if choice.finish_reason:
-                                finish = choice.finish_reason
-                        # Until the first token (a bare role chunk does not count), the answer
-                        # has timeout_s to start; after it, every chunk restarts the idle clock.
-                        if pieces or finish is not None or usage is not None:
-                            watchdog.touch()
-                        if abort.aborted:
-                            break
-                except (openai.APIError, httpx2.HTTPError, json.JSONDecodeError, ValueError) as exc:
-                    if not abort.aborted:
-                        cut = "went quiet" if watchdog.fired else f"{type(exc).__name__}: {exc}"
-                if cut is None and finish is None and not abort.aborted:
-                    cut = "went quiet" if watchdog.fired else "ended without a finish reason"
-        finally:
-            unregister()
-            if stream is not None:
-                stream.close()
+        streamed = run_stream(lambda: self._stream_call(request, params, fmt, abort, on_delta), abort)
+        pieces, finish, usage = streamed.pieces, streamed.finish_reason, streamed.usage
         text = "".join(pieces)
         aborted = (abort.reason or "aborted") if abort.aborted and finish is None else None
         if self.limiter is not None:
@@ -341,7 +232,7 @@ class OpenAIProvider:
             text=text,
             finish_reason=None if aborted else finish,
             aborted=aborted,
-            cut=None if aborted else cut,
+            cut=None if aborted else streamed.cut,
             usage=CallUsage(
                 reported_prompt_tokens=usage.prompt_tokens if usage is not None else None,
                 reported_completion_tokens=usage.completion_tokens if usage is not None else None,
@@ -351,6 +242,60 @@ class OpenAIProvider:
                 aborted=aborted,
             ),
         )
+
+    async def _stream_call(self, request: GenerationRequest, params: dict[str, Any], fmt: str | None,
+                           abort: AbortSignal, on_delta: Callable[[str], None]) -> _Streamed:
+        """One HTTP call, on the stream loop: its chunks handed to `on_delta` as they come."""
+        loop = asyncio.get_running_loop()
+        pieces: list[str] = []
+        finish: str | None = None
+        usage = None
+        cut: str | None = None
+        stream = None
+        try:
+            # Until the first token (a bare role chunk does not count) the answer has timeout_s to
+            # start; after it, every chunk gives the next idle_timeout_s.
+            async with asyncio.timeout(self.timeout_s) as quiet:
+                try:
+                    stream = await self._client().chat.completions.create(**params)
+                except openai.APIStatusError as exc:
+                    self._refusal(request, exc, fmt)  # raises
+                except (openai.APIConnectionError, httpx2.HTTPError) as exc:
+                    raise _Retry(f"cannot reach {self.server}: {exc}") from exc
+                try:
+                    async for chunk in stream:
+                        if chunk.usage is not None:
+                            usage = chunk.usage
+                        for choice in chunk.choices[:1]:
+                            text = choice.delta.content if choice.delta else None
+                            if text:
+                                pieces.append(text)
+                                on_delta(text)
+                            if choice.finish_reason:
+                                finish = choice.finish_reason
+                        if pieces or finish is not None or usage is not None:
+                            quiet.reschedule(loop.time() + self.idle_timeout_s)
+                        if abort.aborted:  # raised by on_delta itself (a budget reached)
+                            break
+                except (openai.APIError, httpx2.HTTPError, json.JSONDecodeError, ValueError) as exc:
+                    cut = f"{type(exc).__name__}: {exc}"
+        except TimeoutError as exc:
+            if stream is None:
+                raise _Retry("no answer in time") from exc
+            cut = "went quiet"
+        except asyncio.CancelledError:  # aborted
+            if stream is None:
+                raise _AbortedEarly(abort.reason or "aborted") from None
+        finally:
+            if stream is not None:
+                # Shielded: an abort's cancel may still arrive now, and the connection must close.
+                try:
+                    await asyncio.shield(stream.close())
+                except asyncio.CancelledError:
+                    pass
+        if cut is None and finish is None and not abort.aborted:
+            cut = "ended without a finish reason"
+        return _Streamed(pieces, finish, usage, cut)
 
     def _params(self, request: GenerationRequest, messages: list[dict[str, str]], fmt: str | None) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -382,10 +327,8 @@ class OpenAIProvider:
                 f"quota left ({message}). Check its plan and billing, then retry the job.", status=status)
         if status in RETRYABLE_STATUS or status >= 500:
             retry_after_s = _retry_after_s(exc.response)
-            if status == 429 and self.limiter is not None:
-                # Every consumer holds this model back, not only this call.
-                self.limiter.hold(request.model, retry_after_s if retry_after_s is not None else self.backoff_s)
-            raise _Retry(f"{self.server} answered {status} {code or kind}".rstrip(), retry_after_s)
+            raise _Retry(f"{self.server} answered {status} {code or kind}".rstrip(), retry_after_s,
+                         rate_limited=status == 429)
         if fmt is not None and fmt != "none" and status in (400, 422) and _about_response_format(exc):
             following = _RESPONSE_FORMATS[_RESPONSE_FORMATS.index(fmt) + 1]
             log.info("%s does not take response_format %s for %s; trying %s", self.server, fmt, request.model, following)
