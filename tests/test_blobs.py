@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from urllib.parse import urlsplit
 
-from rtqcc.store.blobs import BlobMissing, S3BlobStore, manuscript_key, section_key
+from rtqcc.store.blobs import BlobMissing, S3BlobStore, _make_client, manuscript_key, section_key
 from rtqcc.settings import Settings
 
 import pytest
@@ -21,6 +22,30 @@ def test_the_client_is_made_on_first_use(base_settings, blob_store):
     assert callable(store._client)  # nothing built yet: a cold start that never stores pays nothing
     store.put("probe/first-use.md", b"x")
     assert not callable(store._client) or hasattr(store._client, "put_object")
+
+
+def test_runs_storing_their_first_sections_together_share_one_client(base_settings, blob_store):
+    settings = base_settings.with_overrides(s3_create_bucket=False)
+    made = []
+
+    def make_client():
+        made.append(_make_client(settings))
+        return made[-1]
+
+    store = S3BlobStore(make_client, blob_store.bucket)
+    together = threading.Barrier(16)
+
+    def first_put(n: int) -> None:
+        together.wait()
+        store.put(f"probe/together-{n}.md", b"x")
+
+    threads = [threading.Thread(target=first_put, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1
+    assert sorted(store.keys_under("probe/together-")) == sorted(f"probe/together-{n}.md" for n in range(16))
 
 
 def test_a_localstack_host_gives_a_localstack_client_session(s3_endpoint, blob_store):

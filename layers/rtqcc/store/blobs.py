@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Protocol
 
 from ..errors import ServiceUnavailable
@@ -109,12 +110,17 @@ class S3BlobStore:
 
     def __init__(self, client: Any | Callable[[], Any], bucket: str):
         self._client = client
+        self._making = threading.Lock()
         self.bucket = bucket
 
     @property
     def client(self) -> Any:
         if callable(self._client) and not hasattr(self._client, "put_object"):
-            self._client = self._client()
+            # Once, however many runs ask together (a consumer starting with a hundred jobs made a
+            # hundred clients, 40% of its CPU; and boto3's default session is not thread-safe).
+            with self._making:
+                if callable(self._client) and not hasattr(self._client, "put_object"):
+                    self._client = self._client()
         return self._client
 
     @classmethod
