@@ -112,3 +112,44 @@ def test_many_clients_of_one_job_fanned_out_in_batches_get_every_event_once_in_o
     published, clients = asyncio.run(scenario())
     for chunks in clients:
         assert _ids(chunks) == published
+
+
+def test_jobs_followed_by_a_few_shared_readers_each_get_their_own_events_once_in_order(settings, redis_client,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(hub_module, "_KEYS_PER_READER", 4)
+    log = EventLog(redis_client)
+    jobs = [f"{JOB}-{n}" for n in range(30)]  # more than 4 jobs a reader times the 6 readers 8 connections allow
+    published: dict[str, list[str]] = {job: [] for job in jobs}
+    received: dict[str, list[bytes]] = {job: [] for job in jobs}
+
+    async def follow(hub: EventHub, job: str, cursor: str) -> None:
+        async def no_ending(_cursor: str) -> None:
+            return None
+
+        async for chunk in hub.follow(job, cursor, heartbeat_s=0.2, ending=no_ending):
+            received[job].append(chunk)
+
+    async def scenario() -> int:
+        hub = EventHub(settings.redis_url, max_connections=8)
+        following = []
+        for wave in (jobs[:10], jobs[10:]):  # the second wave joins readers already blocked in a read
+            for job in wave:
+                start = log.publish(job, "status", {"status": "running"})
+                following.append(asyncio.create_task(follow(hub, job, start)))
+            await _until(lambda: all(job in hub._feeds and hub._feeds[job].ready.is_set() for job in wave),
+                         "the wave's feeds to start")
+            for n in range(5):
+                for job in wave:
+                    published[job].append(log.publish(job, "section.delta", {"index": 0, "text": f"{job} {n} "}))
+            for job in wave:
+                published[job].append(log.publish(job, "done", {"status": "completed"}))
+        await asyncio.wait_for(asyncio.gather(*following), 10)
+        readers = len(hub._readers)
+        await hub.close()
+        return readers
+
+    assert asyncio.run(scenario()) <= 6
+    for job in jobs:
+        assert _ids(received[job]) == published[job], job
+        texts = re.findall(r'"text":"([^"]*)"', b"".join(received[job]).decode())
+        assert texts == [f"{job} {n} " for n in range(5)]

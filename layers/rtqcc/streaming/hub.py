@@ -1,18 +1,22 @@
-"""Live SSE tails for many clients from one process: one Redis reader per followed job, its
-events formatted once and fanned out to every client's queue, on the event loop, with no thread
-per client. A job followed by many clients is fanned out at most every 50 ms, each client's
+"""Live SSE tails for many clients from one process: every followed job's events read by a few
+multiplexed readers (one blocking XREAD over up to 128 jobs' streams each), formatted once and
+fanned out to every client's queue, on the event loop, with no thread per client. A job followed by many clients is fanned out at most every 50 ms, each client's
 events of the interval in one write: the cost of a fan-out is per write, so thousands of
 watchers of per-token events would otherwise cost a write per token each. The gateway serves the stream route's tail from here in streaming mode; opening a
 stream (auth, job lookup, snapshot or replay position) still goes through the same code as the
 streaming function (`rtqcc.api.access.open_job_stream`).
 
-Redis use is bounded by the pool (`RTQCC_HUB_REDIS_CONNECTIONS`), so no number of clients or
-followed jobs can exhaust it: a quarter of it serves short commands (a client's catch-up, a
-feed's first look, polls), bounded by a semaphore; the rest are reader slots, one per feed with
-followers, for a blocking XREAD. A feed that finds no slot free polls instead under the
-short-command bound: later by up to `_POLL_S`, but flowing, whoever holds the slots. A feed keeps
-its job's latest events, formatted, so a client that opens (or comes back) at a recent position
-catches up from memory: a thousand watchers arriving at once cost no read each.
+Why multiplexed: a reader per job made a round trip per event per job (4,000 events a second
+from 200 jobs at 50 tokens/s are 4,000 round trips), and its pool held a connection per job;
+past the pool's reader slots, jobs were polled every 250 ms. One XREAD over many streams
+returns whatever all of them got since the last one, so the round trips fall as the load grows.
+A reader blocked on its set of streams is woken (CLIENT UNBLOCK) when a job joins it.
+
+Redis use is bounded by the pool (`RTQCC_HUB_REDIS_CONNECTIONS`): a quarter of it serves short
+commands (a client's catch-up, a feed's first look, a reader's wake-up), bounded by a semaphore;
+the rest can be readers. A feed keeps its job's latest events, formatted, so a client that opens
+(or comes back) at a recent position catches up from memory: a thousand watchers arriving at once
+cost no read each.
 
 A gateway that is stopping `drain()`s its hub: every client is told to reconnect (a `retry:`
 hint, spread so thousands do not come back in the same instant) and its answer ends after the
@@ -38,18 +42,20 @@ from .stream import HEARTBEAT, retry_hint, sse_frame
 
 log = logging.getLogger(__name__)
 
-_READ_BLOCK_MS = 5_000
+# A reader's blocking read returns after this long at the latest. Only a backstop: a reader is
+# woken as soon as a feed joins it.
+_READ_BLOCK_MS = 1_000
+_KEYS_PER_READER = 128
 # A feed whose clients all left ends after this long (a client reconnecting at once still finds
 # it). Not longer: a feed resumed after half a minute without clients delivered with p99 100-200
 # ms for a while, where a new one (cheap: it starts at its first client's position) stays ~10 ms.
 _IDLE_FEED_S = 2.0
-_POLL_S = 0.25          # how often a feed without a reader slot looks for new events
 _POOL_WAIT_S = 30.0     # the accounting keeps the pool from running dry; should it, wait, don't fail
 # A drained client waits a random time in this range (ms) before it reconnects.
 DRAIN_RETRY_MS = (250, 2_500)
 _DRAIN = object()       # put in a client's queue: end with a reconnect hint
 # A feed with this many clients fans out at most once per _BATCH_S, each client's events of the
-# interval in one write; with fewer, each read is sent as it comes.
+# interval in one write; with fewer, each read is passed on as it comes.
 _BATCH_FOLLOWERS = 32
 _BATCH_S = 0.05
 # What each feed keeps for clients catching up: the last _RECENT_EVENTS events no older than
@@ -64,17 +70,20 @@ def _frame(event_id: str, fields: dict[str, str]) -> bytes:
 
 @dataclass
 class _Feed:
-    """The one reader of a job's event stream, and the queues of the clients following it."""
+    """A followed job: where its events have been read to, what was read, and the queues of the
+    clients following it."""
 
     key: str
     queues: set[asyncio.Queue] = field(default_factory=set)
-    task: asyncio.Task | None = None
+    task: asyncio.Task | None = None  # its life: a first look, then ended once idle
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # set once it knows where it reads from
-    idle_since: float = 0.0
+    cursor: str = "0-0"   # the last event read
     # The events read so far, newest last, as (id as a tuple, queue item); every event after
     # `complete_after` (an id as a tuple) is among them. None until the feed knows where it starts.
     recent: deque = field(default_factory=lambda: deque(maxlen=_RECENT_EVENTS))
     complete_after: tuple[int, int] | None = None
+    held: list = field(default_factory=list)  # read, waiting for the next batched fan-out
+    batching: bool = False                     # a batched fan-out is scheduled
 
     def keep(self, key: tuple[int, int], item: tuple) -> None:
         oldest_ms = key[0] - _RECENT_S * 1000
@@ -94,6 +103,37 @@ class _Feed:
         found.reverse()
         return found
 
+    def deliver(self, batch: list[tuple]) -> None:
+        """Pass events read to every client; with many clients, once per _BATCH_S (the cost of a
+        fan-out is per write, and grows with them), in order either way."""
+        if len(self.queues) < _BATCH_FOLLOWERS and not self.batching:
+            for queue in list(self.queues):
+                queue.put_nowait(batch)
+            return
+        self.held.extend(batch)
+        if not self.batching:
+            self.batching = True
+            asyncio.get_running_loop().call_later(_BATCH_S, self._fan_out_held)
+
+    def _fan_out_held(self) -> None:
+        self.batching = False
+        held, self.held = self.held, []
+        for queue in list(self.queues):
+            queue.put_nowait(held)
+
+
+@dataclass(eq=False)
+class _Reader:
+    """One connection's blocking XREAD over the streams of up to _KEYS_PER_READER feeds."""
+
+    feeds: dict[str, _Feed] = field(default_factory=dict)  # by stream key
+    task: asyncio.Task | None = None
+    client_id: int | None = None  # its connection's, for CLIENT UNBLOCK
+    blocked: bool = False         # in a blocking read
+    joined: int = 0               # feeds that joined, ever
+    reading_with: int = 0         # `joined` when the current read's streams were listed
+    waking: bool = False
+
 
 class EventHub:
     def __init__(self, redis_url: str, *, max_connections: int = 200):
@@ -107,7 +147,8 @@ class EventHub:
         self._redis = aioredis.Redis(connection_pool=self._pool)
         short = max(1, max_connections // 4)
         self._short = asyncio.Semaphore(short)
-        self._free_reader_slots = max_connections - short  # one event loop: a plain counter is safe
+        self._max_readers = max_connections - short
+        self._readers: list[_Reader] = []
         self._feeds: dict[str, _Feed] = {}
         self.draining = False
 
@@ -119,9 +160,9 @@ class EventHub:
                 queue.put_nowait(_DRAIN)
 
     async def close(self) -> None:
-        for feed in list(self._feeds.values()):
-            if feed.task:
-                feed.task.cancel()
+        for task in [feed.task for feed in self._feeds.values()] + [reader.task for reader in self._readers]:
+            if task:
+                task.cancel()
         await self._redis.aclose()
         await self._pool.disconnect()
 
@@ -203,14 +244,13 @@ class EventHub:
         if feed is None or feed.task is None or feed.task.done():
             feed = _Feed(key=events_key(external_id))
             self._feeds[external_id] = feed
-            feed.task = asyncio.get_running_loop().create_task(self._read(external_id, feed, cursor))
+            feed.task = asyncio.get_running_loop().create_task(self._follow_job(external_id, feed, cursor))
         feed.queues.add(queue)
         return feed
 
-    async def _read(self, external_id: str, feed: _Feed, first_cursor: str) -> None:
+    async def _follow_job(self, external_id: str, feed: _Feed, first_cursor: str) -> None:
+        """A feed's life: where it starts, a reader's, and its end once its clients are gone."""
         loop = asyncio.get_running_loop()
-        feed.idle_since = loop.time()
-        slotted = False  # holds a reader slot: may block on a connection of its own
         try:
             # Read from the position of the client that asked for this feed: the clients arriving
             # with it (a burst of watchers of one job) then catch up from the feed's memory. A
@@ -218,61 +258,96 @@ class EventHub:
             # now; clients catch up to it with XRANGE only after this is known, so no event falls
             # between their catch-up and this feed.
             if stream_id_tuple(first_cursor)[0] >= time.time() * 1000 - _RECENT_S * 1000:
-                cursor = first_cursor
+                feed.cursor = first_cursor
             else:
                 async with self._short:
                     newest = await self._redis.xrevrange(feed.key, count=1)
-                cursor = newest[0][0] if newest else "0-0"
-            feed.complete_after = stream_id_tuple(cursor)
+                feed.cursor = newest[0][0] if newest else "0-0"
+            feed.complete_after = stream_id_tuple(feed.cursor)
             feed.ready.set()
+            self._join_reader(feed)
+            idle_since = loop.time()
             while True:
-                if not feed.queues:
-                    if slotted:  # nobody to read for: let a feed with followers have the slot
-                        self._free_reader_slots += 1
-                        slotted = False
-                    if loop.time() - feed.idle_since > _IDLE_FEED_S:
-                        return
-                    # A client that comes back catches up from its own position: nothing is lost.
-                    await asyncio.sleep(_POLL_S)
-                    continue
-                feed.idle_since = loop.time()
-                if not slotted and self._free_reader_slots > 0:
-                    self._free_reader_slots -= 1
-                    slotted = True
-                try:
-                    if slotted:
-                        found = await self._redis.xread({feed.key: cursor}, count=500, block=_READ_BLOCK_MS)
-                    else:
-                        async with self._short:
-                            found = await self._redis.xread({feed.key: cursor}, count=500)
-                        if not found:
-                            await asyncio.sleep(_POLL_S)
-                except (OSError, aioredis.RedisError) as exc:
-                    log.warning("event feed of %s interrupted: %s", external_id, exc)
-                    await asyncio.sleep(1.0)
-                    continue
-                for _, entries in found or []:
-                    batch = []
-                    for event_id, fields in entries:
-                        item = (event_id, _frame(event_id, fields), fields["type"] == "done")
-                        feed.keep(stream_id_tuple(event_id), item)
-                        batch.append(item)
-                        cursor = event_id
-                    for queue in list(feed.queues):
-                        queue.put_nowait(batch)
-                if len(feed.queues) >= _BATCH_FOLLOWERS:
-                    # Many clients: one write each per interval carrying every event it brought,
-                    # not one per event (the fan-out's cost is per write, and grows with them).
-                    await asyncio.sleep(_BATCH_S)
+                await asyncio.sleep(_IDLE_FEED_S / 2)
+                if feed.queues:
+                    idle_since = loop.time()
+                elif loop.time() - idle_since >= _IDLE_FEED_S:
+                    return  # a client that comes back catches up from its own position: nothing is lost
         finally:
-            if slotted:
-                self._free_reader_slots += 1
+            for reader in self._readers:
+                if reader.feeds.get(feed.key) is feed:
+                    del reader.feeds[feed.key]
             with contextlib.suppress(KeyError):
                 if self._feeds[external_id] is feed:
                     del self._feeds[external_id]
             feed.ready.set()
             for queue in list(feed.queues):
                 queue.put_nowait(None)
+
+    def _join_reader(self, feed: _Feed) -> None:
+        reader = next((r for r in self._readers if len(r.feeds) < _KEYS_PER_READER), None)
+        if reader is None and len(self._readers) < self._max_readers:
+            reader = _Reader()
+            self._readers.append(reader)
+            reader.task = asyncio.get_running_loop().create_task(self._read(reader))
+        elif reader is None:  # every connection a reader may have is one: share the least busy
+            reader = min(self._readers, key=lambda r: len(r.feeds))
+        reader.feeds[feed.key] = feed
+        reader.joined += 1
+        if reader.blocked and not reader.waking:
+            reader.waking = True
+            asyncio.get_running_loop().create_task(self._wake(reader))
+
+    async def _wake(self, reader: _Reader) -> None:
+        """Until the reader reads with every feed that joined it (one that joined just as it
+        listed its streams may need a second call)."""
+        try:
+            while reader.blocked and reader.reading_with != reader.joined and reader.client_id is not None:
+                async with self._short:
+                    await self._redis.client_unblock(reader.client_id)
+        except (OSError, aioredis.RedisError) as exc:  # it wakes by itself within _READ_BLOCK_MS
+            log.warning("could not wake an event reader: %s", exc)
+        finally:
+            reader.waking = False
+
+    async def _read(self, reader: _Reader) -> None:
+        connection = aioredis.Redis(connection_pool=self._pool, single_connection_client=True)
+        try:
+            while True:
+                if not reader.feeds:  # left before any await, so that no feed joins it meanwhile
+                    self._readers.remove(reader)
+                    return
+                try:
+                    if reader.client_id is None:
+                        reader.client_id = await connection.client_id()
+                    reading = dict(reader.feeds)
+                    reader.reading_with = reader.joined
+                    reader.blocked = True
+                    try:
+                        found = await connection.xread({key: feed.cursor for key, feed in reading.items()},
+                                                       count=500, block=_READ_BLOCK_MS)
+                    finally:
+                        reader.blocked = False
+                except (OSError, aioredis.RedisError) as exc:
+                    log.warning("event reader interrupted: %s", exc)
+                    reader.client_id = None  # a new connection has another
+                    await asyncio.sleep(1.0)
+                    continue
+                for key, entries in found or []:
+                    feed = reading[key]
+                    if reader.feeds.get(key) is not feed:
+                        continue  # it ended meanwhile (a new feed of the job reads from its own cursor)
+                    batch = []
+                    for event_id, fields in entries:
+                        item = (event_id, _frame(event_id, fields), fields["type"] == "done")
+                        feed.keep(stream_id_tuple(event_id), item)
+                        batch.append(item)
+                        feed.cursor = event_id
+                    feed.deliver(batch)
+        finally:
+            if reader in self._readers:
+                self._readers.remove(reader)
+            await connection.aclose()
 
 
 def _reconnect_hint() -> bytes:
