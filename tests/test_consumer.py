@@ -164,3 +164,18 @@ def test_a_message_claimed_before_the_dead_consumers_lease_expires_is_kept_not_d
     database.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE external_id = :e", e=external_id)
     redis_client.xclaim(STREAM, GROUP, "consumer-alive", 0, [delivery.message_id], idle=5000, justid=True)
     assert survivor.drain(TimeBudget(5).get_remaining_time_in_millis).completed == 1
+
+
+def test_runs_waiting_on_their_streams_give_their_turn_so_more_run_than_there_are_busy_turns(
+        api, run_consumer, make_services, database):
+    # One turn for a run's own work: each run gives it up while its sections stream, so all four
+    # stream at once instead of one after another, and a job written in parallel still finishes.
+    ids = [api.create(title=f"Turns {n}", section_count=2, params={"max_tokens_per_section": 60}) for n in range(3)]
+    ids.append(api.create(title="Turns in parallel", section_count=4,
+                          params={"max_tokens_per_section": 60, "parallel_sections": 2}))
+    for external_id in ids:
+        api.post(f"/jobs/{external_id}/start")
+    result = run_consumer(services=make_services(consumer_busy_runs=1, max_in_flight=4, fake_tokens_per_s=100.0))
+    assert result.completed == 4
+    times = database.rows("SELECT started_at, finished_at FROM jobs WHERE external_id = ANY(CAST(:e AS text[]))", e=ids)
+    assert max(row["started_at"] for row in times) < min(row["finished_at"] for row in times)

@@ -249,6 +249,10 @@ class Settings:
     # Jobs one consumer invocation runs at once (a worker thread each, waiting on the provider);
     # `rtqcc up` sets 256 for each of its consumers (emulator/stack.py: LOCAL_MAX_IN_FLIGHT).
     max_in_flight: int = 64
+    # Of those, how many do their own work at once (statements, S3, events) rather than wait on a
+    # stream: the rest wait their turn asleep, so the threads carrying tokens are not queued for
+    # the GIL behind a hundred runs that reached a section's end together (run/busy.py).
+    consumer_busy_runs: int = 8
     # Messages one read of the queue takes at most: a consumer with free slots takes a few at a
     # time, so a burst is shared among the consumers instead of landing whole on the first awake.
     consumer_read_batch: int = 8
@@ -360,6 +364,7 @@ class Settings:
             sse_long_poll_s=_float(env, "RTQCC_SSE_LONG_POLL_S", 25.0, minimum=0.1, maximum=27.0),
             sse_retry_ms=_int(env, "RTQCC_SSE_RETRY_MS", 1000),
             max_in_flight=_int(env, "RTQCC_MAX_IN_FLIGHT", 64, minimum=1),
+            consumer_busy_runs=_int(env, "RTQCC_CONSUMER_BUSY_RUNS", 8, minimum=1),
             consumer_read_batch=_int(env, "RTQCC_CONSUMER_READ_BATCH", 8, minimum=1),
             max_running_per_tenant=_int(env, "RTQCC_MAX_RUNNING_PER_TENANT", 32) or None,
             consumer_idle_exit_ms=_int(env, "RTQCC_CONSUMER_IDLE_EXIT_MS", 1000),

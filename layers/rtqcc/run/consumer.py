@@ -21,6 +21,7 @@ from .failpoints import Failpoints
 from ..ids import is_external_id
 from ..bus.events import stream_id_tuple
 from ..store.checkpoints import ConsumerCheckpoints
+from .busy import BusyRuns
 from .lease_keeper import LeaseKeeper
 from ..store.jobs import Job, Lease
 from ..store.leases import TenantAtCapacity
@@ -107,6 +108,7 @@ class Consumer:
         self._keeper: LeaseKeeper | None = None
         self._webhooks: SenderThread | None = None
         self.metrics = services.metrics
+        self.busy = BusyRuns(self.settings.consumer_busy_runs)
         self.orchestrator = ManuscriptOrchestrator(
             jobs=services.jobs, blobs=services.blobs, events=services.events,
             provider=MeasuredProvider(services.provider, self.metrics,
@@ -116,6 +118,7 @@ class Consumer:
             prices=self.settings.prices,
             quotas=QuotaStore(services.db, self.settings),
             webhooks=services.webhooks,
+            busy=self.busy,
         )
 
     @property
@@ -229,7 +232,7 @@ class Consumer:
     def handle(self, delivery: Delivery, keeper: LeaseKeeper) -> DrainResult:
         """Take one message to an end; what happened, as counts."""
         result = DrainResult()
-        with log_context(externalId=delivery.external_id, consumer=self.name):
+        with log_context(externalId=delivery.external_id, consumer=self.name), self.busy.busy():
             try:
                 self._handle(delivery, keeper, result)
             except TRANSIENT_ERRORS as exc:

@@ -26,6 +26,7 @@ from ..writing.budget import BudgetMeter, job_limit
 from ..errors import ProviderError, StreamCut
 from .failures import PublicFailure
 from ..bus.events import EventLog
+from .busy import UNLIMITED, BusyRuns
 from .deltas import DeltaFlusher
 from .failpoints import DISABLED, Failpoints
 from ..store.attempts import billed_total
@@ -65,8 +66,9 @@ class ManuscriptOrchestrator:
     def __init__(self, *, jobs: JobStore, blobs: BlobStore, events: EventLog, provider: Provider,
                  delta_flush_ms: int = 50, failpoints: Failpoints = DISABLED,
                  prices: Mapping[str, Price] = DEFAULT_PRICES, quotas: QuotaStore | None = None,
-                 webhooks: WebhookStore | None = None):
+                 webhooks: WebhookStore | None = None, busy: BusyRuns = UNLIMITED):
         self.jobs = jobs
+        self.busy = busy  # a run gives its turn back while it waits on a stream
         self.webhooks = webhooks  # None: every section is announced to webhooks, without asking
         self.quotas = quotas  # the tenant's daily quotas, enforced live (None: none)
         self.blobs = blobs
@@ -311,33 +313,35 @@ class ManuscriptOrchestrator:
         errors: list[BaseException] = []
 
         def work() -> None:
-            while not run.abort.aborted and not errors:
-                with taking:
-                    section = next(queue, None)
-                if section is None:
-                    return
-                try:
-                    upcoming = self._prepare(run, section, in_parallel=True)
-                    if upcoming is None:
+            with self.busy.busy():  # a turn of the consumer's, as a run has
+                while not run.abort.aborted and not errors:
+                    with taking:
+                        section = next(queue, None)
+                    if section is None:
                         return
-                    self.jobs.mark_section_running(run.lease, section.idx)
-                    self.events.publish(run.job.external_id, *upcoming.started_event())
-                    text = self._write_section(run, upcoming)
-                    if text is None:
+                    try:
+                        upcoming = self._prepare(run, section, in_parallel=True)
+                        if upcoming is None:
+                            return
+                        self.jobs.mark_section_running(run.lease, section.idx)
+                        self.events.publish(run.job.external_id, *upcoming.started_event())
+                        text = self._write_section(run, upcoming)
+                        if text is None:
+                            return
+                        self._complete_section(run, upcoming, text, None)
+                    except BaseException as exc:  # raised below, on the run's own thread
+                        errors.append(exc)
                         return
-                    self._complete_section(run, upcoming, text, None)
-                except BaseException as exc:  # raised below, on the run's own thread
-                    errors.append(exc)
-                    return
 
         # Each worker in a copy of this thread's context: its spans are children of the run's.
         workers = [threading.Thread(target=contextvars.copy_context().run, args=(work,),
                                     name=f"section-{run.job.external_id}-{n}", daemon=True)
                    for n in range(width)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        with self.busy.waiting():
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
         if errors:
             raise errors[0]
 
@@ -420,7 +424,8 @@ class ManuscriptOrchestrator:
                 **({"gen_ai.request.temperature": request.temperature} if request.temperature is not None else {}),
                 }) as call:
             try:
-                result = self.provider.stream(request, abort, metered if meter is not None else on_delta)
+                with self.busy.waiting():
+                    result = self.provider.stream(request, abort, metered if meter is not None else on_delta)
             except ProviderRefused as exc:
                 if exc.partial is not None:
                     self.jobs.record_attempts(run.job.id, run.spend(self._attempts(idx, request, exc.partial, purpose, version)))
