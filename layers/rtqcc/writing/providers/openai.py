@@ -94,7 +94,7 @@ class OpenAIProvider:
     def __init__(self, *, api_key: str, base_url: str | None = None, organization: str | None = None,
                  project: str | None = None, timeout_s: float = 60.0, idle_timeout_s: float = 30.0,
                  max_retries: int = 4, max_continuations: int = 2, backoff_s: float = 0.5,
-                 backoff_max_s: float = 20.0, clock: Callable[[], float] = time.monotonic,
+                 backoff_max_s: float = 20.0,
                  rng: random.Random | None = None, limiter: ProviderRateLimiter | None = None):
         self.limiter = limiter  # the requests and tokens per minute every consumer shares (None: none)
         self.timeout_s = timeout_s
@@ -103,7 +103,6 @@ class OpenAIProvider:
         self.max_continuations = max_continuations
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
-        self.clock = clock
         self.rng = rng or random.Random()
         self.server = base_url or "https://api.openai.com/v1"
         host = urlparse(self.server).hostname or ""
