@@ -10,6 +10,7 @@ import pytest
 from conftest import API_KEY, OTHER_KEY, wait_for
 
 from rtqcc.bus.work_queue import GROUP, STREAM, waiting_key
+from rtqcc.store.leases import TenantAtCapacity
 
 SMALL = {"outline": [{"title": "One"}, {"title": "Two"}], "params": {"max_tokens_per_section": 40}}
 CAPPED = {"max_running_per_tenant": 2, "max_in_flight": 8, "fake_tokens_per_s": 200.0}
@@ -96,6 +97,34 @@ def test_a_tenants_waiting_jobs_take_its_slot_by_priority_then_age(make_api, sta
     consumer.join()
     starts = started_at(database, [first, *waiting])
     assert sorted(starts, key=starts.get) == [first, *later["high"], *later["normal"], *later["low"]]
+
+
+def test_consumers_racing_for_a_tenants_last_slots_take_exactly_its_cap(api, services):
+    """Eight consumers take eight jobs of one tenant at the same moment, under a cap of 2: two
+    leases are taken, the six others are told the tenant is at capacity (each with its job),
+    whatever the interleaving of their statements."""
+    jobs = [api.create(**SMALL) for _ in range(8)]
+    for external_id in jobs:
+        api.post(f"/jobs/{external_id}/start")
+    together = threading.Barrier(len(jobs))
+    taken, refused = [], []
+
+    def take(n: int, external_id: str) -> None:
+        together.wait()
+        try:
+            job, lease = services.jobs.take_for_run(external_id, f"consumer-{n}", 60, lambda tier: 2)
+            taken.append((job.external_id, lease))
+        except TenantAtCapacity as full:
+            refused.append((full.job.external_id, full.running, full.cap))
+
+    racers = [threading.Thread(target=take, args=(n, e)) for n, e in enumerate(jobs)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(30)
+    assert len(taken) == 2 and all(lease is not None for _, lease in taken), taken
+    assert sorted(e for e, _, _ in refused) == sorted(set(jobs) - {e for e, _ in taken})
+    assert {(running, cap) for _, running, cap in refused} == {(2, 2)}
 
 
 def test_a_queued_job_not_held_by_a_cap_says_it_waits_for_a_consumer(api):

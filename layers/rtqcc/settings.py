@@ -424,6 +424,11 @@ class Settings:
         return self.max_running_per_tenant
 
     @property
+    def caps_running(self) -> bool:
+        """Whether any job runs under a cap of its tenant's running jobs."""
+        return self.max_running_per_tenant is not None or any(self.tier_max_running.values())
+
+    @property
     def widest_running_cap(self) -> int | None:
         """The largest cap any job may run under (None: some run uncapped)."""
         caps = [self.max_running_per_tenant, *(cap or None for cap in self.tier_max_running.values())]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue as queue_module
 import socket
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
@@ -166,17 +167,30 @@ class Consumer:
         wait for the runs (the keeper stops them at the deadline; they checkpoint and hand back)."""
         settings, queue = self.settings, self.services.queue
         in_flight: dict[Future, Delivery] = {}
+        # Runs announce their end here: waiting on hundreds of futures at once (concurrent.futures.wait)
+        # costs a lock and a waiter on each, every time.
+        finished: queue_module.SimpleQueue[Future] = queue_module.SimpleQueue()
         idle_since = self.clock()
         next_claim = 0.0
         backoff_s = 0.0
         group_ready = False
 
-        def settle_finished(block_s: float = 0.0) -> None:
-            finished, _ = wait(in_flight, timeout=block_s, return_when=FIRST_COMPLETED) if in_flight else ((), ())
-            for future in finished:
+        def settle_finished(block_s: float | None = 0.0) -> None:
+            """Count in every run that has ended, waiting up to `block_s` (None: for ever) for one."""
+            if not in_flight:
+                return
+            try:
+                future = finished.get(timeout=block_s) if block_s != 0 else finished.get_nowait()
+            except queue_module.Empty:
+                return
+            while True:
                 delivery = in_flight.pop(future)
                 result.add(future.result(), delivery.message_id)
                 self._webhooks.sender.wake()  # the run may have written deliveries
+                try:
+                    future = finished.get_nowait()
+                except queue_module.Empty:
+                    return
 
         def start(batch: list[Delivery]) -> None:
             for delivery in batch:
@@ -185,7 +199,9 @@ class Consumer:
                     queue.requeue_then_ack(delivery.external_id, delivery.message_id, trace=delivery.trace)
                     result.add(DrainResult(returned=1), delivery.message_id)
                 else:
-                    in_flight[runs.submit(self.handle, delivery, keeper)] = delivery
+                    future = runs.submit(self.handle, delivery, keeper)
+                    in_flight[future] = delivery
+                    future.add_done_callback(finished.put)
 
         while (left_ms := int((deadline - self.clock()) * 1000)) > 0 and not self._shutting_down.is_set():
             settle_finished()
@@ -242,25 +258,24 @@ class Consumer:
         return result
 
     def _handle(self, delivery: Delivery, keeper: LeaseKeeper, result: DrainResult) -> None:
-        queue, jobs = self.services.queue, self.services.jobs
-        job = jobs.get_by_external_id(delivery.external_id) if is_external_id(delivery.external_id) else None
-        if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-            queue.ack(delivery.message_id)  # nothing to run: a finished job, or a duplicate
-            result.skipped += 1
-            result.processed += 1
-            return
+        queue, jobs, external_id = self.services.queue, self.services.jobs, delivery.external_id
         abort = AbortSignal()
-        cap = self.settings.running_cap(job.tier)
-        with keeper.watching(job.external_id, abort) as watched:
+        with keeper.watching(external_id, abort) as watched:
             try:
-                lease = jobs.acquire_lease(job.external_id, self.name, self.settings.lease_ttl_s,
-                                           tenant_cap=(job.tenant, cap) if cap else None)
-            except TenantAtCapacity:
+                job, lease = (jobs.take_for_run(external_id, self.name, self.settings.lease_ttl_s,
+                                                self.settings.running_cap if self.settings.caps_running else None)
+                              if is_external_id(external_id) else (None, None))
+            except TenantAtCapacity as full:
                 # Its tenant's slots are taken: it waits aside, by priority, off the stream, and
                 # comes back when one of the tenant's runs ends (see _promote_waiting).
-                queue.park_then_ack(job.tenant, job.external_id, delivery.message_id, rank=job.priority.rank,
-                                    created_ms=int(job.created_at.timestamp() * 1000), now_ms=_now_ms())
+                queue.park_then_ack(full.job.tenant, external_id, delivery.message_id, rank=full.job.priority.rank,
+                                    created_ms=int(full.job.created_at.timestamp() * 1000), now_ms=_now_ms())
                 result.parked += 1
+                result.processed += 1
+                return
+            if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+                queue.ack(delivery.message_id)  # nothing to run: a finished job, or a duplicate
+                result.skipped += 1
                 result.processed += 1
                 return
             if lease is None and delivery.reclaimed and job.status == JobStatus.RUNNING:
@@ -299,7 +314,7 @@ class Consumer:
                         "messaging.message.id": delivery.message_id}):
                     self._run(job, lease, abort, delivery, result)
             finally:
-                if cap:
+                if self.settings.running_cap(job.tier):
                     self._promote(job.tenant, 1)  # the slot this run held is free: the tenant's next may go
 
     def _run(self, job: Job, lease: Lease, abort: AbortSignal, delivery: Delivery, result: DrainResult) -> None:

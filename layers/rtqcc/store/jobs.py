@@ -15,7 +15,7 @@ from ..ids import new_external_id
 from ..status import TRANSITIONS, JobPriority, JobStatus
 from .attempts import Attempt, AttemptLedger
 from .db import Connection, Database, Row
-from .leases import Lease, LeaseWrites
+from .leases import RUNNING_SLOTS_LOCK, Lease, LeaseWrites, TenantAtCapacity, acquire_statement, lease_from
 from .sections import SECTION_COLUMNS, OutlineItem, Section, insert_sections
 from .webhooks import outbox_insert
 
@@ -170,6 +170,38 @@ class JobStore(LeaseWrites, AttemptLedger):
     def get_by_external_id(self, external_id: str) -> Job | None:
         row = self.db.row(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE external_id = :e", e=external_id)
         return Job.from_row(row) if row else None
+
+    def take_for_run(self, external_id: str, owner: str, ttl_s: float,
+                     running_cap: Callable[[str | None], int | None] | None = None) -> tuple[Job | None, Lease | None]:
+        """The job, and a lease on it if it should run and nobody holds a live one. With
+        `running_cap` (the most jobs a tenant may run at once, for a job of a tier; None: no
+        cap), raise TenantAtCapacity instead when its tenant already runs that many: a tenant's
+        takings queue behind one lock, so two consumers cannot both take its last slot.
+        Without caps one round trip (two when the lease is not taken); with them, four."""
+        params = {"e": external_id, "owner": owner, "ttl": float(ttl_s)}
+        if running_cap is None:
+            row = self.db.row(acquire_statement(_JOB_COLUMNS), **params)
+            if row is None:  # why not (finished, someone else's, unknown) is the caller's to tell
+                return self.get_by_external_id(external_id), None
+            return Job.from_row(row), lease_from(row, external_id, owner)
+        with self.db.transaction() as conn:
+            row = conn.row(f"SELECT {_JOB_COLUMNS}, pg_advisory_xact_lock(:ns, hashtext(tenant))::text AS locked"
+                           " FROM jobs WHERE external_id = :e", ns=RUNNING_SLOTS_LOCK, e=external_id)
+            if row is None:
+                return None, None
+            job = Job.from_row(row)
+            cap = running_cap(job.tier)
+            if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+                return job, None
+            if cap is None:
+                taken = conn.row(acquire_statement(_JOB_COLUMNS), **params)
+            else:
+                taken = conn.row(acquire_statement(_JOB_COLUMNS, below_cap=True), t=job.tenant, cap=cap, **params)
+                if taken["id"] is None and taken["running_now"] >= cap:
+                    raise TenantAtCapacity(job, taken["running_now"], cap)
+            if taken is None or taken["id"] is None:
+                return job, None
+            return Job.from_row(taken), lease_from(taken, external_id, owner)
 
     def list(self, tenant: str, *, status: JobStatus | None, before: str | None, limit: int) -> list[Job]:
         rows = self.db.rows(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import LeaseLost, SectionWithdrawn
 from ..status import JobStatus
@@ -14,6 +14,9 @@ from .versions import INSERT_VERSION, VERSION_COST
 from .db import Connection, Database, Row
 from .sections import OutlineItem, insert_sections
 from .webhooks import outbox_insert
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,9 @@ class Lease:
 
 # pg_advisory_xact_lock(namespace, hashtext(tenant)) around counting a tenant's running jobs and
 # taking one more (store/tenant_usage.py's admission lock is another namespace).
-_RUNNING_SLOTS_LOCK = 0x5154_5253
+RUNNING_SLOTS_LOCK = 0x5154_5253
 
-_ACQUIRE = (
+_ACQUIRE_SET = (
     "UPDATE jobs SET status = 'running', lease_owner = :owner,"
     " lease_expires_at = now() + make_interval(secs => :ttl), lease_version = lease_version + 1,"
     " deliveries = deliveries + 1, started_at = COALESCE(started_at, now()), updated_at = now(),"
@@ -43,10 +46,26 @@ _ACQUIRE = (
     " ELSE error END"
     " WHERE external_id = :e AND (status = 'queued' OR status = 'running')"
     " AND (lease_owner IS NULL OR lease_expires_at < now())"
-    # The subquery reads the row as it was before this update: whether the job runs for the first time.
-    " RETURNING id, lease_version, failures, error,"
-    " (SELECT before.started_at IS NULL FROM jobs before WHERE before.id = jobs.id) AS first_run"
 )
+
+
+def acquire_statement(returning: str, *, below_cap: bool = False) -> str:
+    """The statement that takes a job's lease (`:e`, `:owner`, `:ttl`), answering `returning`
+    (columns of the job's row, `id` and `error` among them) and the lease's own. With
+    `below_cap`, only while the tenant runs fewer than `:cap` other jobs under live leases, and
+    the answer counts them (`running_now`) whether the lease was taken or not: one round trip,
+    under the tenant's lock (RUNNING_SLOTS_LOCK) taken by an earlier statement of the same
+    transaction, so that this statement's snapshot sees every taking before it."""
+    acquire = (f"{_ACQUIRE_SET}{' AND (SELECT n FROM running) < :cap' if below_cap else ''}"
+               f" RETURNING {returning}, lease_version, failures,"
+               # The subquery reads the row as it was before this update: whether the job runs for the first time.
+               " (SELECT before.started_at IS NULL FROM jobs before WHERE before.id = jobs.id) AS first_run")
+    if not below_cap:
+        return acquire
+    return ("WITH running AS (SELECT COUNT(*)::int AS n FROM jobs WHERE tenant = :t AND status = 'running'"
+            " AND lease_owner IS NOT NULL AND lease_expires_at > now() AND external_id <> :e),"
+            f" acquired AS ({acquire})"
+            " SELECT (SELECT n FROM running) AS running_now, acquired.* FROM (SELECT 1) AS one LEFT JOIN acquired ON true")
 
 
 # complete_section's webhook deliveries: of the job in `fence`, when `done` marked the section.
@@ -59,13 +78,14 @@ _SECTION_EVENT_DATA = ("jsonb_build_object('externalId', src.external_id, 'index
 class TenantAtCapacity(Exception):
     """The job's tenant already runs as many jobs as its cap allows: the job waits its turn."""
 
-    def __init__(self, tenant: str, running: int, cap: int):
-        super().__init__(f"tenant {tenant} runs {running} jobs, its cap is {cap}")
-        self.tenant, self.running, self.cap = tenant, running, cap
+    def __init__(self, job: "Job", running: int, cap: int):
+        super().__init__(f"tenant {job.tenant} runs {running} jobs, its cap is {cap}")
+        self.job, self.running, self.cap = job, running, cap
 
 
-def _lease_from(row: Row | None, external_id: str, owner: str) -> Lease | None:
-    if row is None:
+def lease_from(row: Row | None, external_id: str, owner: str) -> Lease | None:
+    """The lease an acquire_statement answered, if it took one."""
+    if row is None or row["id"] is None:
         return None
     return Lease(job_id=row["id"], external_id=external_id, owner=owner, version=row["lease_version"],
                  failures=row["failures"], last_error=row["error"], first_run=bool(row["first_run"]))
@@ -76,23 +96,11 @@ class LeaseWrites:
 
     db: Database
 
-    def acquire_lease(self, external_id: str, owner: str, ttl_s: float, *,
-                      tenant_cap: tuple[str, int] | None = None) -> Lease | None:
-        """Take the job if it should run and nobody holds a live lease on it. With `tenant_cap`
-        (the job's tenant, the most jobs it may run at once), raise TenantAtCapacity instead when
-        the tenant already runs that many under live leases; a tenant's takings queue behind one
-        lock, so two consumers cannot both take its last slot."""
-        if tenant_cap is None:
-            return _lease_from(self.db.row(_ACQUIRE, e=external_id, owner=owner, ttl=float(ttl_s)), external_id, owner)
-        tenant, cap = tenant_cap
-        with self.db.transaction() as conn:
-            conn.run("SELECT pg_advisory_xact_lock(:ns, hashtext(:t))", ns=_RUNNING_SLOTS_LOCK, t=tenant)
-            running = conn.row(
-                "SELECT COUNT(*)::int AS n FROM jobs WHERE tenant = :t AND status = 'running'"
-                " AND lease_owner IS NOT NULL AND lease_expires_at > now() AND external_id <> :e", t=tenant, e=external_id)
-            if running["n"] >= cap:
-                raise TenantAtCapacity(tenant, running["n"], cap)
-            return _lease_from(conn.row(_ACQUIRE, e=external_id, owner=owner, ttl=float(ttl_s)), external_id, owner)
+    def acquire_lease(self, external_id: str, owner: str, ttl_s: float) -> Lease | None:
+        """Take the job if it should run and nobody holds a live lease on it (no tenant cap:
+        a run takes its job with JobStore.take_for_run)."""
+        row = self.db.row(acquire_statement("id, error"), e=external_id, owner=owner, ttl=float(ttl_s))
+        return lease_from(row, external_id, owner)
 
     def renew_leases(self, leases: list[Lease], ttl_s: float) -> dict[int, JobStatus]:
         """Extend every lease of one consumer in one statement; each job's status by its id. A job
