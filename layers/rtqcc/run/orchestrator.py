@@ -83,32 +83,39 @@ class ManuscriptOrchestrator:
         running = {"status": JobStatus.RUNNING.value}
         if job.revision:
             running["revision"] = job.revision
-        self.events.publish(ext, "status", running)
-        run = JobRun(job, lease, abort, sections=self.jobs.sections(job.id))
-        if run.sections:
-            run.usage = self.jobs.usage_by_section(job.id)
-            self._announce_done_again(run)
-        if job.budget:
-            run.spent_tokens, run.spent_cost = self.jobs.spent(job.id)
+        run = JobRun(job, lease, abort, sections=self.jobs.sections(job.id), opening=[("status", running)])
+        if not lease.first_run:  # a job's first run has no calls to sum and no section to announce again
+            if run.sections:
+                run.usage = self.jobs.usage_by_section(job.id)
+                run.opening += self._announced_again(run)
+            if job.budget:
+                run.spent_tokens, run.spent_cost = self.jobs.spent(job.id)
         if not run.sections:
+            self._open(run)
             if not self._write_outline(run):
                 return self._stopped(run)
             run.sections = self.jobs.sections(job.id)
         if job.awaits_outline_review:  # drafted now, or before a crash that came ahead of the stop
+            self._open(run)
             return self._await_review(run)
 
         pending = [section for section in run.sections if section.status != SectionStatus.DONE]
         # A job written in parallel stays so to its last section, even when a resumed run has one
         # left: its prompt names its neighbours, as the first run's would have.
         if parallel_width(job) > 1 and pending:
+            self._open(run)
             self._write_in_parallel(run, pending, min(parallel_width(job), len(pending)))
             if abort.aborted or run.written < len(pending):
                 return self._stopped(run)
             pending = []
+        if job.context == "summary":  # its first section may wait on a summary written first
+            self._open(run)
         upcoming = self._prepare(run, pending[0]) if pending else None
         if upcoming is not None:  # later sections are marked running by the statement that ends the one before
             self.jobs.mark_section_running(lease, upcoming.section.idx)
-            self.events.publish(ext, *upcoming.started_event())
+            self._open(run, upcoming.started_event())
+        else:
+            self._open(run)
         for position in range(len(pending)):
             if upcoming is None or abort.aborted:
                 return self._stopped(run)
@@ -138,6 +145,13 @@ class ManuscriptOrchestrator:
         ])
         return RunOutcome(status=JobStatus.COMPLETED, stopped_by=None, sections_written=run.written)
 
+    def _open(self, run: "JobRun", *events: tuple[str, dict]) -> None:
+        """Publish what opens the run (its status, sections announced again), if not yet, and
+        `events` after it, in one round trip: most runs' opening goes with their first section's start."""
+        events, run.opening = (*run.opening, *events), []
+        if events:
+            self.events.publish_many(run.job.external_id, list(events))
+
     def _stopped(self, run: "JobRun") -> RunOutcome:
         job, reason = run.job, run.abort.reason
         if reason is None or not reason.pauses_the_job_itself:
@@ -160,17 +174,16 @@ class ManuscriptOrchestrator:
         self.events.publish(run.job.external_id, "status", {"status": JobStatus.AWAITING_REVIEW.value})
         return RunOutcome(status=JobStatus.AWAITING_REVIEW, stopped_by=None, sections_written=0)
 
-    def _announce_done_again(self, run: "JobRun") -> None:
+    def _announced_again(self, run: "JobRun") -> list[tuple[str, dict]]:
         """A run that died between marking a section done and announcing it left watchers
         without its `section.completed`. Written in order, only the last done section can be in
         that state, so a resumed run announces it again; watchers take it as a no-op."""
         done = [s for s in run.sections if s.status == SectionStatus.DONE]
         # Written at once, any of them may be in that state.
         unannounced = done if parallel_width(run.job) > 1 else done[-1:]
-        if unannounced:
-            self.events.publish_many(run.job.external_id, [("section.completed", {
-                "index": section.idx, "version": section.current_version, "chars": section.content_chars,
-                "usage": public_usage(run.usage.get(section.idx))}) for section in unannounced])
+        return [("section.completed", {
+            "index": section.idx, "version": section.current_version, "chars": section.content_chars,
+            "usage": public_usage(run.usage.get(section.idx))}) for section in unannounced]
 
     def fail(self, job: Job, lease: Lease, failure: PublicFailure) -> bool:
         if not self.jobs.finish(lease, JobStatus.FAILED, error=failure.message, reason=failure.code):
@@ -517,6 +530,7 @@ class JobRun:
     spent_cost: float | None = 0.0     # their cost; None once a call had no price
     quota: Standing | None = None      # the tenant's quotas, read at the run's first call
     written: int = 0
+    opening: list[tuple[str, dict]] = field(default_factory=list)  # events the run opens with, until published
     summaries: dict[int, str] = field(default_factory=dict)  # the running summary through each section
     sections_heard: bool = False       # a webhook listens for section.completed (asked now and then)
     subscribers_known_until: float = 0.0
