@@ -18,12 +18,19 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
-# XADD then PUBLISH with the id XADD chose, atomically, so the two never disagree.
+# Each event: XADD to its job's stream, then PUBLISH with the id XADD chose, so the two never
+# disagree; every event of a call in the order given, atomically. KEYS: each event's stream;
+# ARGV: the streams' MAXLEN and TTL, then each event's type and data.
 _APPEND_AND_PUBLISH = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[2], 'data', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', KEYS[1], '{"id":"' .. id .. '","type":"' .. ARGV[2] .. '","data":' .. ARGV[3] .. '}')
-return id
+local ids = {}
+for i, key in ipairs(KEYS) do
+  local type, data = ARGV[2 * i + 1], ARGV[2 * i + 2]
+  local id = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '*', 'type', type, 'data', data)
+  redis.call('EXPIRE', key, ARGV[2])
+  redis.call('PUBLISH', key, '{"id":"' .. id .. '","type":"' .. type .. '","data":' .. data .. '}')
+  ids[i] = id
+end
+return ids
 """
 
 # ASCII digits only (\d takes any script's), nothing after (`$` lets a newline through), and each
@@ -67,32 +74,20 @@ class EventLog:
         return self.publish_across([(external_id, type_, data) for type_, data in events])
 
     def publish_across(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
-        """Append and publish `(external_id, type, data)` events of any jobs in one round trip,
-        each job's in the order given; their stream ids. (A redis-py script in a pipeline would
-        ask SCRIPT EXISTS first, a second round trip every time: EVALSHA goes as it is, and the
-        script is loaded only when Redis answers that it lacks it.)"""
-        calls = [(events_key(external_id), (self.maxlen, type_, json.dumps(data, separators=(",", ":")), EVENTS_TTL_S))
-                 for external_id, type_, data in events]
-        if len(calls) == 1:
-            key, args = calls[0]
-            try:
-                return [self.redis.evalsha(self._sha, 1, key, *args)]
-            except NoScriptError:  # a new or restarted Redis: load it, then send it again
-                self.redis.script_load(_APPEND_AND_PUBLISH)
-                return [self.redis.evalsha(self._sha, 1, key, *args)]
-        # In MULTI/EXEC, so that Redis has the script for all of them or for none: were it loaded
-        # by another client in the middle of a plain pipeline, sending the refused ones again
-        # would put them after events that came later.
-        pipe = self.redis.pipeline(transaction=True)
-        for key, args in calls:
-            pipe.evalsha(self._sha, 1, key, *args)
+        """Append and publish `(external_id, type, data)` events of any jobs in one round trip
+        (one script call, however many events), each job's in the order given; their stream ids.
+        (A redis-py script object would ask SCRIPT EXISTS first, a second round trip every time:
+        EVALSHA goes as it is, and the script is loaded only when Redis answers that it lacks it;
+        a script runs whole or not at all, so sending it again repeats nothing.)"""
+        keys = [events_key(external_id) for external_id, _, _ in events]
+        args: list[Any] = [self.maxlen, EVENTS_TTL_S]
+        for _, type_, data in events:
+            args += (type_, json.dumps(data, separators=(",", ":")))
         try:
-            return list(pipe.execute())
-        except NoScriptError:
+            return list(self.redis.evalsha(self._sha, len(keys), *keys, *args))
+        except NoScriptError:  # a new or restarted Redis: load it, then send it again
             self.redis.script_load(_APPEND_AND_PUBLISH)
-            for key, args in calls:
-                pipe.evalsha(self._sha, 1, key, *args)
-            return list(pipe.execute())
+            return list(self.redis.evalsha(self._sha, len(keys), *keys, *args))
 
     def read_after(self, external_id: str, after_id: str, *, block_ms: int | None = None,
                    count: int = 500) -> list[Event]:
