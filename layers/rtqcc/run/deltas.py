@@ -1,6 +1,6 @@
 """Token deltas on their way to a job's event log: each section in flight has a DeltaBuffer, and
 one DeltaFlusher per consumer publishes what every buffer holds, once per flush interval, in one
-pipeline for all of them.
+script call for all of them.
 
 Why one flusher and not a timer per section: with hundreds of sections in flight, a timer thread
 and a Redis round trip per section and interval were most of a consumer's work (thread wake-ups,
@@ -76,7 +76,7 @@ class DeltaBuffer:
 
 
 class DeltaFlusher:
-    """Publishes every open buffer's text once per `interval_s`, in one pipeline. Its thread
+    """Publishes every open buffer's text once per `interval_s`, in one script call. Its thread
     runs while buffers are open and ends when none is, so an idle consumer (or a test's) keeps
     no thread waking."""
 

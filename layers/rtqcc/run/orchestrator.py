@@ -6,7 +6,7 @@ key, by whoever takes the job next: never lost, never counted twice.
 
 A run keeps what it knows in memory (the sections, their texts, the usage and the spend so far),
 so a finished section costs one S3 PUT, one Postgres statement (its calls, its row, the next
-section marked running) and one pipeline of events (its completion, the job's usage, the next
+section marked running) and one script call of events (its completion, the job's usage, the next
 section's start), besides its token deltas."""
 
 from __future__ import annotations
