@@ -7,9 +7,10 @@ rather than returned, so a Postgres restart costs one failed call, not a poisone
 
 from __future__ import annotations
 
-import functools
 import queue
 import threading
+import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Iterator
 from urllib.parse import unquote, urlparse
@@ -87,7 +88,7 @@ class Database:
         except (InterfaceError, OSError) as exc:
             raise ServiceUnavailable(f"{where} is unreachable: {exc}", headers={"Retry-After": "2"}) from exc
         except DatabaseError as exc:
-            code = exc.args[0].get("C") if exc.args and isinstance(exc.args[0], dict) else None
+            code = _error_code(exc)
             if code in _BUSY_CODES:
                 raise ServiceUnavailable(f"{where} refuses new connections now ({code}); try again shortly.",
                                          headers={"Retry-After": "2"}) from exc
@@ -171,6 +172,11 @@ class Database:
                 return
 
 
+def _error_code(exc: DatabaseError) -> str | None:
+    """The SQLSTATE of a server error."""
+    return exc.args[0].get("C") if exc.args and isinstance(exc.args[0], dict) else None
+
+
 def _close_quietly(raw: pg8000.native.Connection) -> None:
     try:
         raw.close()
@@ -178,25 +184,47 @@ def _close_quietly(raw: pg8000.native.Connection) -> None:
         pass
 
 
-@functools.lru_cache(maxsize=1024)
-def _parsed(sql: str):
-    return pg8000.native.to_statement(sql)
+# Statements kept prepared on each connection, the least recently used closed past this many.
+PREPARED_PER_CONNECTION = 128
+# The server no longer has or no longer fits a statement prepared earlier (a pooler in front that
+# reset the session, a table changed under it): prepared again at its next use.
+_STALE_STATEMENT_CODES = {"26000", "0A000"}
 
 
 class _Pg8000:
     """What pg8000's public API does not offer, from its private attributes, in this one place
     (so an upgrade that renames them breaks here, visibly)."""
 
+    _prepared: "weakref.WeakKeyDictionary[pg8000.native.Connection, OrderedDict[str, Any]]" = weakref.WeakKeyDictionary()
+
     @staticmethod
     def run(raw: pg8000.native.Connection, sql: str, params: dict[str, Any]) -> list | None:
-        """`raw.run(sql, **params)`, without parsing the same SQL for its :params on every call:
-        pg8000 does that in Python, a millisecond for a long statement; the parse depends on the
-        text alone, so it is kept."""
+        """`raw.run(sql, **params)` as a statement prepared once per connection. pg8000 sends a
+        statement with parameters in three round trips (parse, describe, bind and execute), and
+        Postgres parses and plans it each time; prepared, it is one round trip, planned once."""
         if not params:
-            return raw.run(sql)
-        statement, make_values = _parsed(sql)
-        raw._context = raw.execute_unnamed(statement, make_values(params), oids=())
-        return raw._context.rows
+            return raw.run(sql)  # the simple protocol: one round trip
+        statements = _Pg8000._prepared.setdefault(raw, OrderedDict())
+        statement = statements.get(sql)
+        if statement is None:
+            statement = statements[sql] = raw.prepare(sql)
+            while len(statements) > PREPARED_PER_CONNECTION:
+                statements.popitem(last=False)[1].close()
+        else:
+            statements.move_to_end(sql)
+        try:
+            rows = statement.run(**params)
+        except DatabaseError as exc:
+            if _error_code(exc) not in _STALE_STATEMENT_CODES:
+                raise
+            del statements[sql]
+            if _Pg8000.in_transaction(raw):  # the transaction is lost with it: the caller's to retry
+                raise
+            # Nothing ran: prepared again and sent again, once.
+            statement = statements[sql] = raw.prepare(sql)
+            rows = statement.run(**params)
+        raw._context = statement._context  # where raw.columns and raw.row_count read it
+        return rows
 
     @staticmethod
     def set_query_timeout(raw: pg8000.native.Connection, timeout_s: float) -> None:
