@@ -5,8 +5,7 @@ pooler that reset the session) is prepared again. Real Postgres."""
 from __future__ import annotations
 
 import pytest
-from pg8000.exceptions import DatabaseError
-
+from rtqcc.errors import ServiceUnavailable
 from rtqcc.store import db as db_module
 
 PREPARED = "SELECT COUNT(*)::int AS n FROM pg_prepared_statements"
@@ -43,12 +42,13 @@ def test_a_statement_the_server_forgot_is_prepared_again(database):
         assert conn.row("SELECT CAST(:word AS text) AS echo", word="two")["echo"] == "two"
 
 
-def test_inside_a_transaction_a_forgotten_statement_fails_it_and_is_prepared_again_after(database):
+def test_inside_a_transaction_a_forgotten_statement_fails_it_as_a_passing_outage_and_is_prepared_again_after(
+        database):
     with database.connection() as conn:
         conn.row("SELECT CAST(:word AS text) AS echo", word="one")
         conn.run("DEALLOCATE ALL")
         conn.raw.run("BEGIN")
-        with pytest.raises(DatabaseError):
+        with pytest.raises(ServiceUnavailable, match="try again"):
             conn.row("SELECT CAST(:word AS text) AS echo", word="two")
         conn.raw.run("ROLLBACK")
         assert conn.row("SELECT CAST(:word AS text) AS echo", word="three")["echo"] == "three"

@@ -219,7 +219,8 @@ class _Pg8000:
                 raise
             del statements[sql]
             if _Pg8000.in_transaction(raw):  # the transaction is lost with it: the caller's to retry
-                raise
+                raise ServiceUnavailable("Postgres lost a statement prepared on this connection (a pooler in front"
+                                         " reset its session); try again.", headers={"Retry-After": "1"}) from exc
             # Nothing ran: prepared again and sent again, once.
             statement = statements[sql] = raw.prepare(sql)
             rows = statement.run(**params)
