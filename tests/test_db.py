@@ -52,3 +52,12 @@ def test_inside_a_transaction_a_forgotten_statement_fails_it_as_a_passing_outage
             conn.row("SELECT CAST(:word AS text) AS echo", word="two")
         conn.raw.run("ROLLBACK")
         assert conn.row("SELECT CAST(:word AS text) AS echo", word="three")["echo"] == "three"
+
+
+def test_a_statement_whose_table_changed_under_it_is_prepared_again(database):
+    with database.connection() as conn:
+        conn.run("CREATE TEMPORARY TABLE shapes (id int PRIMARY KEY, name text)")
+        conn.run("INSERT INTO shapes VALUES (1, 'square')")
+        assert conn.row("SELECT * FROM shapes WHERE id = :id", id=1) == {"id": 1, "name": "square"}
+        conn.run("ALTER TABLE shapes ADD COLUMN sides int DEFAULT 4")  # the prepared plan's rows no longer fit
+        assert conn.row("SELECT * FROM shapes WHERE id = :id", id=1) == {"id": 1, "name": "square", "sides": 4}

@@ -177,6 +177,13 @@ def _error_code(exc: DatabaseError) -> str | None:
     return exc.args[0].get("C") if exc.args and isinstance(exc.args[0], dict) else None
 
 
+def _stale(exc: DatabaseError) -> bool:
+    """The server no longer has a statement prepared earlier (a pooler in front reset the
+    session), or it no longer fits (a table changed under it)."""
+    code = _error_code(exc)
+    return code == "26000" or (code == "0A000" and "cached plan" in str(exc.args[0].get("M", "")))
+
+
 def _close_quietly(raw: pg8000.native.Connection) -> None:
     try:
         raw.close()
@@ -186,9 +193,6 @@ def _close_quietly(raw: pg8000.native.Connection) -> None:
 
 # Statements kept prepared on each connection, the least recently used closed past this many.
 PREPARED_PER_CONNECTION = 128
-# The server no longer has or no longer fits a statement prepared earlier (a pooler in front that
-# reset the session, a table changed under it): prepared again at its next use.
-_STALE_STATEMENT_CODES = {"26000", "0A000"}
 
 
 class _Pg8000:
@@ -215,7 +219,7 @@ class _Pg8000:
         try:
             rows = statement.run(**params)
         except DatabaseError as exc:
-            if _error_code(exc) not in _STALE_STATEMENT_CODES:
+            if not _stale(exc):
                 raise
             del statements[sql]
             if _Pg8000.in_transaction(raw):  # the transaction is lost with it: the caller's to retry
