@@ -13,6 +13,7 @@ clock measures the consumers, not an HTTP client."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import tempfile
@@ -98,6 +99,36 @@ def consumers_rss_kb(stack_pid: int) -> int:
     return total
 
 
+def cpu_seconds(stack_pid: int) -> dict[str, dict[int, float]]:
+    """CPU time so far (user + system, /proc/<pid>/stat) of each process serving the jobs, by
+    kind: the stack's consumers, the S3 server, Postgres (its server processes, every database's),
+    Redis."""
+    consumers = set(_children(stack_pid))
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[str, dict[int, float]] = {"consumers": {}, "s3_server": {}, "postgres": {}, "redis": {}}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ") if int(entry.name) in consumers else b""
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        kind = ("consumers" if b"invoke_consumer" in cmdline or b" consume" in cmdline
+                else "s3_server" if name == "weed" else "postgres" if name.startswith("postgres")
+                else "redis" if name.startswith("redis-server") else None)
+        if kind:
+            found[kind][int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return found
+
+
+def cpu_ms_per_job(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], jobs: int) -> dict:
+    """Each kind's CPU between two readings, a job (a process that ended between them is not counted)."""
+    return {kind: round(sum(seconds - before[kind].get(pid, 0.0) for pid, seconds in after[kind].items())
+                        * 1000 / jobs, 1) for kind in after}
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -142,10 +173,12 @@ def wait_for_consumers(services: Services, count: int = 2, timeout_s: float = 60
 def _together(services: Services, stack_pid: int, count: int) -> dict:
     ids = _create(services, count)
     idle_kb = consumers_rss_kb(stack_pid)  # the same consumer processes, waiting for work
+    cpu_before = cpu_seconds(stack_pid)
     with Sampler(services, stack_pid) as sampler:
         went = _start(services, ids)
         ended = _wait_done(services, ids, timeout_s=600)
     return {"jobs": count, "seconds": round(ended - went, 2), "peak_running": sampler.peak_running,
+            "cpu_ms_per_job": cpu_ms_per_job(cpu_before, cpu_seconds(stack_pid), count),
             "consumers_rss_kb_idle": idle_kb, "consumers_rss_kb_at_peak": sampler.rss_at_peak_kb,
             "rss_kb_per_job_in_flight": round((sampler.rss_at_peak_kb - idle_kb) / max(1, sampler.peak_running), 1)}
 

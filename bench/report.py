@@ -168,6 +168,9 @@ def scale_rows(f: dict) -> list[Row]:
     return rows
 
 
+_CPU_KINDS = {"consumers": "consumers", "s3_server": "S3 server", "postgres": "Postgres", "redis": "Redis"}
+
+
 def capacity_rows(f: dict) -> list[Row]:
     together, one = f["together"], f["together"]["baseline_one_job"]
     alone = sum(one["seconds_each"]) / len(one["seconds_each"])
@@ -177,9 +180,12 @@ def capacity_rows(f: dict) -> list[Row]:
         if not key.startswith("jobs_"):
             continue
         goal = goals.get(run["jobs"])
+        cpu = run.get("cpu_ms_per_job")  # not in results before 2026-12-03
+        cpu_text = ("; CPU a job: " + ", ".join(f"{_CPU_KINDS.get(kind, kind)} {_n(ms)} ms" for kind, ms in cpu.items())
+                    if cpu else "")
         rows.append((f"{run['jobs']:,} three-section jobs started together on `rtqcc up` (fake provider at "
                      f"{f['tokens_per_s']} tokens/s)", f"{_n(run['seconds'])} s, at most {run['peak_running']} running "
-                     f"at once, {_n(run['rss_kb_per_job_in_flight'])} KB of consumer RSS a job in flight",
+                     f"at once, {_n(run['rss_kb_per_job_in_flight'])} KB of consumer RSS a job in flight{cpu_text}",
                      f"one job alone: {_n(alone)} s", f"×{run['ratio_to_one_alone']:.2f}",
                      _goal(run["ratio_to_one_alone"] <= goal, f"×{goal}") if goal else
                      _goal(run["rss_kb_per_job_in_flight"] <= together["goals"]["rss_kb_per_job"], "< 1 MB a job")))
