@@ -83,13 +83,17 @@ class Sampler:
                 self.rss_at_peak_kb = max(self.rss_at_peak_kb, consumers_rss_kb(self.stack_pid))
 
 
+def _is_consumer(cmdline: bytes) -> bool:
+    return b"invoke_consumer" in cmdline or b" consume" in cmdline
+
+
 def consumers_rss_kb(stack_pid: int) -> int:
     """The resident memory of the stack's consumer processes (its children running `consume`)."""
     total = 0
     for child in _children(stack_pid):
         try:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"invoke_consumer" not in cmdline and b" consume" not in cmdline:
+            if not _is_consumer(cmdline):
                 continue
             for line in Path(f"/proc/{child}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -115,7 +119,7 @@ def cpu_seconds(stack_pid: int) -> dict[str, dict[int, float]]:
         except OSError:
             continue
         name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        kind = ("consumers" if b"invoke_consumer" in cmdline or b" consume" in cmdline
+        kind = ("consumers" if _is_consumer(cmdline)
                 else "s3_server" if name == "weed" else "postgres" if name.startswith("postgres")
                 else "redis" if name.startswith("redis-server") else None)
         if kind:

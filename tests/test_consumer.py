@@ -105,9 +105,9 @@ def test_a_consumer_that_lost_its_lease_cannot_write(api, services, database):
     external_id = api.create(outline=[{"title": "Only"}])
     api.post(f"/jobs/{external_id}/start")
     jobs = services.jobs
-    stale = jobs.acquire_lease(external_id, "consumer-old", ttl_s=5)
+    stale = jobs.take_for_run(external_id, "consumer-old", ttl_s=5)[1]
     database.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE external_id = :e", e=external_id)
-    fresh = jobs.acquire_lease(external_id, "consumer-new", ttl_s=5)
+    fresh = jobs.take_for_run(external_id, "consumer-new", ttl_s=5)[1]
     assert fresh is not None and fresh.version == stale.version + 1
 
     with pytest.raises(LeaseLost):
@@ -124,8 +124,8 @@ def test_a_consumer_that_lost_its_lease_cannot_write(api, services, database):
 def test_a_live_lease_cannot_be_taken(api, services):
     external_id = api.create(section_count=1)
     api.post(f"/jobs/{external_id}/start")
-    assert services.jobs.acquire_lease(external_id, "consumer-a", ttl_s=30) is not None
-    assert services.jobs.acquire_lease(external_id, "consumer-b", ttl_s=30) is None
+    assert services.jobs.take_for_run(external_id, "consumer-a", ttl_s=30)[1] is not None
+    assert services.jobs.take_for_run(external_id, "consumer-b", ttl_s=30)[1] is None
 
 
 def test_a_crashed_consumers_message_is_reclaimed_after_its_lease_expires(api, make_services, database, redis_client):
@@ -135,7 +135,7 @@ def test_a_crashed_consumers_message_is_reclaimed_after_its_lease_expires(api, m
     # The crashed consumer read the message and took the lease, then died.
     services.queue.ensure_group()
     [delivery] = services.queue.read("consumer-dead", count=1, block_ms=100)
-    assert services.jobs.acquire_lease(external_id, "consumer-dead", ttl_s=5) is not None
+    assert services.jobs.take_for_run(external_id, "consumer-dead", ttl_s=5)[1] is not None
     database.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE external_id = :e", e=external_id)
 
     survivor = Consumer(make_services(lease_ttl_s=1.0), name="consumer-alive")
@@ -153,7 +153,7 @@ def test_a_message_claimed_before_the_dead_consumers_lease_expires_is_kept_not_d
     services = make_services()
     services.queue.ensure_group()
     [delivery] = services.queue.read("consumer-dead", count=1, block_ms=100)
-    assert services.jobs.acquire_lease(external_id, "consumer-dead", ttl_s=30) is not None  # still live
+    assert services.jobs.take_for_run(external_id, "consumer-dead", ttl_s=30)[1] is not None  # still live
     redis_client.xclaim(STREAM, GROUP, "consumer-dead", 0, [delivery.message_id], idle=5000, justid=True)
 
     survivor = Consumer(make_services(lease_ttl_s=1.0), name="consumer-alive")

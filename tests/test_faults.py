@@ -306,7 +306,7 @@ def test_a_message_reclaimed_while_the_dead_consumers_lease_is_still_live_is_not
     [delivery] = services.queue.read("consumer-dead", count=1, block_ms=100)
     # The dead consumer renewed its lease just before dying: 1.5 s left. Its message was last
     # touched a while earlier, so it is already idle long enough to be claimed.
-    assert services.jobs.acquire_lease(external_id, "consumer-dead", ttl_s=1.5) is not None
+    assert services.jobs.take_for_run(external_id, "consumer-dead", ttl_s=1.5)[1] is not None
     redis_client.xclaim(STREAM, GROUP, "consumer-dead", 0, [delivery.message_id], idle=5000, justid=True)
 
     healthy = start_consumer(name="healthy", budget_s=12, lease_ttl_s=1.0, consumer_idle_exit_ms=0)

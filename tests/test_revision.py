@@ -88,7 +88,7 @@ def test_a_run_that_died_after_drafting_the_outline_still_stops_for_review(api, 
 
     external_id = api.create(section_count=2, review={"outline": True}, **SMALL)
     api.post(f"/jobs/{external_id}/start")
-    dead = services.jobs.acquire_lease(external_id, "consumer-that-died", ttl_s=5)
+    dead = services.jobs.take_for_run(external_id, "consumer-that-died", ttl_s=5)[1]
     services.jobs.save_outline(dead, [OutlineItem("Drafted"), OutlineItem("Before the crash")])
     database.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE external_id = :e", e=external_id)
     run_consumer()

@@ -23,7 +23,7 @@ def test_a_running_job_whose_consumer_vanished_is_requeued_but_a_live_one_is_not
     orphan, alive = api.create(section_count=1), api.create(section_count=1)
     for external_id in (orphan, alive):
         api.post(f"/jobs/{external_id}/start")
-        services.jobs.acquire_lease(external_id, "consumer-x", ttl_s=30)
+        services.jobs.take_for_run(external_id, "consumer-x", ttl_s=30)[1]
     database.run("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE external_id = :e", e=orphan)
     assert sweep(services).requeued == [orphan]
 

@@ -180,7 +180,7 @@ class Consumer:
             if not in_flight:
                 return
             try:
-                future = finished.get(timeout=block_s) if block_s != 0 else finished.get_nowait()
+                future = finished.get(timeout=block_s)
             except queue_module.Empty:
                 return
             while True:

@@ -190,9 +190,9 @@ class JobStore(LeaseWrites, AttemptLedger):
             if row is None:
                 return None, None
             job = Job.from_row(row)
-            cap = running_cap(job.tier)
             if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
                 return job, None
+            cap = running_cap(job.tier)
             if cap is None:
                 taken = conn.row(acquire_statement(_JOB_COLUMNS), **params)
             else:

@@ -96,12 +96,6 @@ class LeaseWrites:
 
     db: Database
 
-    def acquire_lease(self, external_id: str, owner: str, ttl_s: float) -> Lease | None:
-        """Take the job if it should run and nobody holds a live lease on it (no tenant cap:
-        a run takes its job with JobStore.take_for_run)."""
-        row = self.db.row(acquire_statement("id, error"), e=external_id, owner=owner, ttl=float(ttl_s))
-        return lease_from(row, external_id, owner)
-
     def renew_leases(self, leases: list[Lease], ttl_s: float) -> dict[int, JobStatus]:
         """Extend every lease of one consumer in one statement; each job's status by its id. A job
         missing from the answer has lost its lease."""
@@ -279,7 +273,7 @@ def _finish(db: Database | Connection, lease: Lease, status: JobStatus, *, error
 
 def _check_fence(conn: Connection, lease: Lease) -> None:
     """Inside a transaction: hold the job row against a takeover, and check we still own it.
-    `acquire_lease` needs the row exclusively, so it waits until this write has committed."""
+    Taking a lease (`acquire_statement`) needs the row exclusively, so it waits until this write has committed."""
     row = conn.row(
         "SELECT 1 AS held FROM jobs WHERE id = :j AND lease_version = :v AND lease_owner = :owner FOR SHARE",
         j=lease.job_id,
