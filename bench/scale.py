@@ -75,6 +75,10 @@ def _insert_jobs(services: Services, count: int) -> list[str]:
         " FROM unnest(CAST(:ids AS text[])) WITH ORDINALITY AS t(e, n) RETURNING id)"
         " INSERT INTO sections (job_id, idx, title, brief) SELECT id, 0, 'Only', 'scale' FROM made",
         ids=ids, params=json.dumps({"max_tokens_per_section": TOKENS_PER_SECTION}))
+    # A deployment's autovacuum keeps the planner's statistics within a tenth of the table as jobs
+    # arrive; a thousand rows loaded in one statement are ahead of it (its nap is a minute), and
+    # plans made for a near-empty table would be measured instead of the API.
+    services.db.run("ANALYZE jobs, sections")
     pipe = services.redis.pipeline(transaction=False)
     for external_id in ids:
         services.queue.enqueue(external_id, pipeline=pipe)

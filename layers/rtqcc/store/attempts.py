@@ -117,8 +117,10 @@ class AttemptLedger:
             " AS total_tokens,"
             " CASE WHEN BOOL_OR(a.job_id IS NOT NULL AND a.cost_usd IS NULL) THEN NULL"
             " ELSE COALESCE(SUM(a.cost_usd), 0) END AS cost_usd"
-            " FROM jobs j LEFT JOIN generation_attempts a ON a.job_id = j.id"
-            " WHERE j.id = ANY(CAST(:ids AS bigint[])) GROUP BY j.id",
+            # From the ids, not the jobs table: the page's rows are already read, and a join with
+            # jobs may be planned as a scan of the whole table.
+            " FROM unnest(CAST(:ids AS bigint[])) AS j(id) LEFT JOIN generation_attempts a ON a.job_id = j.id"
+            " GROUP BY j.id",
             ids=list(job_ids),
         )
         return {row["id"]: row for row in rows}
