@@ -6,7 +6,8 @@ import os
 import threading
 from urllib.parse import urlsplit
 
-from rtqcc.store.blobs import BlobMissing, S3BlobStore, _make_client, manuscript_key, section_key
+from rtqcc.store.blobs import (EXPECT_CONTINUE_ABOVE_BYTES, BlobMissing, S3BlobStore, _make_client, manuscript_key,
+                               section_key)
 from rtqcc.settings import Settings
 
 import pytest
@@ -46,6 +47,22 @@ def test_runs_storing_their_first_sections_together_share_one_client(base_settin
         thread.join()
     assert len(made) == 1
     assert sorted(store.keys_under("probe/together-")) == sorted(f"probe/together-{n}.md" for n in range(16))
+
+
+def test_only_a_large_body_waits_for_the_servers_go_ahead(base_settings, blob_store):
+    client = _make_client(base_settings.with_overrides(s3_create_bucket=False))
+    expect_sent = {}
+
+    def sending(request, **_):
+        expect_sent[request.url.rsplit("/", 1)[-1]] = request.headers.get("Expect")
+
+    client.meta.events.register("before-send.s3.PutObject", sending)
+    store = S3BlobStore(lambda: client, blob_store.bucket)
+    small, large = b"a section" * 500, os.urandom(EXPECT_CONTINUE_ABOVE_BYTES + 1)
+    store.put("probe/small.md", small)
+    store.put("probe/large.bin", large, "application/octet-stream")
+    assert expect_sent == {"small.md": None, "large.bin": b"100-continue"}
+    assert store.get("probe/small.md") == small and store.get("probe/large.bin") == large
 
 
 def test_a_localstack_host_gives_a_localstack_client_session(s3_endpoint, blob_store):
