@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from rtqcc.bus.events import EventLog
+from rtqcc.bus.events import EventLog, events_key
 from rtqcc.streaming import hub as hub_module
 from rtqcc.streaming.hub import DRAIN_RETRY_MS, EventHub
 
@@ -153,3 +153,99 @@ def test_jobs_followed_by_a_few_shared_readers_each_get_their_own_events_once_in
         assert _ids(received[job]) == published[job], job
         texts = re.findall(r'"text":"([^"]*)"', b"".join(received[job]).decode())
         assert texts == [f"{job} {n} " for n in range(5)]
+
+
+def test_an_entry_that_is_not_an_event_is_sent_to_nobody_and_the_stream_goes_on(settings, redis_client):
+    log = EventLog(redis_client)
+    start = log.publish(JOB, "status", {"status": "running"})
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        hub = EventHub(settings.redis_url, max_connections=8)
+        live: list[bytes] = []
+        following = asyncio.create_task(_follow(hub, start, live))
+        await _until(lambda: JOB in hub._feeds and hub._feeds[JOB].ready.is_set(), "the feed to start")
+        redis_client.xadd(events_key(JOB), {"note": "written by hand"})
+        published = [log.publish(JOB, "section.delta", {"index": 0, "text": "a"}),
+                     log.publish(JOB, "done", {"status": "completed"})]
+        await asyncio.wait_for(following, 10)
+        late: list[bytes] = []  # catching up with XRANGE, from before the entry
+        await asyncio.wait_for(_follow(hub, start, late), 10)
+        await hub.close()
+        return published, _ids(live), _ids(late)
+
+    published, live, late = asyncio.run(scenario())
+    assert live == published
+    assert late == published
+
+
+def test_a_reader_that_fails_ends_its_clients_streams_and_they_resume_from_their_last_event(settings, redis_client,
+                                                                                          monkeypatch):
+    log = EventLog(redis_client)
+    start = log.publish(JOB, "status", {"status": "running"})
+    failing = {"armed": False}
+    as_an_event = hub_module._item
+
+    def item_unless_armed(event_id, fields):
+        if failing["armed"]:
+            failing["armed"] = False
+            raise RuntimeError("a bug in the reader")
+        return as_an_event(event_id, fields)
+
+    monkeypatch.setattr(hub_module, "_item", item_unless_armed)
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        hub = EventHub(settings.redis_url, max_connections=8)
+        first: list[bytes] = []
+        following = asyncio.create_task(_follow(hub, start, first))
+        published = [log.publish(JOB, "section.delta", {"index": 0, "text": "a"})]
+        await _until(lambda: _ids(first) == published, "the first event")
+        failing["armed"] = True
+        published.append(log.publish(JOB, "section.delta", {"index": 0, "text": "b"}))
+        await asyncio.wait_for(following, 10)  # ended without `done`: the client reconnects
+        again: list[bytes] = []
+        resumed = asyncio.create_task(_follow(hub, _ids(first)[-1], again))
+        published.append(log.publish(JOB, "done", {"status": "completed"}))
+        await asyncio.wait_for(resumed, 10)
+        await hub.close()
+        return published, _ids(first), _ids(again)
+
+    published, first, again = asyncio.run(scenario())
+    assert first == published[:1]
+    assert again == published[1:]
+
+
+def test_a_reader_whose_connection_was_replaced_is_woken_on_the_new_one(settings, redis_client):
+    log = EventLog(redis_client)
+    db = redis_client.connection_pool.connection_kwargs.get("db", 0)
+
+    def blocked_readers() -> list[int]:
+        return [int(c["id"]) for c in redis_client.client_list() if c["cmd"] == "xread" and int(c["db"]) == db]
+
+    async def follow(hub: EventHub, job: str, chunks: list[bytes]) -> None:
+        async def no_ending(_cursor: str) -> None:
+            return None
+
+        async for chunk in hub.follow(job, log.publish(job, "status", {"status": "running"}), heartbeat_s=0.2,
+                                      ending=no_ending):
+            chunks.append(chunk)
+
+    async def scenario() -> tuple[int, int, int | None]:
+        hub = EventHub(settings.redis_url, max_connections=8)
+        received: list[bytes] = []
+        tasks = [asyncio.create_task(follow(hub, f"{JOB}-A", received))]
+        await _until(lambda: len(blocked_readers()) == 1, "the reader to block")
+        (killed,) = blocked_readers()
+        redis_client.client_kill_filter(_id=killed)  # redis-py reconnects and sends the read again
+        await _until(lambda: blocked_readers() not in ([], [killed]), "the read again on a new connection")
+        (replacement,) = blocked_readers()
+        tasks.append(asyncio.create_task(follow(hub, f"{JOB}-B", received)))  # its join wakes the reader
+        (reader,) = hub._readers
+        await _until(lambda: reader.client_id == replacement, "the reader to know its new connection")
+        for job in (f"{JOB}-A", f"{JOB}-B"):
+            log.publish(job, "done", {"status": "completed"})
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        await hub.close()
+        return killed, replacement, reader.client_id
+
+    killed, replacement, known = asyncio.run(scenario())
+    assert killed != replacement and known == replacement

@@ -64,8 +64,13 @@ _RECENT_EVENTS = 1_024
 _RECENT_S = 30.0
 
 
-def _frame(event_id: str, fields: dict[str, str]) -> bytes:
-    return sse_frame(event_id, fields["type"], fields["data"]).encode()
+def _item(event_id: str, fields: dict[str, str]) -> tuple[str, bytes, bool] | None:
+    """An event as the hub passes it on (id, SSE frame, whether it is `done`); None for an entry
+    that is not an event (not written by us), which no client is sent."""
+    if "type" not in fields or "data" not in fields:
+        log.warning("skipped stream entry %s: not an event", event_id)
+        return None
+    return event_id, sse_frame(event_id, fields["type"], fields["data"]).encode(), fields["type"] == "done"
 
 
 @dataclass
@@ -190,7 +195,7 @@ class EventHub:
                 # The bound is held for the read only, never while a (slow) client is written to.
                 async with self._short:
                     read = await self._redis.xrange(feed.key, min=f"({cursor}", max="+")
-                missed = [(event_id, _frame(event_id, fields), fields["type"] == "done") for event_id, fields in read]
+                missed = [item for item in (_item(event_id, fields) for event_id, fields in read) if item]
             if missed:
                 catch_up = []
                 for event_id, frame, done in missed:
@@ -304,7 +309,11 @@ class EventHub:
         try:
             while reader.blocked and reader.reading_with != reader.joined and reader.client_id is not None:
                 async with self._short:
-                    await self._redis.client_unblock(reader.client_id)
+                    woken = await self._redis.client_unblock(reader.client_id)
+                if not woken and reader.blocked:
+                    # Its connection was replaced under it (redis-py reconnects and sends the read
+                    # again): ask the new one's id before the next read, or no wake would reach it.
+                    reader.client_id = None
         except (OSError, aioredis.RedisError) as exc:  # it wakes by itself within _READ_BLOCK_MS
             log.warning("could not wake an event reader: %s", exc)
         finally:
@@ -313,41 +322,52 @@ class EventHub:
     async def _read(self, reader: _Reader) -> None:
         connection = aioredis.Redis(connection_pool=self._pool, single_connection_client=True)
         try:
-            while True:
-                if not reader.feeds:  # left before any await, so that no feed joins it meanwhile
-                    self._readers.remove(reader)
-                    return
-                try:
-                    if reader.client_id is None:
-                        reader.client_id = await connection.client_id()
-                    reading = dict(reader.feeds)
-                    reader.reading_with = reader.joined
-                    reader.blocked = True
-                    try:
-                        found = await connection.xread({key: feed.cursor for key, feed in reading.items()},
-                                                       count=500, block=_READ_BLOCK_MS)
-                    finally:
-                        reader.blocked = False
-                except (OSError, aioredis.RedisError) as exc:
-                    log.warning("event reader interrupted: %s", exc)
-                    reader.client_id = None  # a new connection has another
-                    await asyncio.sleep(1.0)
-                    continue
-                for key, entries in found or []:
-                    feed = reading[key]
-                    if reader.feeds.get(key) is not feed:
-                        continue  # it ended meanwhile (a new feed of the job reads from its own cursor)
-                    batch = []
-                    for event_id, fields in entries:
-                        item = (event_id, _frame(event_id, fields), fields["type"] == "done")
-                        feed.keep(stream_id_tuple(event_id), item)
-                        batch.append(item)
-                        feed.cursor = event_id
-                    feed.deliver(batch)
+            await self._read_while_followed(reader, connection)
+        except Exception:
+            # A failure of ours, not Redis's: end its feeds rather than leave them unread. Their
+            # clients' streams end, and they resume from their last event on a new feed.
+            log.exception("an event reader failed; the clients of its %d jobs are sent to reconnect", len(reader.feeds))
+            for feed in list(reader.feeds.values()):
+                if feed.task is not None:
+                    feed.task.cancel()
         finally:
             if reader in self._readers:
                 self._readers.remove(reader)
             await connection.aclose()
+
+    async def _read_while_followed(self, reader: _Reader, connection: aioredis.Redis) -> None:
+        while True:
+            if not reader.feeds:  # left before any await, so that no feed joins it meanwhile
+                self._readers.remove(reader)
+                return
+            try:
+                if reader.client_id is None:
+                    reader.client_id = await connection.client_id()
+                reading = dict(reader.feeds)
+                reader.reading_with = reader.joined
+                reader.blocked = True
+                try:
+                    found = await connection.xread({key: feed.cursor for key, feed in reading.items()},
+                                                   count=500, block=_READ_BLOCK_MS)
+                finally:
+                    reader.blocked = False
+            except (OSError, aioredis.RedisError) as exc:
+                log.warning("event reader interrupted: %s", exc)
+                reader.client_id = None  # a new connection has another
+                await asyncio.sleep(1.0)
+                continue
+            for key, entries in found or []:
+                feed = reading[key]
+                if reader.feeds.get(key) is not feed:
+                    continue  # it ended meanwhile (a new feed of the job reads from its own cursor)
+                batch = []
+                for event_id, fields in entries:
+                    feed.cursor = event_id
+                    if item := _item(event_id, fields):
+                        feed.keep(stream_id_tuple(event_id), item)
+                        batch.append(item)
+                if batch:
+                    feed.deliver(batch)
 
 
 def _reconnect_hint() -> bytes:
