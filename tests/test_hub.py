@@ -217,35 +217,40 @@ def test_a_reader_that_fails_ends_its_clients_streams_and_they_resume_from_their
 def test_a_reader_whose_connection_was_replaced_is_woken_on_the_new_one(settings, redis_client):
     log = EventLog(redis_client)
     db = redis_client.connection_pool.connection_kwargs.get("db", 0)
+    seen: dict[str, int] = {}
 
-    def blocked_readers() -> list[int]:
-        return [int(c["id"]) for c in redis_client.client_list() if c["cmd"] == "xread" and int(c["db"]) == db]
+    def blocked_reader(name: str, unlike: int | None = None) -> bool:
+        ids = [int(c["id"]) for c in redis_client.client_list() if c["cmd"] == "xread" and int(c["db"]) == db]
+        if ids and ids[0] != unlike:
+            seen[name] = ids[0]
+        return name in seen
 
     async def follow(hub: EventHub, job: str, chunks: list[bytes]) -> None:
         async def no_ending(_cursor: str) -> None:
             return None
 
-        async for chunk in hub.follow(job, log.publish(job, "status", {"status": "running"}), heartbeat_s=0.2,
-                                      ending=no_ending):
+        async for chunk in hub.follow(job, started[job], heartbeat_s=0.2, ending=no_ending):
             chunks.append(chunk)
 
-    async def scenario() -> tuple[int, int, int | None]:
-        hub = EventHub(settings.redis_url, max_connections=8)
-        received: list[bytes] = []
-        tasks = [asyncio.create_task(follow(hub, f"{JOB}-A", received))]
-        await _until(lambda: len(blocked_readers()) == 1, "the reader to block")
-        (killed,) = blocked_readers()
-        redis_client.client_kill_filter(_id=killed)  # redis-py reconnects and sends the read again
-        await _until(lambda: blocked_readers() not in ([], [killed]), "the read again on a new connection")
-        (replacement,) = blocked_readers()
-        tasks.append(asyncio.create_task(follow(hub, f"{JOB}-B", received)))  # its join wakes the reader
-        (reader,) = hub._readers
-        await _until(lambda: reader.client_id == replacement, "the reader to know its new connection")
-        for job in (f"{JOB}-A", f"{JOB}-B"):
-            log.publish(job, "done", {"status": "completed"})
-        await asyncio.wait_for(asyncio.gather(*tasks), 10)
-        await hub.close()
-        return killed, replacement, reader.client_id
+    started = {job: log.publish(job, "status", {"status": "running"}) for job in (f"{JOB}-A", f"{JOB}-B")}
 
-    killed, replacement, known = asyncio.run(scenario())
-    assert killed != replacement and known == replacement
+    async def scenario() -> tuple[int | None, int | None, list[str]]:
+        hub = EventHub(settings.redis_url, max_connections=8)
+        received = {job: [] for job in (f"{JOB}-A", f"{JOB}-B")}
+        tasks = [asyncio.create_task(follow(hub, f"{JOB}-A", received[f"{JOB}-A"]))]
+        await _until(lambda: blocked_reader("first"), "the reader to block")
+        redis_client.client_kill_filter(_id=seen["first"])  # redis-py reconnects and sends the read again
+        await _until(lambda: blocked_reader("again", unlike=seen["first"]), "the read again on a new connection")
+        (reader,) = hub._readers
+        known = reader.client_id
+        tasks.append(asyncio.create_task(follow(hub, f"{JOB}-B", received[f"{JOB}-B"])))  # its join wakes the reader
+        published = [log.publish(f"{JOB}-B", "done", {"status": "completed"})]
+        await asyncio.wait_for(tasks[1], 10)
+        log.publish(f"{JOB}-A", "done", {"status": "completed"})
+        await asyncio.wait_for(tasks[0], 10)
+        await hub.close()
+        return known, seen["again"], [i for i in _ids(received[f"{JOB}-B"]) if i in published]
+
+    known, replacement, b_done = asyncio.run(scenario())
+    assert known == replacement
+    assert len(b_done) == 1

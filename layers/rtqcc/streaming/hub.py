@@ -139,6 +139,12 @@ class _Reader:
     reading_with: int = 0         # `joined` when the current read's streams were listed
     waking: bool = False
 
+    async def on_connect(self, connection) -> None:
+        """Its connection made again: redis-py reconnects under a command and sends it once more,
+        so the read goes on with a new client id, which the wakes must use."""
+        await connection.send_command("CLIENT", "ID")
+        self.client_id = int(await connection.read_response())
+
 
 class EventHub:
     def __init__(self, redis_url: str, *, max_connections: int = 200):
@@ -309,11 +315,7 @@ class EventHub:
         try:
             while reader.blocked and reader.reading_with != reader.joined and reader.client_id is not None:
                 async with self._short:
-                    woken = await self._redis.client_unblock(reader.client_id)
-                if not woken and reader.blocked:
-                    # Its connection was replaced under it (redis-py reconnects and sends the read
-                    # again): ask the new one's id before the next read, or no wake would reach it.
-                    reader.client_id = None
+                    await self._redis.client_unblock(reader.client_id)
         except (OSError, aioredis.RedisError) as exc:  # it wakes by itself within _READ_BLOCK_MS
             log.warning("could not wake an event reader: %s", exc)
         finally:
@@ -343,6 +345,7 @@ class EventHub:
             try:
                 if reader.client_id is None:
                     reader.client_id = await connection.client_id()
+                    connection.connection.register_connect_callback(reader.on_connect)
                 reading = dict(reader.feeds)
                 reader.reading_with = reader.joined
                 reader.blocked = True
