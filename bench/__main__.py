@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import (abort_latency, capacity, cold_start, control_latency, peers, rate_limits, scale, sse_delivery, throughput,
                token_latency)
-from .record import describe_machine, record, results_path
+from .record import describe_machine, python_loop_ms, record, results_path
 from .stack import bench_settings
 
 BENCHES = {"throughput": throughput.run, "control": control_latency.run,
@@ -31,9 +31,11 @@ def main() -> None:
     with bench_settings() as settings:
         machine = describe_machine(settings)
         for name in args.names or BENCHES:
+            loop_ms = python_loop_ms()
             started, load_before = datetime.now(timezone.utc), os.getloadavg()[0]
             figures = BENCHES[name](settings)
-            record(output, machine, name, figures, started=started, load_avg=[load_before, os.getloadavg()[0]])
+            record(output, machine, name, figures, started=started, load_avg=[load_before, os.getloadavg()[0]],
+                   loop_ms=loop_ms)
             print(f"{name}: {json.dumps(figures)}", flush=True)
     print(f"written to {output}; `python -m bench.report` puts the latest figures into bench/README.md")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -69,7 +70,19 @@ def results_path(day: str | None = None) -> Path:
     return RESULTS_DIR / f"{day or datetime.now(timezone.utc).date().isoformat()}.json"
 
 
-def record(path: Path, machine: dict, name: str, figures: dict, *, started: datetime, load_avg: list[float]) -> None:
+def python_loop_ms(iterations: int = 2_000_000) -> float:
+    """The CPU time of a fixed pure-Python loop: how fast this (shared, virtual) machine runs
+    right now. The same code measured on the same machine has taken 1.7 times longer one hour
+    than the one before; figures from runs whose loop times differ are not comparable."""
+    started = time.process_time()
+    total = 0
+    for n in range(iterations):
+        total += n * n % 7
+    return round((time.process_time() - started) * 1000, 1)
+
+
+def record(path: Path, machine: dict, name: str, figures: dict, *, started: datetime, load_avg: list[float],
+           loop_ms: float | None = None) -> None:
     """Put one benchmark's figures into the day's file (written whole each time, so a run stopped
     half way keeps what it measured). Figures from another machine (other cores, CPU, memory or
     service versions) are not mixed in: its file starts afresh. A new boot of the same machine (its
@@ -83,6 +96,7 @@ def record(path: Path, machine: dict, name: str, figures: dict, *, started: date
         "measured_at": started.isoformat(timespec="seconds"),
         "seconds": round((finished - started).total_seconds(), 1),
         "load_avg_1m_before_after": [round(value, 2) for value in load_avg],  # a shared machine
+        "python_loop_ms_before": loop_ms,
         "figures": figures,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
