@@ -97,6 +97,28 @@ def test_the_dashboard_follows_jobs_as_they_run_without_a_reload(stack, page):
     assert page.js_errors == []
 
 
+def test_older_jobs_are_shown_a_page_at_a_time_and_stay_in_view(stack, page):
+    created = [api(stack, "POST", "/jobs", {"title": f"Batch report {n}", "brief": "One of many."}).json()["externalId"]
+               for n in range(30)]
+    page.gateway = stack
+    page.goto(stack.base_url)
+    enter_key(page)
+    rows = "() => [...document.querySelectorAll('li.job')].map((row) => row.dataset.id)"
+    wait_js(page, f"() => ({rows})().length === 25", what="the newest 25 jobs")
+    assert page.evaluate(rows) == created[::-1][:25]
+    assert page.is_visible("#jobs-older")
+    page.click("#jobs-older")
+    wait_js(page, f"() => ({rows})().length === 30", what="the older jobs")
+    assert page.evaluate(rows) == created[::-1]
+    assert not page.is_visible("#jobs-older")  # nothing older left
+    # Two more fetches of the list begun: the first of them has been drawn (they run one at a time).
+    page.evaluate("""() => { window.listFetches = 0; const fetched = window.fetch;
+        window.fetch = (...args) => { if (String(args[0]).includes('/jobs?')) window.listFetches++; return fetched(...args); }; }""")
+    wait_js(page, "() => window.listFetches >= 2", what="the list to be refreshed")
+    assert page.evaluate(rows) == created[::-1]  # the older ones stay
+    assert page.js_errors == []
+
+
 def test_failed_jobs_show_their_reason_and_retry_and_several_cancel_at_once(start_gateway, make_services,
                                                                             run_consumer, page):
     gateway = start_gateway()

@@ -11,7 +11,8 @@ const AT_REST = ["completed", "paused", "failed", "cancelled"];  // where sectio
 const JOBS_POLL_MS = 2000;     // the dashboard's refresh while it is shown
 const READY_POLL_MS = 2000;    // how often the page looks for the stack once it is away
 const QUIET_RECONNECT_MS = 1500;  // a stream back within this is not worth a banner
-const JOBS_PAGE = 25;
+const JOBS_PAGE = 25;           // jobs shown at first, and more each time older ones are asked for
+const API_PAGE_MAX = 100;       // the most GET /jobs answers at once
 const state = {
   id: null, source: null, lastEventId: null, sections: new Map(), raw: new Map(), status: null,
   statusChanges: 0, outlineDirty: false,
@@ -147,7 +148,7 @@ function refresh() {
 
 // ---- the dashboard -------------------------------------------------------------------------------
 
-const dash = { timer: null, loading: false, again: false, rows: new Map(), selected: new Set() };
+const dash = { timer: null, loading: false, again: false, rows: new Map(), selected: new Set(), shown: JOBS_PAGE };
 
 function stopPolling() { clearTimeout(dash.timer); dash.timer = null; }
 
@@ -169,8 +170,19 @@ async function pollJobs() {
 }
 
 async function loadJobs() {
+  // The newest `dash.shown` jobs, a page of the API at a time: a batch of hundreds stays in view.
   const status = $("status-filter").value;
-  const { jobs } = await api("GET", `/jobs?limit=${JOBS_PAGE}${status ? `&status=${encodeURIComponent(status)}` : ""}`);
+  const jobs = [];
+  let cursor = null;
+  do {
+    const query = new URLSearchParams({ limit: Math.min(API_PAGE_MAX, dash.shown - jobs.length) });
+    if (status) query.set("status", status);
+    if (cursor) query.set("cursor", cursor);
+    const page = await api("GET", `/jobs?${query}`);
+    jobs.push(...page.jobs);
+    cursor = page.next_cursor;
+  } while (cursor && jobs.length < dash.shown);
+  $("jobs-older").hidden = !cursor;
   drawJobs(jobs);
 }
 
@@ -263,7 +275,8 @@ $("bulk-cancel").onclick = async () => {
   pollJobs();
 };
 
-$("status-filter").onchange = () => pollJobs();
+$("status-filter").onchange = () => { dash.shown = JOBS_PAGE; pollJobs(); };
+$("jobs-older").onclick = () => { dash.shown += JOBS_PAGE; pollJobs(); };
 document.addEventListener("visibilitychange", () => { if (!document.hidden && showingDashboard()) pollJobs(); });
 
 $("create").onsubmit = async (e) => {
