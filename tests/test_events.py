@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -153,37 +152,6 @@ def test_with_no_interval_every_token_is_its_own_event_at_once(redis_client):
         buffer.add(token)
     assert [d["text"] for d in _deltas(redis_client, "RTQCC-FLUSHNOW")] == ["one", " two", " three"]
     buffer.close()
-
-
-def test_flushes_keep_a_fixed_beat_however_long_each_takes(redis_client):
-    now = [0.0]
-    flushed_at: list[float] = []
-    took = iter([0.02, 0.07, 0.02, 0.02])  # the second longer than the interval: that beat is missed
-
-    class SlowEventLog(EventLog):
-        def publish_across(self, events):
-            flushed_at.append(round(now[0], 3))
-            now[0] += next(took)
-            if len(flushed_at) < 4:
-                buffer.add("more ")  # the run goes on writing: something to publish at every beat
-            return super().publish_across(events)
-
-    def sleep(seconds: float) -> None:
-        opened.wait()
-        now[0] += seconds
-        if len(flushed_at) == 4:
-            buffer.close()  # the flusher's thread ends at its next beat
-
-    opened = threading.Event()
-    flusher = DeltaFlusher(SlowEventLog(redis_client), interval_s=0.05, clock=lambda: now[0], sleep=sleep)
-    buffer = flusher.open("RTQCC-FLUSHBEAT", index=0, version=1)
-    buffer.add("first ")
-    beating = flusher._thread
-    opened.set()
-    beating.join(10)
-    assert flusher._thread is None
-    assert flushed_at == [0.05, 0.1, 0.17, 0.22]  # on the beat, or at once after a missed one
-    assert "".join(d["text"] for d in _deltas(redis_client, "RTQCC-FLUSHBEAT")) == "first " + "more " * 3
 
 
 def _closed_port() -> int:

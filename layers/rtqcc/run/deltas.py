@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from ..bus.events import EventLog
 from ..text import strip_unstorable
@@ -80,12 +80,9 @@ class DeltaFlusher:
     runs while buffers are open and ends when none is, so an idle consumer (or a test's) keeps
     no thread waking."""
 
-    def __init__(self, events: EventLog, interval_s: float, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, events: EventLog, interval_s: float):
         self.events = events
         self.interval_s = interval_s
-        self._clock = clock
-        self._sleep = sleep
         self._buffers: dict[int, DeltaBuffer] = {}
         self._members = threading.Lock()    # the set of open buffers, and the thread's life
         self._publishing = threading.Lock()  # every publish of held text, so each buffer's stay in order
@@ -126,16 +123,8 @@ class DeltaFlusher:
                     buffer.put_back(text, exc)
 
     def _run(self) -> None:
-        # Flushes on a fixed beat, not an interval after each one ends: a flush of many sections
-        # on a busy consumer takes a while, and a token would otherwise wait that much longer.
-        due = self._clock()
         while True:
-            due += self.interval_s
-            behind = self._clock() - due
-            if behind < 0:
-                self._sleep(-behind)
-            else:  # a beat missed: flush now and keep the beat from here, not a burst to catch up
-                due += behind
+            time.sleep(self.interval_s)
             with self._members:
                 if not self._buffers:
                     self._thread = None
