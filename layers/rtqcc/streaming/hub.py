@@ -339,8 +339,7 @@ class EventHub:
 
     async def _read_while_followed(self, reader: _Reader, connection: aioredis.Redis) -> None:
         while True:
-            if not reader.feeds:  # left before any await, so that no feed joins it meanwhile
-                self._readers.remove(reader)
+            if not reader.feeds:  # `_read` lets go of it before any await: no feed joins it meanwhile
                 return
             try:
                 if reader.client_id is None:
