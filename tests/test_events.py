@@ -131,6 +131,50 @@ def test_one_flush_publishes_what_every_open_section_holds_and_a_closing_one_kee
     assert all(len(_deltas(redis_client, job)) == 1 for job in jobs[1:])
 
 
+def test_a_detached_buffer_hands_back_what_it_holds_and_is_flushed_no_more(redis_client):
+    flusher = DeltaFlusher(EventLog(redis_client), interval_s=3600)
+    buffer = flusher.open("RTQCC-DETACH", index=1, version=2)
+    buffer.add("Hello")
+    flusher.flush()
+    buffer.add(", world")
+    assert buffer.detach() == [("section.delta", {"index": 1, "version": 2, "text": ", world"})]
+    flusher.flush()
+    assert [d["text"] for d in _deltas(redis_client, "RTQCC-DETACH")] == ["Hello"]  # the rest is the caller's
+    assert buffer.detach() == []
+
+
+class RecordingEventLog(EventLog):
+    """The real event log, noting the events of each script call."""
+
+    def __init__(self, redis):
+        super().__init__(redis)
+        self.calls: list[list[tuple[str, str]]] = []
+
+    def publish_across(self, events):
+        self.calls.append([(type_, data.get("text", "")) for _, type_, data in events])
+        return super().publish_across(events)
+
+
+def test_a_sections_last_text_goes_out_with_its_completion_and_the_deltas_add_up_to_it(
+        api, run_consumer, redis_client, make_services):
+    external_id = api.create(outline=OUTLINE)
+    api.post(f"/jobs/{external_id}/start")
+    # Deltas held (the tests' default publishes each token at once), for longer than the job takes.
+    consuming = make_services(delta_flush_ms=3_600_000)
+    consuming.events = RecordingEventLog(redis_client)
+    assert run_consumer(services=consuming).completed == 1
+
+    completions = [call for call in consuming.events.calls if ("section.completed", "") in call]
+    assert len(completions) == len(OUTLINE)
+    # One round trip: the section's last text (here all of it: no flush came), then its completion.
+    assert all(call[0][0] == "section.delta" and call[1][0] == "section.completed" for call in completions)
+    events = job_events(redis_client, external_id)
+    for index in range(len(OUTLINE)):
+        streamed = "".join(e["data"]["text"] for e in events
+                           if e["event"] == "section.delta" and e["data"]["index"] == index)
+        assert streamed == api.get(f"/jobs/{external_id}/sections/{index}").json_body["content"]
+
+
 def test_a_flush_that_fails_keeps_the_text_and_the_section_meets_the_error_at_its_next_token(redis_client):
     unreachable = Redis(host="127.0.0.1", port=_closed_port(), socket_connect_timeout=1)
     flusher = DeltaFlusher(EventLog(unreachable), interval_s=3600)

@@ -9,8 +9,10 @@ same events. A token waits about one interval, as before, and a provider that st
 nothing back: the flusher publishes on time whether or not another token comes.
 
 Order: a section's deltas leave in the order they came, and all of them before whatever the
-section publishes after `close()` (its completion), because every publish of held text, the
-flusher's and a closing buffer's, happens under one lock.
+section publishes after `close()` or `detach()`, because every publish of held text, the
+flusher's and a closing buffer's, happens under one lock. A section that ends well `detach()`es
+its buffer instead: the text not yet published goes out first in the section's completion (one
+round trip a section less; watchers reload a completed section's text anyway).
 
 With no interval (`RTQCC_DELTA_FLUSH_MS=0`), every token is its own event, published at once on
 the section's own thread."""
@@ -59,6 +61,12 @@ class DeltaBuffer:
         leave the flusher."""
         self._flusher.close(self)
 
+    def detach(self) -> list[tuple[str, dict[str, Any]]]:
+        """Leave the flusher without publishing: the event of what is left (none if nothing is),
+        for the caller to publish ahead of its next events, in the same call."""
+        text = self._flusher.detach(self)
+        return [(DELTA_EVENT, self.event_data(text))] if text else []
+
     def event_data(self, text: str) -> dict[str, Any]:
         return {**self.fields, "text": text}
 
@@ -105,6 +113,13 @@ class DeltaFlusher:
             text = buffer.take()
             if text:
                 self.events.publish(buffer.external_id, DELTA_EVENT, buffer.event_data(text))
+
+    def detach(self, buffer: DeltaBuffer) -> str:
+        """Take `buffer` out of the flushes; the text it still holds (after a flush under way)."""
+        with self._members:
+            self._buffers.pop(id(buffer), None)
+        with self._publishing:
+            return buffer.take()
 
     def flush(self) -> None:
         """Publish what every open buffer holds, one event per buffer, in one round trip."""

@@ -6,8 +6,8 @@ key, by whoever takes the job next: never lost, never counted twice.
 
 A run keeps what it knows in memory (the sections, their texts, the usage and the spend so far),
 so a finished section costs one S3 PUT, one Postgres statement (its calls, its row, the next
-section marked running) and one script call of events (its completion, the job's usage, the next
-section's start), besides its token deltas."""
+section marked running) and one script call of events (its last deltas, its completion, the job's
+usage, the next section's start), besides the deltas flushed while it streams."""
 
 from __future__ import annotations
 
@@ -277,7 +277,7 @@ class ManuscriptOrchestrator:
             deltas.add(text)
             self.failpoints.hit("mid_token")
 
-        text = section.partial_text
+        text, ended_well = section.partial_text, False
         try:
             request, meter = upcoming.request, upcoming.meter
             for call in range(MAX_CONTINUATIONS + 1):
@@ -298,6 +298,7 @@ class ManuscriptOrchestrator:
                 if run.abort.aborted:
                     result = replace(result, finish_reason=None, aborted=run.abort.reason)
                     break
+            ended_well = result.finish_reason is not None
         except ProviderRefused as exc:
             if exc.partial is not None and exc.partial.text:  # paid for: keep it for a retry of the job
                 text += strip_unstorable(exc.partial.text)
@@ -306,7 +307,8 @@ class ManuscriptOrchestrator:
                 self.jobs.save_partial(lease, section.idx, text)
             raise
         finally:
-            deltas.close()
+            if not ended_well:  # stopped or failed: what was streamed goes out now
+                deltas.close()
         if result.finish_reason is None:
             # Keep every token paid for: the next run continues after this text.
             self.jobs.record_attempts(run.job.id, upcoming.attempts)
@@ -314,6 +316,7 @@ class ManuscriptOrchestrator:
             if result.aborted:
                 return None
             raise StreamCut(f"Job {ext}: section {section.idx} stream ended without a finish reason")
+        upcoming.unpublished = deltas.detach()
         return text
 
     def _write_in_parallel(self, run: "JobRun", pending: list[Section], width: int) -> None:
@@ -376,7 +379,8 @@ class ManuscriptOrchestrator:
             run.texts[section.idx] = text
             run.written += 1
             job_usage = public_job_usage(run.usage)
-        events = [("section.completed", {"index": section.idx, "version": version, "chars": len(text),
+        events = [*written.unpublished,
+                  ("section.completed", {"index": section.idx, "version": version, "chars": len(text),
                                          "usage": public_usage(usage)}),
                   ("usage", job_usage)]
         if following is not None:
@@ -489,12 +493,15 @@ class ManuscriptOrchestrator:
 
 @dataclass
 class UpcomingSection:
-    """A section about to be written: its request, its meter, and once written, its calls."""
+    """A section about to be written: its request, its meter, and once written, its calls and
+    its last deltas."""
 
     section: Section
     request: GenerationRequest
     meter: BudgetMeter | None
     attempts: list[Attempt] = field(default_factory=list)
+    # Its last deltas, not yet published: they go out first in its completion's events.
+    unpublished: list[tuple[str, dict]] = field(default_factory=list)
 
     @property
     def version(self) -> int:
