@@ -1,12 +1,19 @@
 """Postgres access: a statement with parameters is prepared once on each connection and sent in
 one round trip after; the connection keeps a bounded number of them; one the server forgot (a
-pooler that reset the session) is prepared again. Real Postgres."""
+pooler that reset the session) is prepared again. TLS as DATABASE_URL's sslmode says: a server
+without it is asked once, not at every connection. Real Postgres."""
 
 from __future__ import annotations
 
+import re
+import socket
+import threading
+from urllib.parse import urlsplit, urlunsplit
+
 import pytest
-from rtqcc.errors import ServiceUnavailable
+from rtqcc.errors import ConfigError, ServiceUnavailable
 from rtqcc.store import db as db_module
+from rtqcc.store.db import Database, connect_kwargs
 
 PREPARED = "SELECT COUNT(*)::int AS n FROM pg_prepared_statements"
 
@@ -61,3 +68,113 @@ def test_a_statement_whose_table_changed_under_it_is_prepared_again(database):
         assert conn.row("SELECT * FROM shapes WHERE id = :id", id=1) == {"id": 1, "name": "square"}
         conn.run("ALTER TABLE shapes ADD COLUMN sides int DEFAULT 4")  # the prepared plan's rows no longer fit
         assert conn.row("SELECT * FROM shapes WHERE id = :id", id=1) == {"id": 1, "name": "square", "sides": 4}
+
+
+# ---- TLS ----------------------------------------------------------------------------------------
+
+TLS_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")  # the protocol's SSLRequest
+
+
+class CountingRelay:
+    """A TCP relay to Postgres that counts the connections through it and those that open by
+    asking for TLS."""
+
+    def __init__(self, host: str, port: int):
+        self.target = (host, port)
+        self.connections = 0
+        self.tls_requests = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, database_url: str, query: str = "") -> str:
+        parts = urlsplit(database_url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        first = True
+        try:
+            while data := source.recv(65536):
+                if first and from_client and data.startswith(TLS_REQUEST):
+                    self.tls_requests += 1
+                first = False
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def relay(base_settings):
+    target = connect_kwargs(base_settings.database_url)
+    relay = CountingRelay(target["host"], target["port"])
+    yield relay
+    relay.close()
+
+
+def _server_offers_tls(database) -> bool:
+    return database.row("SELECT current_setting('ssl') AS ssl")["ssl"] == "on"
+
+
+def test_a_server_without_tls_is_asked_for_it_once_then_connected_to_plainly(base_settings, relay, database):
+    if _server_offers_tls(database):
+        pytest.skip("this Postgres offers TLS: connections use it")
+    db = Database(relay.url(base_settings.database_url), max_size=3)  # sslmode unset: libpq's prefer
+    try:
+        with db.connection() as one, db.connection() as two, db.connection() as three:
+            for conn in (one, two, three):
+                assert conn.row("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")["ssl"] is False
+        assert relay.tls_requests == 1
+        assert relay.connections == 4  # the one refused TLS, then three plain ones
+    finally:
+        db.close()
+
+
+def test_sslmode_disable_never_asks_for_tls(base_settings, relay):
+    db = Database(relay.url(base_settings.database_url, "sslmode=disable"), max_size=2)
+    try:
+        with db.connection() as one, db.connection() as two:
+            assert one.row("SELECT 1 AS n")["n"] == two.row("SELECT 1 AS n")["n"] == 1
+        assert (relay.tls_requests, relay.connections) == (0, 2)
+    finally:
+        db.close()
+
+
+def test_sslmode_require_does_not_connect_to_a_server_without_tls_and_says_why(base_settings, database):
+    if _server_offers_tls(database):
+        pytest.skip("this Postgres offers TLS")
+    required = urlunsplit(urlsplit(base_settings.database_url)._replace(query="sslmode=require"))
+    with pytest.raises(ServiceUnavailable, match="does not offer TLS, which DATABASE_URL's sslmode asks for"):
+        Database(required).ping()
+
+
+@pytest.mark.parametrize("query, message", [
+    ("sslmode=on", "sslmode='on' is not one of disable, allow, prefer, require, verify-ca, verify-full"),
+    ("sslcert=client.pem", "option 'sslcert' is not supported; the options are sslmode, sslrootcert"),
+    ("sslmode=verify-full&sslrootcert=/nonexistent/root.pem", "sslrootcert='/nonexistent/root.pem' is not a readable"),
+])
+def test_a_database_url_option_that_would_not_be_applied_is_refused_naming_it(query, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+        connect_kwargs(f"postgresql://app:s3cret@db.example:5432/rtqcc?{query}")
+    assert "s3cret" not in str(refused.value)

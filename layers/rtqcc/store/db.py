@@ -3,22 +3,29 @@
 pg8000 connections are not thread-safe, and the emulator serves requests on threads, so each
 caller checks one out for the length of a `with` block. A connection that failed is dropped
 rather than returned, so a Postgres restart costs one failed call, not a poisoned pool.
+
+TLS follows libpq's `sslmode` (and `sslrootcert`) in DATABASE_URL's query, `prefer` by default,
+as libpq's: `disable`; `allow` and `prefer` (TLS when the server offers it, unverified); `require`
+(TLS or no connection, unverified); `verify-ca` (the server's certificate signed by `sslrootcert`,
+else the system's authorities); `verify-full` (that, and issued for the host connected to).
 """
 
 from __future__ import annotations
 
 import queue
+import ssl
 import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Iterator
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import pg8000.native
 from pg8000.exceptions import DatabaseError, InterfaceError
 
 from ..errors import ConfigError, ServiceUnavailable
+from ..redact import redact_urls
 
 Row = dict[str, Any]
 
@@ -26,22 +33,64 @@ Row = dict[str, Any]
 _BUSY_CODES = {"53300", "57P03"}
 
 
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_URL_OPTIONS = ("sslmode", "sslrootcert")
+
+
 def connect_kwargs(database_url: str) -> dict[str, Any]:
+    """pg8000's connection arguments for DATABASE_URL; `ssl_context` None means libpq's `prefer`
+    (pg8000 tries TLS and falls back), which `Database` does more cheaply."""
     parsed = urlparse(database_url)
     if parsed.scheme not in ("postgresql", "postgres"):
-        raise ConfigError(f"DATABASE_URL must start with postgresql://, got {database_url!r}")
+        raise ConfigError(f"DATABASE_URL must start with postgresql://, got {redact_urls(database_url)!r}")
     database = parsed.path.lstrip("/")
     if not database:
-        raise ConfigError(f"DATABASE_URL must name a database, got {database_url!r}")
+        raise ConfigError(f"DATABASE_URL must name a database, got {redact_urls(database_url)!r}")
     kwargs: dict[str, Any] = {
         "user": unquote(parsed.username or "postgres"),
         "host": parsed.hostname or "127.0.0.1",
         "port": parsed.port or 5432,
         "database": unquote(database),
+        "ssl_context": _tls_for(parse_qs(parsed.query, keep_blank_values=True)),
     }
     if parsed.password:
         kwargs["password"] = unquote(parsed.password)
     return kwargs
+
+
+def _tls_for(options: dict[str, list[str]]) -> ssl.SSLContext | bool | None:
+    # An option we do not apply is refused, not ignored: a `sslcert` silently dropped would
+    # connect without the client certificate its author counted on.
+    unknown = sorted(set(options) - set(_URL_OPTIONS))
+    if unknown:
+        raise ConfigError(f"DATABASE_URL option {unknown[0]!r} is not supported; the options are "
+                          f"{', '.join(_URL_OPTIONS)}.")
+    mode = options.get("sslmode", ["prefer"])[-1]
+    if mode not in SSL_MODES:
+        raise ConfigError(f"DATABASE_URL sslmode={mode!r} is not one of {', '.join(SSL_MODES)}.")
+    root_cert = options.get("sslrootcert", [None])[-1]
+    if mode == "disable":
+        return False
+    if mode in ("allow", "prefer"):
+        return None
+    if mode == "require":
+        return unverified_tls()
+    try:
+        context = ssl.create_default_context(cafile=root_cert)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"DATABASE_URL sslrootcert={root_cert!r} is not a readable PEM file of certificates: "
+                          f"{exc}") from None
+    context.check_hostname = mode == "verify-full"
+    return context
+
+
+def unverified_tls() -> ssl.SSLContext:
+    """Encryption without checking whom it is with (libpq's `prefer` and `require`): it needs no
+    certificate authorities, so none are loaded (the system's take ~30 ms of CPU to load)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 class Connection:
@@ -74,6 +123,12 @@ class Database:
                  query_timeout_s: float = 120.0, acquire_timeout_s: float = 10.0):
         self._kwargs = connect_kwargs(database_url)
         self._kwargs["timeout"] = connect_timeout_s
+        # `prefer`: pg8000 would make a context with the system's authorities for every connection
+        # (for TLS that verifies nothing): one context without them instead, and a server that
+        # refuses TLS is not asked again.
+        self._prefers_tls = self._kwargs["ssl_context"] is None
+        if self._prefers_tls:
+            self._kwargs["ssl_context"] = unverified_tls()
         self._query_timeout_s = query_timeout_s
         self._acquire_timeout_s = acquire_timeout_s
         self._max_size = max_size
@@ -84,7 +139,7 @@ class Database:
     def _open(self) -> pg8000.native.Connection:
         where = f"Postgres at {self._kwargs['host']}:{self._kwargs['port']}"
         try:
-            raw = pg8000.native.Connection(**self._kwargs)
+            raw = self._connect(where)
         except (InterfaceError, OSError) as exc:
             raise ServiceUnavailable(f"{where} is unreachable: {exc}", headers={"Retry-After": "2"}) from exc
         except DatabaseError as exc:
@@ -96,6 +151,20 @@ class Database:
         # Connecting has its own short timeout; queries get a longer one, so a dead server is noticed.
         _Pg8000.set_query_timeout(raw, self._query_timeout_s)
         return raw
+
+    def _connect(self, where: str) -> pg8000.native.Connection:
+        try:
+            return pg8000.native.Connection(**self._kwargs)
+        except InterfaceError as exc:
+            if not _Pg8000.refused_tls(exc):
+                raise
+            if not self._prefers_tls:
+                raise ServiceUnavailable(f"{where} does not offer TLS, which DATABASE_URL's sslmode asks for.",
+                                         headers={"Retry-After": "2"}) from exc
+        # `prefer`, and the server has no TLS: connections are plain from now on.
+        self._kwargs = {**self._kwargs, "ssl_context": False}
+        self._prefers_tls = False
+        return pg8000.native.Connection(**self._kwargs)
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
@@ -230,6 +299,11 @@ class _Pg8000:
             rows = statement.run(**params)
         raw._context = statement._context  # where raw.columns and raw.row_count read it
         return rows
+
+    @staticmethod
+    def refused_tls(exc: InterfaceError) -> bool:
+        """The server answered a request for TLS with no (pg8000 says so in words only)."""
+        return str(exc) == "Server refuses SSL"
 
     @staticmethod
     def set_query_timeout(raw: pg8000.native.Connection, timeout_s: float) -> None:
