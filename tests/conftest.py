@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -187,6 +188,17 @@ def blob_store(base_settings) -> S3BlobStore:
     store = S3BlobStore.from_settings(base_settings)
     store.ensure_bucket()
     return store
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored() -> Iterator[None]:
+    """A test that loads a function's entry module or runs the CLI sets the process's logging
+    (a handler on the stderr of that moment, which pytest closes after it): put it back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
