@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import threading
 from urllib.parse import urlsplit, urlunsplit
 
@@ -169,6 +170,16 @@ def test_sslmode_require_does_not_connect_to_a_server_without_tls_and_says_why(b
         Database(required).ping()
 
 
+def test_a_root_certificate_given_makes_require_check_the_server_as_libpq_does(tmp_path):
+    root = tmp_path / "root.pem"
+    root.write_bytes(_self_signed_certificate("db.example"))
+    assert connect_kwargs("postgresql://app@db.example/rtqcc?sslmode=require")["ssl_context"].verify_mode == ssl.CERT_NONE
+    checked = connect_kwargs(f"postgresql://app@db.example/rtqcc?sslmode=require&sslrootcert={root}")["ssl_context"]
+    assert checked.verify_mode == ssl.CERT_REQUIRED and not checked.check_hostname
+    full = connect_kwargs(f"postgresql://app@db.example/rtqcc?sslmode=verify-full&sslrootcert={root}")["ssl_context"]
+    assert full.verify_mode == ssl.CERT_REQUIRED and full.check_hostname
+
+
 @pytest.mark.parametrize("query, message", [
     ("sslmode=on", "sslmode='on' is not one of disable, allow, prefer, require, verify-ca, verify-full"),
     ("sslcert=client.pem", "option 'sslcert' is not supported; the options are sslmode, sslrootcert"),
@@ -178,3 +189,22 @@ def test_a_database_url_option_that_would_not_be_applied_is_refused_naming_it(qu
     with pytest.raises(ConfigError, match=re.escape(message)) as refused:
         connect_kwargs(f"postgresql://app:s3cret@db.example:5432/rtqcc?{query}")
     assert "s3cret" not in str(refused.value)
+
+
+def _self_signed_certificate(name: str) -> bytes:
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now)
+                   .not_valid_after(now + timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    return certificate.public_bytes(serialization.Encoding.PEM)

@@ -5,9 +5,10 @@ caller checks one out for the length of a `with` block. A connection that failed
 rather than returned, so a Postgres restart costs one failed call, not a poisoned pool.
 
 TLS follows libpq's `sslmode` (and `sslrootcert`) in DATABASE_URL's query, `prefer` by default,
-as libpq's: `disable`; `allow` and `prefer` (TLS when the server offers it, unverified); `require`
-(TLS or no connection, unverified); `verify-ca` (the server's certificate signed by `sslrootcert`,
-else the system's authorities); `verify-full` (that, and issued for the host connected to).
+as libpq's: `disable`; `prefer` (TLS when the server offers it, unverified; `allow` is taken as
+`prefer`); `require` (TLS or no connection, unverified, unless `sslrootcert` is given: then, as
+libpq, `verify-ca`); `verify-ca` (the server's certificate signed by `sslrootcert`, else by the
+system's authorities); `verify-full` (that, and issued for the host connected to).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _tls_for(options: dict[str, list[str]]) -> ssl.SSLContext | bool | None:
         return False
     if mode in ("allow", "prefer"):
         return None
-    if mode == "require":
+    if mode == "require" and root_cert is None:
         return unverified_tls()
     try:
         context = ssl.create_default_context(cafile=root_cert)
