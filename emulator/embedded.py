@@ -571,7 +571,7 @@ class EmbeddedPostgres:
                 try:
                     connection = pg8000.native.Connection(
                         "postgres", unix_sock=str(socket_dir / f".s.PGSQL.{self.port}"), database="postgres",
-                        timeout=2)
+                        timeout=2, ssl_context=False)
                     break
                 except (pg8000.native.InterfaceError, pg8000.native.DatabaseError, OSError):
                     if time.monotonic() > deadline:
@@ -604,9 +604,11 @@ class EmbeddedPostgres:
         import pg8000.native
 
         try:
+            # ssl_context=False: no TLS on a socket of this machine's own (pg8000 would ask for it, after
+            # loading the system's certificate authorities: ~30 ms of CPU each try)
             return pg8000.native.Connection("postgres", password=self.credentials["password"],
                                             unix_sock=str(socket_dir / f".s.PGSQL.{self.port}"), database=database,
-                                            timeout=2)
+                                            timeout=2, ssl_context=False)
         except pg8000.native.DatabaseError as error:
             if _sqlstate(error) == _INVALID_PASSWORD:
                 raise EmbeddedServiceError(
