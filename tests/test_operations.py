@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 from conftest import METRICS_TOKEN, wait_for
@@ -74,6 +76,19 @@ def test_metrics_follow_a_job_while_it_runs(api, start_consumer):
     assert after[("rtqcc_provider_first_token_seconds_count", (("model", "gpt-4o-mini"), ("provider", "fake")))] == 3
     assert after[("rtqcc_queue_wait_seconds_count", (("tenant", "tenant-a"),))] == 1  # its first run only
     assert ("rtqcc_jobs_in_flight", (("consumer", "consumer-metrics"),)) not in after
+
+
+def test_recording_a_metric_leaves_the_exposition_library_unloaded(redis_client):
+    # In a fresh interpreter: a cold API function records its first request's time, and only
+    # /metrics needs prometheus_client (its import is a cold start's worth of tens of ms).
+    url = redis_client.connection_pool.connection_kwargs
+    code = ("import sys; from redis import Redis; from rtqcc.metrics import MetricsRecorder; "
+            f"recorder = MetricsRecorder(Redis(host={url['host']!r}, port={url['port']}, db={url['db']})); "
+            "recorder.observe('api_request_seconds', 0.01, method='GET', status='2xx'); "
+            "print(sorted(m for m in sys.modules if m.startswith('prometheus_client')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_abort_latency_is_measured_when_a_job_is_cancelled(api, start_consumer, redis_client):

@@ -1,5 +1,9 @@
 """Prometheus metrics for stateless functions: gauges and counters derived from Postgres and
-Redis at scrape time, and latency histograms that consumers accumulate in Redis hashes."""
+Redis at scrape time, and latency histograms that consumers accumulate in Redis hashes.
+
+prometheus_client is imported where metrics are exposed (`render`), not where they are recorded:
+its import (24 ms here, most of it its HTTP exposition's) was paid by every cold API function
+at its first request, which records the request's time."""
 
 from __future__ import annotations
 
@@ -8,10 +12,8 @@ import json
 import logging
 import threading
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from redis import Redis
 
 from .bus.work_queue import DEAD_LETTERS
@@ -19,6 +21,9 @@ from .writing.abort import AbortSignal
 from .store.stats import Stats
 from .writing.model_policy import allowed_models
 from .writing.providers.base import GenerationRequest, GenerationResult, Provider
+
+if TYPE_CHECKING:
+    from prometheus_client.core import HistogramMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +92,9 @@ class MetricsRecorder:
                 for entry, increment in pending.items():
                     self._pending[entry] = self._pending.get(entry, 0) + increment
 
-    def histograms(self) -> Iterable[HistogramMetricFamily]:
+    def histograms(self) -> Iterable["HistogramMetricFamily"]:
+        from prometheus_client.core import HistogramMetricFamily
+
         pipe = self.redis.pipeline(transaction=False)
         for name in HISTOGRAMS:
             pipe.hgetall(_KEY.format(name))
@@ -166,6 +173,8 @@ class _Collector:
         self.services = services
 
     def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         s = self.services
         label = ModelLabels(s.settings)
         stats = Stats(s.db)
@@ -224,6 +233,8 @@ class _Collector:
 
 
 def render(services) -> bytes:
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(services))
     return generate_latest(registry)
