@@ -152,6 +152,31 @@ def test_a_server_without_tls_is_asked_for_it_once_then_connected_to_plainly(bas
         db.close()
 
 
+def test_connections_opened_at_once_against_a_server_without_tls_all_succeed(base_settings, relay, database):
+    if _server_offers_tls(database):
+        pytest.skip("this Postgres offers TLS: connections use it")
+    db = Database(relay.url(base_settings.database_url), max_size=8)
+    start, answers, failures = threading.Barrier(8), [], []
+
+    def query() -> None:
+        start.wait()
+        try:
+            with db.connection() as conn:
+                answers.append(conn.row("SELECT 1 AS n")["n"])
+        except Exception as exc:  # one refused TLS must not fail the others, asked at the same time
+            failures.append(exc)
+
+    threads = [threading.Thread(target=query) for _ in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert failures == [] and answers == [1] * 8
+    finally:
+        db.close()
+
+
 def test_sslmode_disable_never_asks_for_tls(base_settings, relay):
     db = Database(relay.url(base_settings.database_url, "sslmode=disable"), max_size=2)
     try:

@@ -127,9 +127,9 @@ class Database:
         # `prefer`: pg8000 would make a context with the system's authorities for every connection
         # (for TLS that verifies nothing): one context without them instead, and a server that
         # refuses TLS is not asked again.
-        self._prefers_tls = self._kwargs["ssl_context"] is None
-        if self._prefers_tls:
-            self._kwargs["ssl_context"] = unverified_tls()
+        self._tls_if_offered = unverified_tls() if self._kwargs["ssl_context"] is None else None
+        if self._tls_if_offered is not None:
+            self._kwargs["ssl_context"] = self._tls_if_offered
         self._query_timeout_s = query_timeout_s
         self._acquire_timeout_s = acquire_timeout_s
         self._max_size = max_size
@@ -154,17 +154,17 @@ class Database:
         return raw
 
     def _connect(self, where: str) -> pg8000.native.Connection:
+        kwargs = self._kwargs  # as this attempt found them: other threads may be connecting too
         try:
-            return pg8000.native.Connection(**self._kwargs)
+            return pg8000.native.Connection(**kwargs)
         except InterfaceError as exc:
             if not _Pg8000.refused_tls(exc):
                 raise
-            if not self._prefers_tls:
+            if kwargs["ssl_context"] is not self._tls_if_offered:  # TLS was required
                 raise ServiceUnavailable(f"{where} does not offer TLS, which DATABASE_URL's sslmode asks for.",
                                          headers={"Retry-After": "2"}) from exc
         # `prefer`, and the server has no TLS: connections are plain from now on.
-        self._kwargs = {**self._kwargs, "ssl_context": False}
-        self._prefers_tls = False
+        self._kwargs = {**kwargs, "ssl_context": False}
         return pg8000.native.Connection(**self._kwargs)
 
     @contextmanager
