@@ -122,18 +122,12 @@ def test_revoking_by_a_pattern_revokes_nothing(database):
 
 def test_no_stream_token_reaches_the_logs(api):
     stream = io.StringIO()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    configure_logging(stream=stream)
-    try:
-        external_id = api.create()
-        token = api.post(f"/jobs/{external_id}/stream-token").json_body["token"]
-        logging.getLogger("rtqcc.test.access").warning('127.0.0.1:5 - "GET /jobs/%s/stream?access_token=%s HTTP/1.1" 200',
-                                                  external_id, token)
-        logging.getLogger("rtqcc").warning("could not reach postgresql://rtqcc:hunter2hunter2@db:5432/rtqcc")
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
+    configure_logging(stream=stream)  # the root logger is put back after the test (conftest)
+    external_id = api.create()
+    token = api.post(f"/jobs/{external_id}/stream-token").json_body["token"]
+    logging.getLogger("rtqcc.test.access").warning('127.0.0.1:5 - "GET /jobs/%s/stream?access_token=%s HTTP/1.1" 200',
+                                              external_id, token)
+    logging.getLogger("rtqcc").warning("could not reach postgresql://rtqcc:hunter2hunter2@db:5432/rtqcc")
     logged = stream.getvalue()
     assert external_id in logged and "access_token=***" in logged
     assert token not in logged and token.split(".")[1] not in logged

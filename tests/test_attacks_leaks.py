@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 
 import pytest
 from conftest import METRICS_TOKEN, job_events
@@ -38,14 +37,8 @@ def test_a_provider_refusal_reaches_the_tenant_as_a_code_and_a_plain_message(
     if fault:
         llm.add_faults(fault)
     logs = io.StringIO()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    configure_logging(stream=logs)
-    try:
-        assert run_consumer(services=services).failed == 1
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
+    configure_logging(stream=logs)  # the root logger is put back after the test (conftest)
+    assert run_consumer(services=services).failed == 1
 
     job = api.get(f"/jobs/{external_id}").json_body
     done = [e["data"] for e in job_events(redis_client, external_id) if e["event"] == "done"][-1]

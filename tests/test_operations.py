@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import subprocess
 import sys
 
@@ -108,12 +107,8 @@ def test_abort_latency_is_measured_when_a_job_is_cancelled(api, start_consumer, 
 @pytest.fixture
 def json_logs():
     stream = io.StringIO()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    configure_logging(stream=stream)
-    yield stream
-    root.handlers[:], level = saved
-    root.setLevel(level)
+    configure_logging(stream=stream)  # the root logger is put back after the test (conftest)
+    return stream
 
 
 def test_logs_are_json_lines_with_the_external_id(api, run_consumer, json_logs):

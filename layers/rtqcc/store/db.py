@@ -75,7 +75,7 @@ def _tls_for(options: dict[str, list[str]]) -> ssl.SSLContext | bool | None:
     if mode in ("allow", "prefer"):
         return None
     if mode == "require" and root_cert is None:
-        return unverified_tls()
+        return _unverified_tls()
     try:
         context = ssl.create_default_context(cafile=root_cert)
     except (OSError, ssl.SSLError) as exc:
@@ -85,7 +85,7 @@ def _tls_for(options: dict[str, list[str]]) -> ssl.SSLContext | bool | None:
     return context
 
 
-def unverified_tls() -> ssl.SSLContext:
+def _unverified_tls() -> ssl.SSLContext:
     """Encryption without checking whom it is with (libpq's `prefer` and `require`): it needs no
     certificate authorities, so none are loaded (the system's take ~30 ms of CPU to load)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -127,7 +127,7 @@ class Database:
         # `prefer`: pg8000 would make a context with the system's authorities for every connection
         # (for TLS that verifies nothing): one context without them instead, and a server that
         # refuses TLS is not asked again.
-        self._tls_if_offered = unverified_tls() if self._kwargs["ssl_context"] is None else None
+        self._tls_if_offered = _unverified_tls() if self._kwargs["ssl_context"] is None else None
         if self._tls_if_offered is not None:
             self._kwargs["ssl_context"] = self._tls_if_offered
         self._query_timeout_s = query_timeout_s
