@@ -14,7 +14,8 @@ import pytest
 from rtqcc.errors import ConfigError
 from rtqcc.writing.pricing import DEFAULT_PRICES, Price, cost_usd, load_prices, price_for
 from rtqcc.settings import Settings
-from rtqcc.writing.tokens import count_chat_tokens, count_tokens, encoding, estimate_tokens, tokenizer_for
+from rtqcc.writing.tokens import (REMEMBERED_FROM_CHARS, Tokenizer, count_chat_tokens, count_tokens, encoding,
+                                  estimate_tokens, tokenizer_for)
 
 
 def test_openai_models_are_counted_exactly_with_their_encoding():
@@ -28,6 +29,22 @@ def test_openai_models_are_counted_exactly_with_their_encoding():
     assert count_tokens("", "gpt-4o") == 0
     # Special-token strings are plain text to a model reading them.
     assert count_tokens("<|endoftext|>", "gpt-4o") > 1
+
+
+def test_a_long_text_counted_again_is_tokenized_once_and_short_ones_each_time():
+    tokenized: list[str] = []
+
+    def count(text: str) -> int:
+        tokenized.append(text)
+        return len(text.split())
+
+    tokenizer = Tokenizer("words", False, count)
+    prompt = "a word " * REMEMBERED_FROM_CHARS
+    # the provider counts what it sent, then the run counts it for its ledger: an equal, new string
+    assert tokenizer.count(prompt) == tokenizer.count("".join(["a word "] * REMEMBERED_FROM_CHARS)) == 2 * REMEMBERED_FROM_CHARS
+    assert tokenizer.count("a delta") == tokenizer.count("a delta") == 2
+    assert tokenizer.count("") == 0
+    assert tokenized == [prompt, "a delta", "a delta"]
 
 
 @pytest.mark.parametrize("model, name", [

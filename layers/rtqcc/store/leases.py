@@ -152,14 +152,12 @@ class LeaseWrites:
         written, if the job no longer runs under this lease. A crash between the write and the
         commit leaves an object nothing names, written again by the next run or reassembly."""
         with self.db.transaction() as conn:
-            held = conn.row(
-                "SELECT 1 AS held FROM jobs WHERE id = :j AND lease_version = :v AND lease_owner = :owner"
-                " AND status = 'running' FOR UPDATE", j=lease.job_id, v=lease.version, owner=lease.owner)
-            if held is None:
+            # The move comes first: its UPDATE holds the row until the commit, as a FOR UPDATE would.
+            if not _finish(conn, lease, JobStatus.COMPLETED, manuscript_key=manuscript_key,
+                           manuscript_revision=manuscript_revision):
                 return False
-            store_manuscript()
-            return _finish(conn, lease, JobStatus.COMPLETED, manuscript_key=manuscript_key,
-                           manuscript_revision=manuscript_revision)
+            store_manuscript()  # if it fails, the move is rolled back with its webhook deliveries
+            return True
 
     def save_outline(self, lease: Lease, outline: Iterable[OutlineItem]) -> None:
         with self.db.transaction() as conn:

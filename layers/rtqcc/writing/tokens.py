@@ -93,7 +93,9 @@ class Tokenizer:
     _count: Callable[[str], int]
 
     def count(self, text: str) -> int:
-        return self._count(text) if text else 0
+        if len(text) < REMEMBERED_FROM_CHARS:
+            return self._count(text) if text else 0
+        return _remembered_count(self, text)
 
     def count_chat(self, messages: Sequence[Mapping[str, str]]) -> int:
         """Prompt tokens of a chat completion request with these messages."""
@@ -101,6 +103,17 @@ class Tokenizer:
             TOKENS_PER_MESSAGE + self.count(message.get("role", "")) + self.count(message.get("content") or "")
             for message in messages
         ) + TOKENS_PER_REPLY
+
+
+# A call's prompt and answer are counted twice: by the provider (what it sent, or its usage as the
+# fake reports it) and by the run (its ledger, its budget). The last long texts are remembered, so
+# each is tokenized once; a short one (a streamed delta) costs less to count than to look up.
+REMEMBERED_FROM_CHARS = 256
+
+
+@lru_cache(maxsize=64)
+def _remembered_count(tokenizer: Tokenizer, text: str) -> int:
+    return tokenizer._count(text)
 
 
 def encoding(name: str):
