@@ -6,7 +6,7 @@ import threading
 
 from conftest import job_events, parse_sse, wait_for
 
-from rtqcc.bus.events import stream_id_tuple
+from rtqcc.bus.events import events_key, stream_id_tuple
 from rtqcc.store.jobs import NewJob
 from rtqcc.streaming.stream import HEARTBEAT, JobEventStream
 
@@ -119,6 +119,26 @@ def test_a_buffered_poll_on_an_idle_job_answers_with_a_heartbeat_after_the_poll_
     assert again.status_code == 200
     assert parse_sse(again.body.decode()) == []
     assert ": keep-alive" in again.body.decode()
+
+
+def test_an_entry_that_is_not_an_event_is_passed_over_as_a_position_in_both_gateway_modes(api, services,
+                                                                                          redis_client):
+    external_id = api.create(section_count=1)
+    snapshot = parse_sse(api.get(f"/jobs/{external_id}/stream").body.decode())[0]
+    foreign = redis_client.xadd(events_key(external_id), {"note": "written by hand"})
+
+    # Buffered: the answer is the entry's id alone, so the next poll starts after it.
+    answer = api.get(f"/jobs/{external_id}/stream", headers={"Last-Event-ID": snapshot["id"]}).body.decode()
+    assert f"id: {foreign}\n\n" in answer and parse_sse(answer) == []
+    published = services.events.publish(external_id, "status", {"status": "queued"})
+    answer = api.get(f"/jobs/{external_id}/stream", headers={"Last-Event-ID": foreign}).body.decode()
+    assert [(e["id"], e["event"]) for e in parse_sse(answer)] == [(published, "status")]
+
+    # Streaming: the id goes by, the events after it follow.
+    job = services.jobs.get("tenant-a", external_id)
+    frames = JobEventStream(services.events, services.jobs, job, snapshot["id"]).frames(heartbeat_s=5)
+    assert next(frames) == f"id: {foreign}\n\n"
+    assert parse_sse(next(frames)) == [{"id": published, "event": "status", "data": {"status": "queued"}}]
 
 
 def test_a_position_lost_to_trimming_restarts_from_a_snapshot(api, run_consumer, redis_client):

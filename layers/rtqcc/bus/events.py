@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,10 @@ return ids
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}\Z")
 _MAX_ID_PART = 2**64 - 1
 EVENTS_TTL_S = 7 * 24 * 3600
+# The type of an entry that is not an event (not written by us): read as a position alone.
+NOT_AN_EVENT = ""
+
+log = logging.getLogger(__name__)
 
 
 def events_key(external_id: str) -> str:
@@ -122,5 +127,14 @@ def _is_creation(fields: dict[str, str]) -> bool:
     return fields.get("type") == "status" and json.loads(fields.get("data") or "{}").get("status") == "created"
 
 
+def is_event_entry(fields: dict[str, str]) -> bool:
+    """Whether an entry of a job's stream is an event: one we wrote, with a type and its data."""
+    return "type" in fields and "data" in fields
+
+
 def _to_event(entry_id: str, fields: dict[str, str]) -> Event:
+    if not is_event_entry(fields):
+        # Kept as a position, so a reader moves past it rather than reading it again and again.
+        log.warning("stream entry %s is not an event: passed over", entry_id)
+        return Event(id=entry_id, type=NOT_AN_EVENT, data={})
     return Event(id=entry_id, type=fields["type"], data=json.loads(fields["data"]))

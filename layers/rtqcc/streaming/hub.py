@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ..bus.events import events_key, stream_id_tuple
+from ..bus.events import events_key, is_event_entry, stream_id_tuple
 from .stream import HEARTBEAT, retry_hint, sse_frame
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ _RECENT_S = 30.0
 def _item(event_id: str, fields: dict[str, str]) -> tuple[str, bytes, bool] | None:
     """An event as the hub passes it on (id, SSE frame, whether it is `done`); None for an entry
     that is not an event (not written by us), which no client is sent."""
-    if "type" not in fields or "data" not in fields:
+    if not is_event_entry(fields):
         log.warning("skipped stream entry %s: not an event", event_id)
         return None
     return event_id, sse_frame(event_id, fields["type"], fields["data"]).encode(), fields["type"] == "done"

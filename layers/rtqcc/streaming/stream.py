@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import BadRequest
-from ..bus.events import Event, EventLog, is_stream_id, stream_id_tuple
+from ..bus.events import NOT_AN_EVENT, Event, EventLog, is_stream_id, stream_id_tuple
 from ..store.jobs import Job, JobStore
 from ..status import JobStatus
 from .slots import REFRESH_S, StreamSlot
@@ -30,6 +30,12 @@ def sse_frame(event_id: str, event_type: str, data_json: str) -> str:
     """One SSE event: the only place a frame is built. `data_json` is compact JSON, which has no
     newline, so it is one `data:` line as it is (events are stored that way)."""
     return f"id: {event_id}\nevent: {event_type}\ndata: {data_json}\n\n"
+
+
+def position_frame(event_id: str) -> str:
+    """An id and no event, for a stream entry that is not one: SSE dispatches nothing for a frame
+    without data, yet the client's Last-Event-ID moves past the entry."""
+    return f"id: {event_id}\n\n"
 
 
 def format_event(event_id: str, event_type: str, data: dict) -> str:
@@ -176,6 +182,8 @@ def _deleted(job: Job | None) -> bool:
 
 
 def _frame(event: Event) -> str:
+    if event.type == NOT_AN_EVENT:
+        return position_frame(event.id)
     return format_event(event.id, event.type, event.data)
 
 
