@@ -15,6 +15,7 @@ import pytest
 from rtqcc.errors import ConfigError, ServiceUnavailable
 from rtqcc.store import db as db_module
 from rtqcc.store.db import Database, connect_kwargs
+from rtqcc.store.migrate import ensure_database
 
 PREPARED = "SELECT COUNT(*)::int AS n FROM pg_prepared_statements"
 
@@ -186,6 +187,13 @@ def test_sslmode_disable_never_asks_for_tls(base_settings, relay):
 def test_sslmode_require_does_not_connect_to_a_server_without_tls_and_says_why(base_settings, relay):
     with pytest.raises(ServiceUnavailable, match="does not offer TLS, which DATABASE_URL's sslmode asks for"):
         Database(relay.url(base_settings.database_url, "sslmode=require")).ping()
+    assert relay.tls_requests == 1
+
+
+def test_the_database_is_looked_for_and_created_under_the_urls_sslmode_too(base_settings, relay):
+    with pytest.raises(ServiceUnavailable, match="does not offer TLS, which DATABASE_URL's sslmode asks for"):
+        ensure_database(relay.url(base_settings.database_url, "sslmode=require"))
+    assert ensure_database(relay.url(base_settings.database_url, "sslmode=disable")) is False  # it exists
     assert relay.tls_requests == 1
 
 

@@ -75,10 +75,10 @@ def ensure_database(database_url: str) -> bool:
     from .db import connect_kwargs
 
     name = connect_kwargs(database_url)["database"]
-    admin_url = urlunparse(urlparse(database_url)._replace(path="/postgres"))
-    admin = pg8000.native.Connection(**connect_kwargs(admin_url))
+    # Through Database, so the URL's sslmode is applied as for every other connection.
+    admin = Database(urlunparse(urlparse(database_url)._replace(path="/postgres")), max_size=1)
     try:
-        if admin.run("SELECT 1 FROM pg_database WHERE datname = :n", n=name):
+        if admin.row("SELECT 1 AS present FROM pg_database WHERE datname = :n", n=name):
             return False
         admin.run(f"CREATE DATABASE {pg8000.native.identifier(name)}")
         return True
