@@ -89,7 +89,7 @@ def _release_redis_db(db: int, token: str) -> None:
         admin.close()
 
 
-def _drop_database(database_url: str) -> None:
+def drop_database(database_url: str) -> None:
     import pg8000.native
 
     from rtqcc.store.db import connect_kwargs
@@ -122,7 +122,7 @@ def service_urls(tmp_path_factory) -> Iterator[dict[str, str]]:
     if not database_url:
         if _reachable(5432):
             database_url = f"postgresql://postgres@127.0.0.1:5432/rtqcc_test_{token.replace('-', '_')}"
-            cleanups.append(lambda: _drop_database(database_url))
+            cleanups.append(lambda: drop_database(database_url))
         else:
             started.append(EmbeddedPostgres(tmp_path_factory.mktemp("postgres")).start())
             database_url = started[-1].url

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
-import pg8000.native
 import pytest
-from conftest import API_KEY, EVENTS_DIR, OTHER_KEY
+from conftest import API_KEY, EVENTS_DIR, OTHER_KEY, drop_database
 
 from rtqcc.run.consumer import TimeBudget
 from rtqcc.store.db import Database, connect_kwargs
@@ -101,11 +100,7 @@ def database_without_a_column(base_settings) -> Iterator[str]:
     try:
         yield url
     finally:
-        admin = pg8000.native.Connection(**{**connect_kwargs(url), "database": "postgres"})
-        try:
-            admin.run(f"DROP DATABASE IF EXISTS {pg8000.native.identifier(name)} WITH (FORCE)")
-        finally:
-            admin.close()
+        drop_database(url)
 
 
 def test_a_handler_bug_is_a_generic_500_without_a_traceback_and_the_traceback_is_logged(

@@ -80,9 +80,9 @@ def test_metrics_follow_a_job_while_it_runs(api, start_consumer):
 def test_recording_a_metric_leaves_the_exposition_library_unloaded(redis_client):
     # In a fresh interpreter: a cold API function records its first request's time, and only
     # /metrics needs prometheus_client (its import is a cold start's worth of tens of ms).
-    url = redis_client.connection_pool.connection_kwargs
+    redis_at = redis_client.connection_pool.connection_kwargs
     code = ("import sys; from redis import Redis; from rtqcc.metrics import MetricsRecorder; "
-            f"recorder = MetricsRecorder(Redis(host={url['host']!r}, port={url['port']}, db={url['db']})); "
+            f"recorder = MetricsRecorder(Redis(host={redis_at['host']!r}, port={redis_at['port']}, db={redis_at['db']})); "
             "recorder.observe('api_request_seconds', 0.01, method='GET', status='2xx'); "
             "print(sorted(m for m in sys.modules if m.startswith('prometheus_client')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

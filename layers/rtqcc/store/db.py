@@ -127,9 +127,9 @@ class Database:
         # `prefer`: pg8000 would make a context with the system's authorities for every connection
         # (for TLS that verifies nothing): one context without them instead, and a server that
         # refuses TLS is not asked again.
-        self._tls_if_offered = _unverified_tls() if self._kwargs["ssl_context"] is None else None
-        if self._tls_if_offered is not None:
-            self._kwargs["ssl_context"] = self._tls_if_offered
+        self._tls_if_offered = None
+        if self._kwargs["ssl_context"] is None:
+            self._tls_if_offered = self._kwargs["ssl_context"] = _unverified_tls()
         self._query_timeout_s = query_timeout_s
         self._acquire_timeout_s = acquire_timeout_s
         self._max_size = max_size
