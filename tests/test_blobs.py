@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from urllib.parse import urlsplit
 
-from rtqcc.store.blobs import (EXPECT_CONTINUE_ABOVE_BYTES, BlobMissing, S3BlobStore, _make_client, manuscript_key,
+from rtqcc.store.blobs import (BlobMissing, S3BlobStore, _make_client, _make_object_store, manuscript_key,
                                section_key)
 from rtqcc.settings import Settings
 
@@ -18,22 +19,23 @@ def test_keys_are_deterministic():
     assert manuscript_key("RTQCC-X") == "manuscripts/RTQCC-X/manuscript.md"
 
 
-def test_the_client_is_made_on_first_use(base_settings, blob_store):
+def test_the_clients_are_made_on_first_use_and_a_put_needs_no_boto3_client(base_settings, blob_store):
     store = S3BlobStore.from_settings(base_settings.with_overrides(s3_create_bucket=False))
-    assert callable(store._client)  # nothing built yet: a cold start that never stores pays nothing
+    assert not store._made  # nothing built yet: a cold start that never stores pays nothing
     store.put("probe/first-use.md", b"x")
-    assert not callable(store._client) or hasattr(store._client, "put_object")
+    assert set(store._made) == {"objects"}
+    assert store.get("probe/first-use.md") == b"x"
 
 
 def test_runs_storing_their_first_sections_together_share_one_client(base_settings, blob_store):
     settings = base_settings.with_overrides(s3_create_bucket=False)
     made = []
 
-    def make_client():
-        made.append(_make_client(settings))
+    def make_objects():
+        made.append(_make_object_store(settings))
         return made[-1]
 
-    store = S3BlobStore(make_client, blob_store.bucket)
+    store = S3BlobStore(lambda: _make_client(settings), make_objects, blob_store.bucket)
     together = threading.Barrier(16)
 
     def first_put(n: int) -> None:
@@ -49,20 +51,39 @@ def test_runs_storing_their_first_sections_together_share_one_client(base_settin
     assert sorted(store.keys_under("probe/together-")) == sorted(f"probe/together-{n}.md" for n in range(16))
 
 
-def test_only_a_large_body_waits_for_the_servers_go_ahead(base_settings, blob_store):
-    client = _make_client(base_settings.with_overrides(s3_create_bucket=False))
-    expect_sent = {}
+def test_an_object_keeps_its_type_and_file_name_and_a_read_stops_at_a_limit(blob_store):
+    body = "# Chapter\n\nhéllo".encode()
+    blob_store.put("probe/typed.md", body, "text/markdown; charset=utf-8",
+                   content_disposition='attachment; filename="chapter.md"')
+    stored = blob_store.client.head_object(Bucket=blob_store.bucket, Key="probe/typed.md")
+    assert stored["ContentType"] == "text/markdown; charset=utf-8"
+    assert stored["ContentDisposition"] == 'attachment; filename="chapter.md"'
+    assert blob_store.read_at_most("probe/typed.md", len(body)) == body
+    assert blob_store.read_at_most("probe/typed.md", len(body) - 1) is None
+    with pytest.raises(BlobMissing):
+        blob_store.read_at_most("probe/never-stored.md", 10)
 
-    def sending(request, **_):
-        expect_sent[request.url.rsplit("/", 1)[-1]] = request.headers.get("Expect")
 
-    client.meta.events.register("before-send.s3.PutObject", sending)
-    store = S3BlobStore(lambda: client, blob_store.bucket)
-    small, large = b"a section" * 500, os.urandom(EXPECT_CONTINUE_ABOVE_BYTES + 1)
-    store.put("probe/small.md", small)
-    store.put("probe/large.bin", large, "application/octet-stream")
-    assert expect_sent == {"small.md": None, "large.bin": b"100-continue"}
-    assert store.get("probe/small.md") == small and store.get("probe/large.bin") == large
+def test_a_process_forked_after_storing_is_refused_instead_of_hanging(blob_store):
+    blob_store.put("probe/before-fork.md", b"x")
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report what its put did, and die rather than hang past the alarm
+        signal.alarm(60)
+        try:
+            blob_store.put("probe/after-fork.md", b"y")
+            outcome = "stored"
+        except RuntimeError as exc:
+            outcome = str(exc)
+        os.write(writing, outcome.encode())
+        os._exit(0)
+    os.close(writing)
+    try:
+        with os.fdopen(reading, "rb") as pipe:
+            outcome = pipe.read().decode()
+    finally:
+        os.waitpid(child, 0)
+    assert "spawn" in outcome and str(os.getpid()) in outcome
 
 
 def test_a_localstack_host_gives_a_localstack_client_session(s3_endpoint, blob_store):

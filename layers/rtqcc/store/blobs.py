@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, Callable, Protocol
 
@@ -13,56 +14,28 @@ from ..settings import Settings
 log = logging.getLogger(__name__)
 
 
-# botocore asks S3 to answer `Expect: 100-continue` before the body of every PUT, whatever its
-# size: a round trip more, and a quarter of the CPU, for a section of a few kB. As the AWS SDK for
-# Go does, ask only before a body worth not sending to a server that would refuse it.
-EXPECT_CONTINUE_ABOVE_BYTES = 2 * 1024 * 1024
-
-
-def _expect_continue_for_large_bodies(model: Any, params: dict, **_: Any) -> None:
-    from botocore.utils import determine_content_length
-
-    body = params.get("body")
-    if (model.http.get("method") in ("PUT", "POST") and hasattr(body, "read")
-            and (determine_content_length(body) or 0) > EXPECT_CONTINUE_ABOVE_BYTES):
-        params["headers"]["Expect"] = "100-continue"
-
-
 def _make_client(settings: Settings) -> Any:
-    from botocore.handlers import add_expect_header
-
-    client = _new_client(settings)
-    client.meta.events.unregister("before-call.s3", add_expect_header)
-    client.meta.events.register("before-call.s3", _expect_continue_for_large_bodies)
-    return client
-
-
-def _new_client(settings: Settings) -> Any:
-    import boto3
+    """boto3's S3 client, for the bucket's management (making it, listing, deleting, signing URLs)."""
     from botocore.config import Config
 
     config = Config(
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=3,
         read_timeout=10,
-        # One connection for each job a consumer runs at once (botocore's default pool is 10).
-        max_pool_connections=max(10, settings.max_in_flight),
+        max_pool_connections=10,
         s3={"addressing_style": "path"} if settings.s3_endpoint_url or settings.localstack_host else None,
-        # No CRC32 computed for every PUT and checked on every GET unless an operation requires
-        # one: a tenth of a PUT's CPU, and S3-compatible servers (SeaweedFS, MinIO, LocalStack)
-        # that do not know the newer checksum headers answer as they did.
+        # No CRC32 computed for every request and checked on every answer unless an operation
+        # requires one: S3-compatible servers (SeaweedFS, MinIO, LocalStack) that do not know the
+        # newer checksum headers answer as they did.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
     if settings.localstack_host and not settings.s3_endpoint_url:
         # LocalStack's own client session finds its endpoint, and its test credentials unless some are set
         # (an S3 server playing LocalStack's edge may accept only its own).
-        from localstack_client.session import Session
+        return _localstack_session(settings).client("s3", config=config)
+    import boto3
 
-        configured = {"aws_access_key_id": settings.aws_access_key_id,
-                      "aws_secret_access_key": settings.aws_secret_access_key}
-        return Session(localstack_host=settings.localstack_host, region_name=settings.s3_region,
-                       **{name: value for name, value in configured.items() if value}).client("s3", config=config)
     return boto3.client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
@@ -72,6 +45,61 @@ def _new_client(settings: Settings) -> Any:
         aws_session_token=settings.aws_session_token,
         config=config,
     )
+
+
+def _localstack_session(settings: Settings) -> Any:
+    from localstack_client.session import Session
+
+    configured = {"aws_access_key_id": settings.aws_access_key_id,
+                  "aws_secret_access_key": settings.aws_secret_access_key}
+    return Session(localstack_host=settings.localstack_host, region_name=settings.s3_region,
+                   **{name: value for name, value in configured.items() if value})
+
+
+# The objects' bytes go through obstore (Rust's object_store), not botocore: a section's PUT took
+# 1.3-2.8 ms of a consumer's CPU in botocore, with the GIL held, against 0.1-0.2 ms (measured one
+# after the other on the embedded SeaweedFS, 300 PUTs of 1.5 kB each), and with hundreds of jobs
+# in flight those PUTs were a quarter of a consumer's CPU. Its runtime's threads do not survive a
+# fork: a process forked after it was used would hang at its first PUT, so that raises instead.
+_OBJECT_STORE_PID: list[int] = []
+
+
+def _make_object_store(settings: Settings) -> Any:
+    """obstore's S3 store for the objects' bytes, configured as the boto3 client is: the same
+    endpoint, region and credentials, three tries, a connection within 3 s, an answer within 10."""
+    from datetime import timedelta
+
+    from obstore.store import S3Store
+
+    if not _OBJECT_STORE_PID:
+        _OBJECT_STORE_PID.append(os.getpid())
+    options: dict[str, Any] = {
+        "client_options": {"connect_timeout": timedelta(seconds=3), "timeout": timedelta(seconds=10)},
+        "retry_config": {"max_retries": 2, "retry_timeout": timedelta(seconds=30),
+                         "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2),
+                                     "base": 2.0}},
+        "region": settings.s3_region,
+    }
+    endpoint = settings.s3_endpoint_url
+    if settings.localstack_host and not endpoint:
+        from localstack_client.config import get_service_endpoint
+
+        session = _localstack_session(settings)
+        endpoint = get_service_endpoint("s3", settings.localstack_host)
+        options.update(access_key_id=session.aws_access_key_id, secret_access_key=session.aws_secret_access_key)
+    else:
+        import boto3
+        from obstore.auth.boto3 import Boto3CredentialProvider
+
+        session = boto3.Session(aws_access_key_id=settings.aws_access_key_id,
+                                aws_secret_access_key=settings.aws_secret_access_key,
+                                aws_session_token=settings.aws_session_token, region_name=settings.s3_region)
+        # botocore renews expiring credentials 10 minutes ahead: holding each set 5 keeps them valid.
+        options["credential_provider"] = Boto3CredentialProvider(session, ttl=timedelta(minutes=5))
+    if endpoint:
+        options["client_options"]["allow_http"] = endpoint.startswith("http://")
+        return S3Store(settings.s3_bucket, endpoint=endpoint, virtual_hosted_style_request=False, **options)
+    return S3Store(settings.s3_bucket, virtual_hosted_style_request=True, **options)
 
 
 def section_key(external_id: str, idx: int, version: int = 1) -> str:
@@ -129,27 +157,42 @@ class BlobMissing(Exception):
 
 
 class S3BlobStore:
-    """S3 through boto3. The client is made on first use: boto3 costs ~200 ms to import and set
-    up, which a cold start that never touches S3 (an idle consumer, most API routes) skips."""
+    """S3: the objects' bytes through obstore, the bucket's management through boto3. Each client
+    is made on first use, once however many runs ask together (a consumer starting with a hundred
+    jobs made a hundred clients, 40% of its CPU; and boto3's default session is not thread-safe):
+    boto3 costs ~200 ms to import and set up, which a cold start that never touches S3 skips."""
 
-    def __init__(self, client: Any | Callable[[], Any], bucket: str):
-        self._client = client
+    def __init__(self, make_client: Callable[[], Any], make_objects: Callable[[], Any], bucket: str):
+        self._clients = {"client": make_client, "objects": make_objects}
+        self._made: dict[str, Any] = {}
         self._making = threading.Lock()
         self.bucket = bucket
 
+    def _made_once(self, name: str) -> Any:
+        made = self._made.get(name)
+        if made is None:
+            with self._making:
+                made = self._made.get(name)
+                if made is None:
+                    made = self._made[name] = self._clients[name]()
+        return made
+
     @property
     def client(self) -> Any:
-        if callable(self._client) and not hasattr(self._client, "put_object"):
-            # Once, however many runs ask together (a consumer starting with a hundred jobs made a
-            # hundred clients, 40% of its CPU; and boto3's default session is not thread-safe).
-            with self._making:
-                if callable(self._client) and not hasattr(self._client, "put_object"):
-                    self._client = self._client()
-        return self._client
+        """boto3's S3 client."""
+        return self._made_once("client")
+
+    @property
+    def objects(self) -> Any:
+        """obstore's S3 store, refused in a process forked from one that used it (it would hang)."""
+        if _OBJECT_STORE_PID and _OBJECT_STORE_PID[0] != os.getpid():
+            raise RuntimeError(f"S3 was used through obstore in process {_OBJECT_STORE_PID[0]}, and its runtime"
+                               f" does not survive a fork: start process {os.getpid()} with the spawn method")
+        return self._made_once("objects")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "S3BlobStore":
-        store = cls(lambda: _make_client(settings), settings.s3_bucket)
+        store = cls(lambda: _make_client(settings), lambda: _make_object_store(settings), settings.s3_bucket)
         if settings.s3_create_bucket:
             store.ensure_bucket()
         return store
@@ -170,12 +213,15 @@ class S3BlobStore:
             content_disposition: str | None = None) -> None:
         """Store `body`; `content_disposition`: the header S3 answers every download of it with
         (an export's file name, kept with the object rather than signed into each URL)."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        import obstore
+        from obstore.exceptions import BaseError
 
-        extra = {"ContentDisposition": content_disposition} if content_disposition else {}
+        attributes = {"Content-Type": content_type}
+        if content_disposition:
+            attributes["Content-Disposition"] = content_disposition
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, **extra)
-        except (BotoCoreError, ClientError) as exc:
+            obstore.put(self.objects, key, body, attributes=attributes)
+        except BaseError as exc:
             raise _unavailable("store", key, exc) from exc
 
     def get(self, key: str) -> bytes:
@@ -185,19 +231,17 @@ class S3BlobStore:
 
     def read_at_most(self, key: str, limit_bytes: int | None) -> bytes | None:
         """The object's bytes, or None when it is larger than `limit_bytes` (then not downloaded)."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        import obstore
+        from obstore.exceptions import BaseError
 
         try:
-            found = self.client.get_object(Bucket=self.bucket, Key=key)
-            if limit_bytes is not None and found["ContentLength"] > limit_bytes:
-                found["Body"].close()
+            found = obstore.get(self.objects, key)
+            if limit_bytes is not None and found.meta["size"] > limit_bytes:
                 return None
-            return found["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise BlobMissing(key) from exc
-            raise _unavailable("read", key, exc) from exc
-        except BotoCoreError as exc:
+            return bytes(found.bytes())
+        except FileNotFoundError as exc:
+            raise BlobMissing(key) from exc
+        except BaseError as exc:
             raise _unavailable("read", key, exc) from exc
 
     def presigned_get(self, key: str, *, expires_s: int = 300) -> str:
