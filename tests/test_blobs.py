@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from rtqcc.store.blobs import (BlobMissing, S3BlobStore, _make_client, _make_object_store, manuscript_key,
                                section_key)
+from rtqcc.errors import ServiceUnavailable
 from rtqcc.settings import Settings
 
 import pytest
@@ -99,3 +100,20 @@ def test_a_localstack_host_gives_a_localstack_client_session(s3_endpoint, blob_s
     assert store.get("a/b.md").decode() == "héllo"
     with pytest.raises(BlobMissing):
         store.get("a/missing.md")
+
+
+def test_storage_without_credentials_is_unavailable_to_the_tenant_and_says_why_in_the_log(
+        base_settings, blob_store, monkeypatch, caplog):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    # Nowhere else to look: no files, and no instance metadata (it is not on this machine).
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    settings = base_settings.with_overrides(s3_create_bucket=False, aws_access_key_id=None,
+                                            aws_secret_access_key=None, aws_session_token=None)
+    store = S3BlobStore.from_settings(settings)
+    with pytest.raises(ServiceUnavailable) as raised:
+        store.put("probe/no-credentials.md", b"x")
+    assert "credentials" not in str(raised.value)
+    assert "no AWS credentials: set AWS_ACCESS_KEY_ID" in caplog.text

@@ -94,6 +94,9 @@ def _make_object_store(settings: Settings) -> Any:
         session = boto3.Session(aws_access_key_id=settings.aws_access_key_id,
                                 aws_secret_access_key=settings.aws_secret_access_key,
                                 aws_session_token=settings.aws_session_token, region_name=settings.s3_region)
+        if session.get_credentials() is None:  # as botocore's NoCredentialsError at the first request
+            raise _unavailable("find credentials for", settings.s3_bucket, RuntimeError(
+                "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give the function a role"))
         # botocore renews expiring credentials 10 minutes ahead: holding each set 5 keeps them valid.
         options["credential_provider"] = Boto3CredentialProvider(session, ttl=timedelta(minutes=5))
     if endpoint:
