@@ -61,7 +61,7 @@ def _localstack_session(settings: Settings) -> Any:
 # after the other on the embedded SeaweedFS, 300 PUTs of 1.5 kB each), and with hundreds of jobs
 # in flight those PUTs were a quarter of a consumer's CPU. Its runtime's threads do not survive a
 # fork: a process forked after it was used would hang at its first PUT, so that raises instead.
-_OBJECT_STORE_PID: list[int] = []
+_object_store_pid: int | None = None
 
 
 def _make_object_store(settings: Settings) -> Any:
@@ -71,8 +71,9 @@ def _make_object_store(settings: Settings) -> Any:
 
     from obstore.store import S3Store
 
-    if not _OBJECT_STORE_PID:
-        _OBJECT_STORE_PID.append(os.getpid())
+    global _object_store_pid
+    if _object_store_pid is None:
+        _object_store_pid = os.getpid()
     options: dict[str, Any] = {
         "client_options": {"connect_timeout": timedelta(seconds=3), "timeout": timedelta(seconds=10)},
         "retry_config": {"max_retries": 2, "retry_timeout": timedelta(seconds=30),
@@ -188,8 +189,8 @@ class S3BlobStore:
     @property
     def objects(self) -> Any:
         """obstore's S3 store, refused in a process forked from one that used it (it would hang)."""
-        if _OBJECT_STORE_PID and _OBJECT_STORE_PID[0] != os.getpid():
-            raise RuntimeError(f"S3 was used through obstore in process {_OBJECT_STORE_PID[0]}, and its runtime"
+        if _object_store_pid not in (None, os.getpid()):
+            raise RuntimeError(f"S3 was used through obstore in process {_object_store_pid}, and its runtime"
                                f" does not survive a fork: start process {os.getpid()} with the spawn method")
         return self._made_once("objects")
 
