@@ -13,16 +13,20 @@ from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Both clients alike: three tries, a connection within 3 s, an answer within 10.
+TRIES = 3
+CONNECT_TIMEOUT_S = 3
+ANSWER_TIMEOUT_S = 10
+
 
 def _make_client(settings: Settings) -> Any:
     """boto3's S3 client, for the bucket's management (making it, listing, deleting, signing URLs)."""
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=3,
-        read_timeout=10,
-        max_pool_connections=10,
+        retries={"max_attempts": TRIES, "mode": "standard"},
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=ANSWER_TIMEOUT_S,
         s3={"addressing_style": "path"} if settings.s3_endpoint_url or settings.localstack_host else None,
         # No CRC32 computed for every request and checked on every answer unless an operation
         # requires one: S3-compatible servers (SeaweedFS, MinIO, LocalStack) that do not know the
@@ -66,7 +70,7 @@ _object_store_pid: int | None = None
 
 def _make_object_store(settings: Settings) -> Any:
     """obstore's S3 store for the objects' bytes, configured as the boto3 client is: the same
-    endpoint, region and credentials, three tries, a connection within 3 s, an answer within 10."""
+    endpoint, region, credentials, tries and timeouts."""
     from datetime import timedelta
 
     from obstore.store import S3Store
@@ -75,8 +79,9 @@ def _make_object_store(settings: Settings) -> Any:
     if _object_store_pid is None:
         _object_store_pid = os.getpid()
     options: dict[str, Any] = {
-        "client_options": {"connect_timeout": timedelta(seconds=3), "timeout": timedelta(seconds=10)},
-        "retry_config": {"max_retries": 2, "retry_timeout": timedelta(seconds=30),
+        "client_options": {"connect_timeout": timedelta(seconds=CONNECT_TIMEOUT_S),
+                           "timeout": timedelta(seconds=ANSWER_TIMEOUT_S)},
+        "retry_config": {"max_retries": TRIES - 1, "retry_timeout": timedelta(seconds=TRIES * ANSWER_TIMEOUT_S),
                          "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2),
                                      "base": 2.0}},
         "region": settings.s3_region,
