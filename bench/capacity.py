@@ -3,7 +3,9 @@ provider paced at 50 tokens a second, three-section jobs with their outline give
 
 - together: N jobs started at once against one job alone (the baseline, measured in the same
   run, before and after): how much longer N take than one, the peak of jobs running at once, and
-  the consumers' memory per job in flight (their RSS at the peak beside their RSS running one);
+  the consumers' memory per job in flight (their RSS at the peak beside their RSS running one),
+  and the CPU a job of each process serving the jobs, with the time that CPU alone takes on this
+  machine's cores (`cpu_floor_s`, a lower bound: the gateway and this bench are not counted);
 - fairness: tenant A starts 300 jobs, then tenant B one, on a stack with the production cap on a
   tenant's running jobs (32): how long B's job waits to start, beside how long A's last one waits;
 - parallel sections: a 12-section job with `parallel_sections: 4` beside the same job in order.
@@ -213,8 +215,14 @@ def together(settings: Settings, counts: tuple[int, ...]) -> dict:
     one = statistics.mean(run["seconds"] for run in alone)
     result: dict = {"baseline_one_job": {"seconds_each": [run["seconds"] for run in alone],
                                          "rss_kb_per_job_in_flight": [run["rss_kb_per_job_in_flight"] for run in alone]}}
+    cores = os.cpu_count() or 1
     for run in runs:
-        result[f"jobs_{run['jobs']}"] = {**run, "ratio_to_one_alone": round(run["seconds"] / one, 2)}
+        # However the jobs are spread over consumers and slots, they cannot end sooner than their
+        # CPU takes on every core at once: a ratio below cpu_floor_ratio needs less CPU a job.
+        floor_s = sum(run["cpu_ms_per_job"].values()) * run["jobs"] / 1000 / cores
+        result[f"jobs_{run['jobs']}"] = {**run, "ratio_to_one_alone": round(run["seconds"] / one, 2),
+                                         "cpu_floor_s": round(floor_s, 2), "cpu_floor_ratio": round(floor_s / one, 2)}
+    result["cores"] = cores
     result["goals"] = {"jobs_200_ratio": 1.3, "jobs_1000_ratio": 2.0, "rss_kb_per_job": 1024}
     return result
 

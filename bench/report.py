@@ -47,7 +47,9 @@ def throughput_rows(f: dict) -> list[Row]:
             else "throughput, 2 consumer processes"
         base = ("a bare loop process: 1 S3 PUT + 1 Postgres commit + 1 XADD per section" if n == 1
                 else "2 bare loop processes")
-        rows.append((what, f"{_n(race['ours_sections_per_s'])} sections/s",
+        slots = (f"; with the default slots {_n(race['ours_default_slots_sections_per_s'])}/s"
+                 f" (ratio {race['ratio_default_slots']:.2f})" if "ratio_default_slots" in race else "")
+        rows.append((what, f"{_n(race['ours_sections_per_s'])} sections/s, one job at a time{slots}",
                      f"{_n(race['baseline_sections_per_s'])}/s: {base}", f"{race['ratio']:.2f}",
                      _goal(race["ratio"] >= f["goal_ratio"], f"{f['goal_ratio']:.2f}")))
     return rows
@@ -183,6 +185,9 @@ def capacity_rows(f: dict) -> list[Row]:
         cpu = run.get("cpu_ms_per_job")  # not in results before 2026-12-03
         cpu_text = ("; CPU a job: " + ", ".join(f"{_CPU_KINDS.get(kind, kind)} {_n(ms)} ms" for kind, ms in cpu.items())
                     if cpu else "")
+        if "cpu_floor_s" in run:  # not in older results
+            cpu_text += (f", which takes at least {_n(run['cpu_floor_s'])} s on {together['cores']} cores"
+                         f" (×{run['cpu_floor_ratio']:.2f})")
         rows.append((f"{run['jobs']:,} three-section jobs started together on `rtqcc up` (fake provider at "
                      f"{f['tokens_per_s']} tokens/s)", f"{_n(run['seconds'])} s, at most {run['peak_running']} running "
                      f"at once, {_n(run['rss_kb_per_job_in_flight'])} KB of consumer RSS a job in flight{cpu_text}",
