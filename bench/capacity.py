@@ -4,8 +4,9 @@ provider paced at 50 tokens a second, three-section jobs with their outline give
 - together: N jobs started at once against one job alone (the baseline, measured in the same
   run, before and after): how much longer N take than one, the peak of jobs running at once, and
   the consumers' memory per job in flight (their RSS at the peak beside their RSS running one),
-  and the CPU a job of each process serving the jobs, with the time that CPU alone takes on this
-  machine's cores (`cpu_floor_s`, a lower bound: the gateway and this bench are not counted);
+  the CPU a job of each process serving the jobs, with the time that CPU alone takes on this
+  machine's cores (`cpu_floor_s`, a lower bound: the gateway and this bench are not counted), and
+  how busy all the cores were over the run (`machine_busy_share`);
 - fairness: tenant A starts 300 jobs, then tenant B one, on a stack with the production cap on a
   tenant's running jobs (32): how long B's job waits to start, beside how long A's last one waits;
 - parallel sections: a 12-section job with `parallel_sections: 4` beside the same job in order.
@@ -130,6 +131,13 @@ def cpu_seconds(stack_pid: int) -> dict[str, dict[int, float]]:
     return found
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, all) time of every core since boot, in clock ticks (/proc/stat): idle and I/O wait
+    are the only times not busy."""
+    ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
 def cpu_ms_per_job(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], jobs: int) -> dict:
     """Each kind's CPU between two readings, a job (a process that ended between them is not counted)."""
     return {kind: round(sum(seconds - before[kind].get(pid, 0.0) for pid, seconds in after[kind].items())
@@ -180,12 +188,15 @@ def wait_for_consumers(services: Services, count: int = 2, timeout_s: float = 60
 def _together(services: Services, stack_pid: int, count: int) -> dict:
     ids = _create(services, count)
     idle_kb = consumers_rss_kb(stack_pid)  # the same consumer processes, waiting for work
-    cpu_before = cpu_seconds(stack_pid)
+    cpu_before, machine_before = cpu_seconds(stack_pid), machine_jiffies()
     with Sampler(services, stack_pid) as sampler:
         went = _start(services, ids)
         ended = _wait_done(services, ids, timeout_s=600)
+    machine_after = machine_jiffies()
     return {"jobs": count, "seconds": round(ended - went, 2), "peak_running": sampler.peak_running,
             "cpu_ms_per_job": cpu_ms_per_job(cpu_before, cpu_seconds(stack_pid), count),
+            "machine_busy_share": round((machine_after[0] - machine_before[0])
+                                        / max(1, machine_after[1] - machine_before[1]), 2),
             "consumers_rss_kb_idle": idle_kb, "consumers_rss_kb_at_peak": sampler.rss_at_peak_kb,
             "rss_kb_per_job_in_flight": round((sampler.rss_at_peak_kb - idle_kb) / max(1, sampler.peak_running), 1)}
 

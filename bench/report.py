@@ -188,6 +188,8 @@ def capacity_rows(f: dict) -> list[Row]:
         if "cpu_floor_s" in run:  # not in older results
             cpu_text += (f", which takes at least {_n(run['cpu_floor_s'])} s on {together['cores']} cores"
                          f" (×{run['cpu_floor_ratio']:.2f})")
+        if "machine_busy_share" in run:  # not in older results
+            cpu_text += f"; the cores {run['machine_busy_share']:.0%} busy over the run"
         rows.append((f"{run['jobs']:,} three-section jobs started together on `rtqcc up` (fake provider at "
                      f"{f['tokens_per_s']} tokens/s)", f"{_n(run['seconds'])} s, at most {run['peak_running']} running "
                      f"at once, {_n(run['rss_kb_per_job_in_flight'])} KB of consumer RSS a job in flight{cpu_text}",
