@@ -75,9 +75,6 @@ def _make_object_store(settings: Settings) -> Any:
 
     from obstore.store import S3Store
 
-    global _object_store_pid
-    if _object_store_pid is None:
-        _object_store_pid = os.getpid()
     options: dict[str, Any] = {
         "client_options": {"connect_timeout": timedelta(seconds=CONNECT_TIMEOUT_S),
                            "timeout": timedelta(seconds=ANSWER_TIMEOUT_S)},
@@ -172,7 +169,7 @@ class S3BlobStore:
     boto3 costs ~200 ms to import and set up, which a cold start that never touches S3 skips."""
 
     def __init__(self, make_client: Callable[[], Any], make_objects: Callable[[], Any], bucket: str):
-        self._clients = {"client": make_client, "objects": make_objects}
+        self._makers = {"client": make_client, "objects": make_objects}
         self._made: dict[str, Any] = {}
         self._making = threading.Lock()
         self.bucket = bucket
@@ -183,7 +180,7 @@ class S3BlobStore:
             with self._making:
                 made = self._made.get(name)
                 if made is None:
-                    made = self._made[name] = self._clients[name]()
+                    made = self._made[name] = self._makers[name]()
         return made
 
     @property
@@ -194,10 +191,13 @@ class S3BlobStore:
     @property
     def objects(self) -> Any:
         """obstore's S3 store, refused in a process forked from one that used it (it would hang)."""
+        global _object_store_pid
         if _object_store_pid not in (None, os.getpid()):
             raise RuntimeError(f"S3 was used through obstore in process {_object_store_pid}, and its runtime"
                                f" does not survive a fork: start process {os.getpid()} with the spawn method")
-        return self._made_once("objects")
+        store = self._made_once("objects")
+        _object_store_pid = os.getpid()
+        return store
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "S3BlobStore":
