@@ -25,7 +25,11 @@ from .supervisor import RestartPolicy, ServiceSupervisor
 from .sweeps import SweepSchedule
 
 
-LOCAL_MAX_IN_FLIGHT = 256  # jobs each of the local stack's consumers runs at once, unless set
+# Jobs each of the local stack's consumers runs at once, unless set. A run waits on its stream and
+# holds about 100 KB, so slots are cheap; what is not is a second wave: with 1,000 jobs started
+# together, 2 x 256 slots ran them in two rounds of a job's length (x2.4-2.6 of one alone), 2 x 512
+# in one (x1.4-2.1 on the same machine: bench/README.md).
+LOCAL_MAX_IN_FLIGHT = 512
 
 
 @dataclass(frozen=True)

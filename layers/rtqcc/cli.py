@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     up_cmd.add_argument("--consumers", type=int, default=2, help="concurrent consumer invocations")
     up_cmd.add_argument("--consumer-budget-s", type=float, default=60.0, help="each invocation's time budget")
     up_cmd.add_argument("--max-in-flight", type=int, default=None,
-                        help="jobs each consumer runs at once (default: RTQCC_MAX_IN_FLIGHT, else 256)")
+                        help="jobs each consumer runs at once (default: RTQCC_MAX_IN_FLIGHT, else 512)")
     up_cmd.add_argument("--max-running-per-tenant", type=int, default=None,
                         help="jobs one tenant runs at once, 0 for no cap (default: RTQCC_MAX_RUNNING_PER_TENANT,"
                              " else none: a laptop's stack has one user)")

@@ -247,7 +247,7 @@ class Settings:
     sse_retry_ms: int = 1000
 
     # Jobs one consumer invocation runs at once (a worker thread each, waiting on the provider);
-    # `rtqcc up` sets 256 for each of its consumers (emulator/stack.py: LOCAL_MAX_IN_FLIGHT).
+    # `rtqcc up` sets 512 for each of its consumers (emulator/stack.py: LOCAL_MAX_IN_FLIGHT).
     max_in_flight: int = 64
     # Of those, how many do their own work at once (statements, S3, events) rather than wait on a
     # stream: the rest wait their turn asleep, so the threads carrying tokens are not queued for
