@@ -144,10 +144,10 @@ def baseline(settings: Settings, sections: int, loops: int) -> float:
     return sections / seconds
 
 
-# Sections a race: long enough that it measures sections per second, not a consumer's start. Its
-# first reads, connections, prepared statements and threads took about 0.6 s: with 60 jobs (300
-# sections) a consumer with its default slots gave 198-201 sections/s, with 300 jobs 289-291,
-# with 1,000 jobs 337-345; a bare loop's rate does not depend on it.
+# Sections a race: long enough that it measures sections per second, not a consumer's start (its
+# first reads, connections, prepared statements, threads). With its default slots a consumer gave
+# 198-201 sections/s over 60 jobs, 289-291 over 300 and 337-345 over 1,000: about 0.6 s of a
+# 60-job race was its start. A bare loop has none: its one call to each service warms it.
 JOBS_PER_RACE = 300
 
 
