@@ -30,12 +30,12 @@ class _ObservedProvider:
         self.aborted = threading.Event()
         self.aborted_at = 0.0
 
-    def stream(self, request, abort, on_delta):
+    def stream(self, request, abort, on_delta, on_wait=None):
         def first_delta(text):
             self.streaming.set()
             on_delta(text)
 
-        result = self.inner.stream(request, abort, first_delta)
+        result = self.inner.stream(request, abort, first_delta, on_wait)
         if result.aborted:
             self.aborted_at = time.perf_counter()
             self.aborted.set()

@@ -57,7 +57,7 @@ class StampingProvider(FakeProvider):
         super().__init__(**pace)
         self.stamps = stamps
 
-    def stream(self, request, abort, on_delta):
+    def stream(self, request, abort, on_delta, on_wait=None):
         found = _PROMPT.search(request.prompt)
         marks = self.stamps.setdefault(f"{found['title']}\0{int(found['section']) - 1}", [])
         written = [len(request.prefix)]

@@ -119,7 +119,7 @@ class _RefusingProvider:
 
     name = "fake"
 
-    def stream(self, request, abort, on_delta):
+    def stream(self, request, abort, on_delta, on_wait=None):
         from rtqcc.errors import ProviderError
 
         raise ProviderError("the provider answered 500 three times")

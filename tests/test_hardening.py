@@ -20,7 +20,7 @@ class BrokenProvider:
 
     name = "broken"
 
-    def stream(self, request, abort, on_delta):
+    def stream(self, request, abort, on_delta, on_wait=None):
         raise ConnectionResetError("the provider hung up")
 
 
@@ -155,7 +155,7 @@ def test_nul_and_lone_surrogates_are_refused(api, database, field, value):
 class DirtyProvider(FakeProvider):
     """Emits text with NULs and a lone surrogate, as a misbehaving server might."""
 
-    def stream(self, request, abort, on_delta):
+    def stream(self, request, abort, on_delta, on_wait=None):
         result = super().stream(request, abort, lambda _text: None)
         if request.json_schema is not None:
             return result

@@ -1,6 +1,7 @@
 """A provider's rate limits, shared by every consumer through Redis: consumers running many jobs
-at once stay under the requests per minute that the local OpenAI-compatible server enforces, and
-a 429 with `retry-after` holds every consumer's calls to that model, not only the refused one's."""
+at once stay under the requests per minute that the local OpenAI-compatible server enforces, a
+429 with `retry-after` holds every consumer's calls to that model, not only the refused one's, and
+a job whose calls are held back says why in its document."""
 
 from __future__ import annotations
 
@@ -74,6 +75,51 @@ def test_a_429_holds_every_consumers_calls_to_that_model_for_its_retry_after(
     during = [r for r in llm.requests if held_from <= r.started_at <= held_until]
     assert during == [], f"{len(during)} calls went out while the model was held"
     assert len(llm.requests) == 4 * 2 + 1
+
+
+def _provider_waits(api, external_id):
+    return api.get(f"/jobs/{external_id}").json_body.get("provider_waits")
+
+
+def _watch_waits_until_completed(api, consumer, database, external_id) -> list[list[dict]]:
+    """Every `provider_waits` the job's document showed while it ran, until it completed."""
+    shown = []
+    try:
+        def completed():
+            if waits := _provider_waits(api, external_id):
+                shown.append(waits)
+            return _completed(database, [external_id])
+
+        wait_for(completed, timeout_s=30, interval_s=0.02, what="the job to complete")
+    finally:
+        consumer.consumer.shut_down()
+        consumer.join()
+    return shown
+
+
+def test_a_running_job_held_back_by_a_429_says_so_until_its_call_goes_out(
+        api, llm, make_openai_services, start_consumer, database, redis_client):
+    external_id = _start_jobs(api, 1)[0]
+    llm.add_faults({"kind": "rate_limit", "retry_after_s": 1.5})  # its first call is refused
+    consumer = start_consumer(name="held", budget_s=60, services=make_openai_services())
+    shown = _watch_waits_until_completed(api, consumer, database, external_id)
+    assert shown, "the wait was never shown"
+    assert {(w["section"], w["model"], w["reason"]) for waits in shown for w in waits} == {(0, "gpt-4o-mini", "rate_limited")}
+    assert all(0 <= w["remaining_s"] <= 1.5 + 0.3 for waits in shown for w in waits)  # retry-after plus its jitter
+    assert _provider_waits(api, external_id) is None
+    assert redis_client.keys("job:*:provider_waits") == []
+
+
+def test_a_model_limited_to_fewer_requests_than_a_quarter_second_holds_still_runs_one_call_at_a_time(
+        api, llm, make_openai_services, start_consumer, database):
+    # 60 a minute: a quarter second's worth is a quarter of a request, and the bucket holds one.
+    external_id = _start_jobs(api, 1)[0]
+    services = make_openai_services(RTQCC_PROVIDER_LIMITS="gpt-4o-mini=60/")
+    shown = _watch_waits_until_completed(api, start_consumer(name="slow", budget_s=60, services=services),
+                                         database, external_id)
+    assert len(llm.requests) == 2
+    # The first call went at once; the second waited its turn, and said why.
+    assert {(w["section"], w["reason"]) for waits in shown for w in waits} == {(1, "requests_per_min")}
 
 
 def test_limits_are_read_from_one_setting_and_a_bad_one_names_it():

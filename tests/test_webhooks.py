@@ -485,7 +485,7 @@ class RefusingProvider:
 
     name = "refusing"
 
-    def stream(self, request, abort, on_delta):
+    def stream(self, request, abort, on_delta, on_wait=None):
         from rtqcc.errors import ProviderError
 
         raise ProviderError("the model refused the brief")

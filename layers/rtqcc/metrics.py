@@ -20,7 +20,7 @@ from .bus.work_queue import DEAD_LETTERS
 from .writing.abort import AbortSignal
 from .store.stats import Stats
 from .writing.model_policy import allowed_models
-from .writing.providers.base import GenerationRequest, GenerationResult, Provider
+from .writing.providers.base import GenerationRequest, GenerationResult, OnWait, Provider
 
 if TYPE_CHECKING:
     from prometheus_client.core import HistogramMetricFamily
@@ -144,7 +144,7 @@ class MeasuredProvider:
         self.model_label = model_label
 
     def stream(self, request: GenerationRequest, abort: AbortSignal,
-               on_delta: Callable[[str], None]) -> GenerationResult:
+               on_delta: Callable[[str], None], on_wait: OnWait | None = None) -> GenerationResult:
         started = self.clock()
         first: list[float] = []
 
@@ -155,7 +155,7 @@ class MeasuredProvider:
 
         labels = {"provider": self.name, "model": self.model_label(request.model)}
         try:
-            result = self.inner.stream(request, abort, tap)
+            result = self.inner.stream(request, abort, tap, on_wait)
         except Exception:
             self.recorder.observe("provider_error_seconds", self.clock() - started, **labels)
             raise

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .store.revisions import RevisionStore
     from .store.versions import VersionStore
     from .store.webhooks import WebhookStore
+    from .writing.provider_waits import ProviderWaitBoard
 
 
 REDIS_SOCKET_TIMEOUT_S = 60.0
@@ -148,6 +149,12 @@ class Services:
     @cached_property
     def queue(self) -> WorkQueue:
         return WorkQueue(self.redis)
+
+    @cached_property
+    def provider_waits(self) -> "ProviderWaitBoard":
+        from .writing.provider_waits import ProviderWaitBoard
+
+        return ProviderWaitBoard(self.redis)
 
     def close(self) -> None:
         if "metrics" in self.__dict__:

@@ -109,11 +109,13 @@ def list_jobs(call: ApiCall) -> dict:
 def get_job(call: ApiCall, external_id: str) -> dict:
     job = call.job(external_id)
     document = job_document(call.svc.jobs, job)
-    if job.status == JobStatus.QUEUED:
-        try:
+    try:  # the job's state is Postgres's: without Redis, answer it without these details
+        if job.status == JobStatus.QUEUED:
             document["queue"] = _queue_wait(call.svc, job)
-        except RedisError as exc:  # the job's state is Postgres's: answer it without the detail
-            log.warning("no queue position for %s, Redis is unavailable: %s", job.external_id, exc)
+        elif job.status == JobStatus.RUNNING and (waits := call.svc.provider_waits.of(job.external_id)):
+            document["provider_waits"] = waits
+    except RedisError as exc:
+        log.warning("no queue position or provider waits for %s, Redis is unavailable: %s", job.external_id, exc)
     return document
 
 

@@ -316,6 +316,17 @@ class QueueWait(_Out):
     cap: int | None = Field(default=None, description="The most the tenant may run at once")
 
 
+class ProviderWaitOut(_Out):
+    """A call of a running job held back before it goes out to the provider."""
+    section: int | None = Field(description="The section it writes (null: the outline)")
+    model: str
+    reason: Literal["requests_per_min", "tokens_per_min", "rate_limited", "provider_error"] = Field(description=(
+        "requests_per_min, tokens_per_min: the provider limits every consumer shares are spent for now; "
+        "rate_limited: the provider answered 429 and every consumer holds this model back for its retry-after; "
+        "provider_error: a failed call (5xx, network) is tried again after a backoff"))
+    remaining_s: float = Field(description="About how long it still waits, as estimated now")
+
+
 class Revision(_Out):
     """The regeneration under way."""
     section: int
@@ -330,6 +341,8 @@ class JobDocument(JobSummary):
         "While sections are being rewritten (the job is queued, running or paused); it returns to completed"))
     forked_from: dict | None = Field(default=None, description="The job and section this one was forked from")
     queue: QueueWait | None = Field(default=None, description="Only while the job is queued")
+    provider_waits: list[ProviderWaitOut] | None = Field(default=None, description=(
+        "Only while the job is running and some of its calls wait before they go out to the provider"))
     brief: str
     metadata: dict[str, str]
     progress: Progress

@@ -120,6 +120,7 @@ class Consumer:
             quotas=QuotaStore(services.db, self.settings),
             webhooks=services.webhooks,
             busy=self.busy,
+            waits=services.provider_waits,
         )
 
     @property

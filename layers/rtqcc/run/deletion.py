@@ -27,6 +27,7 @@ from ..status import JobStatus
 from ..store.blobs import job_of_key, job_prefix
 from ..store.deletion import Doomed, JobDeletions
 from ..streaming.stream import DELETED_DONE
+from ..writing.provider_waits import provider_waits_key
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def purge(s: Services, doomed: Doomed) -> None:
     """Steps of 2 above, for a job marked `deleting` that no consumer can write any more."""
     deletions = JobDeletions(s.db)
     s.queue.forget(doomed.tenant, doomed.external_id)
-    s.redis.delete(events_key(doomed.external_id))
+    s.redis.delete(events_key(doomed.external_id), provider_waits_key(doomed.external_id))
     own = s.blobs.keys_under(job_prefix(doomed.external_id))
     borrowed = [key for key in deletions.keys_named(doomed.id) if job_of_key(key) != doomed.external_id]
     owners_left = deletions.existing(sorted({job_of_key(key) for key in borrowed}))

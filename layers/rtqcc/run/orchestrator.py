@@ -37,6 +37,7 @@ from ..writing.pricing import DEFAULT_PRICES, Price, cost_usd, price_for
 from ..writing.prompts import (continuation_request, outline_request, parallel_width, parse_outline, section_request,
                                summary_request, words_in)
 from ..writing.quotas import QuotaStore, Standing
+from ..writing.provider_waits import ProviderWaitBoard
 from ..writing.providers.base import (CallUsage, GenerationRequest, GenerationResult, Provider, ProviderRefused,
                              chat_messages)
 from ..status import JobStatus, SectionStatus
@@ -66,8 +67,10 @@ class ManuscriptOrchestrator:
     def __init__(self, *, jobs: JobStore, blobs: BlobStore, events: EventLog, provider: Provider,
                  delta_flush_ms: int = 50, failpoints: Failpoints = DISABLED,
                  prices: Mapping[str, Price] = DEFAULT_PRICES, quotas: QuotaStore | None = None,
-                 webhooks: WebhookStore | None = None, busy: BusyRuns = UNLIMITED):
+                 webhooks: WebhookStore | None = None, busy: BusyRuns = UNLIMITED,
+                 waits: ProviderWaitBoard | None = None):
         self.jobs = jobs
+        self.waits = waits  # where calls held back before they go out are shown (None: nowhere)
         self.busy = busy  # a run gives its turn back while it waits on a stream
         self.webhooks = webhooks  # None: every section is announced to webhooks, without asking
         self.quotas = quotas  # the tenant's daily quotas, enforced live (None: none)
@@ -440,13 +443,17 @@ class ManuscriptOrchestrator:
                 **({"gen_ai.request.max_tokens": request.max_tokens} if request.max_tokens else {}),
                 **({"gen_ai.request.temperature": request.temperature} if request.temperature is not None else {}),
                 }) as call:
+            on_wait = self.waits.reporter(run.job.external_id, idx) if self.waits is not None else None
             try:
                 with self.busy.waiting():
-                    result = self.provider.stream(request, abort, metered if meter is not None else on_delta)
+                    result = self.provider.stream(request, abort, metered if meter is not None else on_delta, on_wait)
             except ProviderRefused as exc:
                 if exc.partial is not None:
                     self.jobs.record_attempts(run.job.id, run.spend(self._attempts(idx, request, exc.partial, purpose, version)))
                 raise
+            finally:
+                if on_wait is not None:
+                    on_wait(None)  # a call aborted or failed while it waited waits no more
             attempts = self._attempts(idx, request, result, purpose, version)
             call.set_attributes({
                 "gen_ai.usage.input_tokens": sum(a.billed_prompt_tokens for a in attempts),

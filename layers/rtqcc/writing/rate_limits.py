@@ -2,7 +2,8 @@
 Redis, so a fleet of consumers stays inside the limits of one API key.
 
 Each (provider, model) has a bucket of requests and one of tokens in a Redis hash, refilled
-continuously at the configured rate and holding a quarter second's worth: providers enforce
+continuously at the configured rate and holding a quarter second's worth (of requests, at least
+one): providers enforce
 per-minute limits in short quanta (a minute's allowance spent in one burst would be refused), and
 calls granted here reach the provider with the jitter of threads and sockets, which a bucket
 smaller than the provider's absorbs. A call is
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..errors import ConfigError
 from .abort import AbortSignal
+from .providers.base import OnWait, ProviderWait, WaitReason
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -69,34 +71,41 @@ def _rate(text: str) -> float | None:
 
 
 # KEYS: bucket hash, hold key. ARGV: requests/min (0: none), tokens/min (0: none), tokens
-# wanted, the bucket's quantum in seconds. Returns 0 when granted (taken from the buckets), else
-# the ms to wait. Time is Redis's own: every consumer's calls are counted on one clock, which never
-# runs backwards between two of them (a client's clock read before a delayed call could).
+# wanted, the bucket's quantum in seconds. Returns {0, 0} when granted (taken from the buckets),
+# else {the ms to wait, why: 1 a hold, 2 requests, 3 tokens}. Time is Redis's own: every consumer's
+# calls are counted on one clock, which never runs backwards between two of them (a client's clock
+# read before a delayed call could).
 _ACQUIRE = """
 local hold = redis.call('PTTL', KEYS[2])
-if hold > 0 then return hold end
+if hold > 0 then return {hold, 1} end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 local rpm, tpm, want, quantum = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if rpm == 0 and tpm == 0 then return 0 end
-local r_cap, t_cap = rpm * quantum / 60, tpm * quantum / 60
+if rpm == 0 and tpm == 0 then return {0, 0} end
+-- a quantum's worth of requests, but at least one: under 240 a minute a quantum holds less than
+-- one, and a call would wait for a request the bucket can never hold
+local r_cap, t_cap = math.max(1, rpm * quantum / 60), tpm * quantum / 60
 local b = redis.call('HMGET', KEYS[1], 'r', 't', 'ts')
 local r, t, ts = tonumber(b[1]) or r_cap, tonumber(b[2]) or t_cap, tonumber(b[3]) or now
 local elapsed = math.max(0, now - ts)
 r = math.min(r_cap, r + elapsed * rpm / 60000)
 t = math.min(t_cap, t + elapsed * tpm / 60000)
-local wait = 0
-if rpm > 0 and r < 1 then wait = math.max(wait, (1 - r) * 60000 / rpm) end
+local wait, why = 0, 0
+if rpm > 0 and r < 1 then wait, why = (1 - r) * 60000 / rpm, 2 end
 -- a call larger than the bucket goes once the bucket is full, and leaves it in debt
-if tpm > 0 and t < math.min(want, t_cap) then wait = math.max(wait, (math.min(want, t_cap) - t) * 60000 / tpm) end
+if tpm > 0 and t < math.min(want, t_cap) then
+  local tokens_wait = (math.min(want, t_cap) - t) * 60000 / tpm
+  if tokens_wait > wait then wait, why = tokens_wait, 3 end
+end
 if wait == 0 then
   if rpm > 0 then r = r - 1 end
   if tpm > 0 then t = t - want end
 end
 redis.call('HSET', KEYS[1], 'r', tostring(r), 't', tostring(t), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], 120000)
-return math.ceil(wait)
+return {math.ceil(wait), why}
 """
+_WAIT_REASONS = {1: WaitReason.RATE_LIMITED, 2: WaitReason.REQUESTS_PER_MIN, 3: WaitReason.TOKENS_PER_MIN}
 
 # KEYS: bucket hash. ARGV: tokens to give back (negative: to take), tokens/min.
 _SETTLE = """
@@ -132,20 +141,25 @@ class ProviderRateLimiter:
         base = f"ratelimit:{self.provider}:{model}"
         return base, f"{base}:hold"
 
-    def acquire(self, model: str, tokens: int, abort: AbortSignal) -> float:
+    def acquire(self, model: str, tokens: int, abort: AbortSignal, on_wait: OnWait | None = None) -> float:
         """Wait until the model's buckets allow a call of `tokens` (prompt + max output), then
-        take them; returns early when `abort` is raised. The seconds waited. A model without
-        configured limits still waits out a hold that a 429 set."""
+        take them; returns early when `abort` is raised. The seconds waited, each wait told to
+        `on_wait` as it begins. A model without configured limits still waits out a hold that a
+        429 set."""
         limit = self.limit_for(model) or ModelLimit(None, None)
         started = time.monotonic()
         while not abort.aborted:
             try:
-                wait_ms = int(self._acquire(keys=self._keys(model), args=[
-                    limit.requests_per_min or 0, limit.tokens_per_min or 0, max(0, tokens), QUANTUM_S]))
+                wait_ms, why = self._acquire(keys=self._keys(model), args=[
+                    limit.requests_per_min or 0, limit.tokens_per_min or 0, max(0, tokens), QUANTUM_S])
             except Exception as exc:
                 log.warning("the rate limits of %s are unavailable, calling unlimited: %s", model, exc)
                 break
-            if wait_ms <= 0 or abort.wait(wait_ms / 1000):
+            if wait_ms <= 0:
+                break
+            if on_wait is not None:
+                on_wait(ProviderWait(model, _WAIT_REASONS[int(why)], time.time() + wait_ms / 1000))
+            if abort.wait(wait_ms / 1000):
                 break
         waited = time.monotonic() - started
         if self._observe is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Callable, Protocol
 
 from ..abort import AbortSignal
@@ -45,6 +46,29 @@ class GenerationResult:
     calls: list[CallUsage] = field(default_factory=list)
 
 
+class WaitReason(StrEnum):
+    """Why a call to the provider is held back before it goes out."""
+
+    REQUESTS_PER_MIN = "requests_per_min"  # the requests per minute every consumer shares are spent for now
+    TOKENS_PER_MIN = "tokens_per_min"      # the tokens per minute, likewise
+    RATE_LIMITED = "rate_limited"          # the provider answered 429: every consumer holds the model back
+    PROVIDER_ERROR = "provider_error"      # a failed call (5xx, network) is tried again after a backoff
+
+
+@dataclass(frozen=True)
+class ProviderWait:
+    """A call held back: for what, and until when as known now (`time.time()`)."""
+
+    model: str
+    reason: WaitReason
+    until: float
+
+
+# Told when a call starts to wait (again, with a new estimate, while it waits) and, with None,
+# when it goes out.
+OnWait = Callable[[ProviderWait | None], None]
+
+
 CONTINUE_INSTRUCTION = "Continue exactly where the text stops; do not repeat anything."
 
 
@@ -84,6 +108,7 @@ class Provider(Protocol):
     name: str
 
     def stream(self, request: GenerationRequest, abort: AbortSignal,
-               on_delta: Callable[[str], None]) -> GenerationResult:
-        """Stream the answer, calling `on_delta` for each piece, until done or `abort` fires."""
+               on_delta: Callable[[str], None], on_wait: OnWait | None = None) -> GenerationResult:
+        """Stream the answer, calling `on_delta` for each piece, until done or `abort` fires;
+        `on_wait` hears of each wait before a call goes out (rate limits, retries)."""
         ...

@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..abort import AbortSignal
 from ..tokens import count_tokens
-from .base import GenerationRequest, GenerationResult
+from .base import GenerationRequest, GenerationResult, OnWait
 from .stream_loop import run_stream
 
 _WORDS = (
@@ -33,7 +33,7 @@ class FakeProvider:
         self.first_token_ms = first_token_ms
 
     def stream(self, request: GenerationRequest, abort: AbortSignal,
-               on_delta: Callable[[str], None]) -> GenerationResult:
+               on_delta: Callable[[str], None], on_wait: OnWait | None = None) -> GenerationResult:
         full = self.full_text(request)
         # Continue after the prefix when it is ours; a foreign prefix is followed by a fresh answer.
         remaining = full[len(request.prefix):] if full.startswith(request.prefix) else full

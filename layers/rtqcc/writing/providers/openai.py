@@ -39,8 +39,8 @@ import openai
 from ..abort import AbortSignal
 from ..rate_limits import ProviderRateLimiter
 from ..tokens import tokenizer_for
-from .base import (CONTINUE_INSTRUCTION, CallUsage, GenerationRequest, GenerationResult, ProviderRefused,
-                   ProviderUnavailable, QuotaExceeded, chat_messages)
+from .base import (CONTINUE_INSTRUCTION, CallUsage, GenerationRequest, GenerationResult, OnWait, ProviderRefused,
+                   ProviderUnavailable, ProviderWait, QuotaExceeded, WaitReason, chat_messages)
 from .stream_loop import run_stream
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class OpenAIProvider:
     # ---- one answer ---------------------------------------------------------------------------
 
     def stream(self, request: GenerationRequest, abort: AbortSignal,
-               on_delta: Callable[[str], None]) -> GenerationResult:
+               on_delta: Callable[[str], None], on_wait: OnWait | None = None) -> GenerationResult:
         calls: list[CallUsage] = []
         kept: list[str] = []   # this answer's text so far, after request.prefix
         refusals = cuts = 0
@@ -154,7 +154,7 @@ class OpenAIProvider:
             if abort.aborted:
                 return _result(kept, None, calls, abort.reason or "aborted")
             try:
-                call = self._call(request, request.prefix + "".join(kept), abort, on_delta)
+                call = self._call(request, request.prefix + "".join(kept), abort, on_delta, on_wait)
             except _AbortedEarly as exc:
                 return _result(kept, None, calls, str(exc))
             except _Retry as exc:
@@ -173,6 +173,9 @@ class OpenAIProvider:
                         return _result(kept, None, calls, None)
                     raise ProviderUnavailable(why) from exc
                 log.info("%s; retry %d in %.2fs", exc, refusals, delay)
+                if on_wait is not None:
+                    on_wait(ProviderWait(request.model, WaitReason.RATE_LIMITED if exc.rate_limited
+                                         else WaitReason.PROVIDER_ERROR, time.time() + delay))
                 if abort.wait(delay):
                     return _result(kept, None, calls, abort.reason or "aborted")
                 continue
@@ -209,16 +212,18 @@ class OpenAIProvider:
     # ---- one HTTP call ------------------------------------------------------------------------
 
     def _call(self, request: GenerationRequest, prefix: str, abort: AbortSignal,
-              on_delta: Callable[[str], None]) -> _Call:
+              on_delta: Callable[[str], None], on_wait: OnWait | None) -> _Call:
         tokenizer = tokenizer_for(request.model)
         messages = chat_messages(request, prefix)
         fmt = self._formats.get(request.model, _RESPONSE_FORMATS[0]) if request.json_schema is not None else None
         params = self._params(request, messages, fmt)
         estimate = tokenizer.count_chat(messages) + (request.max_tokens or ESTIMATED_ANSWER_TOKENS)
         if self.limiter is not None:
-            self.limiter.acquire(request.model, estimate, abort)
+            self.limiter.acquire(request.model, estimate, abort, on_wait)
             if abort.aborted:
                 raise _AbortedEarly(abort.reason or "aborted")
+        if on_wait is not None:
+            on_wait(None)  # it goes out now
         streamed = run_stream(lambda: self._stream_call(request, params, fmt, abort, on_delta), abort)
         pieces, finish, usage = streamed.pieces, streamed.finish_reason, streamed.usage
         text = "".join(pieces)
