@@ -105,7 +105,8 @@ def test_a_running_job_held_back_by_a_429_says_so_until_its_call_goes_out(
     shown = _watch_waits_until_completed(api, consumer, database, external_id)
     assert shown, "the wait was never shown"
     assert {(w["section"], w["model"], w["reason"]) for waits in shown for w in waits} == {(0, "gpt-4o-mini", "rate_limited")}
-    assert all(0 <= w["remaining_s"] <= 1.5 + 0.3 for waits in shown for w in waits)  # retry-after plus its jitter
+    remaining = [waits[0]["remaining_s"] for waits in shown]
+    assert remaining == sorted(remaining, reverse=True) and remaining[-1] >= 0  # one wait, counting down
     assert _provider_waits(api, external_id) is None
     assert redis_client.keys("job:*:provider_waits") == []
 
