@@ -34,37 +34,33 @@ def provider_waits_key(external_id: str) -> str:
 class ProviderWaitBoard:
     def __init__(self, redis: "Redis"):
         self.redis = redis
-        self._shown: set[tuple[str, str]] = set()  # (job, field) written and not yet cleared, by this process
 
     def reporter(self, external_id: str, idx: int | None) -> OnWait:
-        """The `on_wait` of one call: for section `idx` of the job (None: its outline)."""
-        field = "outline" if idx is None else str(idx)
+        """The `on_wait` of one call, for section `idx` of the job (None: its outline): records
+        each wait, and clears it once the call goes out (told None). Best effort: without Redis
+        the job runs on, and only its readers miss the detail."""
+        key, field = provider_waits_key(external_id), "outline" if idx is None else str(idx)
+        shown = False  # a call never held back writes nothing, however often it is told None
 
         def report(wait: ProviderWait | None) -> None:
-            self.show(external_id, field, wait)
+            nonlocal shown
+            if wait is None and not shown:
+                return
+            try:
+                if wait is None:
+                    shown = False
+                    self.redis.hdel(key, field)
+                    return
+                shown = True
+                entry = {"model": wait.model, "reason": wait.reason.value, "until": round(wait.until, 3)}
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hset(key, field, json.dumps(entry))
+                    pipe.expire(key, _KEEP_S)
+                    pipe.execute()
+            except Exception as exc:
+                log.warning("could not record that a call of %s waits: %s", external_id, exc)
 
         return report
-
-    def show(self, external_id: str, field: str, wait: ProviderWait | None) -> None:
-        """Record `wait` for the call `field` of the job; None: it waits no more. Best effort:
-        without Redis the job runs on, and only its readers miss the detail."""
-        shown = (external_id, field)
-        if wait is None and shown not in self._shown:
-            return
-        key = provider_waits_key(external_id)
-        try:
-            if wait is None:
-                self._shown.discard(shown)
-                self.redis.hdel(key, field)
-                return
-            self._shown.add(shown)
-            entry = {"model": wait.model, "reason": wait.reason.value, "until": round(wait.until, 3)}
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(key, field, json.dumps(entry))
-                pipe.expire(key, _KEEP_S)
-                pipe.execute()
-        except Exception as exc:
-            log.warning("could not record that a call of %s waits: %s", external_id, exc)
 
     def of(self, external_id: str) -> list[dict]:
         """The job's waiting calls, as the API shows them: section (None: the outline), model,
