@@ -113,9 +113,10 @@ def test_a_running_job_held_back_by_a_429_says_so_until_its_call_goes_out(
 
 def test_a_model_limited_to_fewer_requests_than_a_quarter_second_holds_still_runs_one_call_at_a_time(
         api, llm, make_openai_services, start_consumer, database):
-    # 60 a minute: a quarter second's worth is a quarter of a request, and the bucket holds one.
+    # 20 a minute: a quarter second's worth is a twelfth of a request, and the bucket holds one,
+    # refilled in 3 s, longer than the first section takes.
     external_id = _start_jobs(api, 1)[0]
-    services = make_openai_services(RTQCC_PROVIDER_LIMITS="gpt-4o-mini=60/")
+    services = make_openai_services(RTQCC_PROVIDER_LIMITS="gpt-4o-mini=20/")
     shown = _watch_waits_until_completed(api, start_consumer(name="slow", budget_s=60, services=services),
                                          database, external_id)
     assert len(llm.requests) == 2

@@ -3,12 +3,11 @@ Redis, so a fleet of consumers stays inside the limits of one API key.
 
 Each (provider, model) has a bucket of requests and one of tokens in a Redis hash, refilled
 continuously at the configured rate and holding a quarter second's worth (of requests, at least
-one): providers enforce
-per-minute limits in short quanta (a minute's allowance spent in one burst would be refused), and
-calls granted here reach the provider with the jitter of threads and sockets, which a bucket
-smaller than the provider's absorbs. A call is
-counted before it starts as its prompt plus its max tokens, as providers count it against their
-limit; one that used more (a provider counting differently) takes the difference after.
+one): providers enforce per-minute limits in short quanta (a minute's allowance spent in one burst
+would be refused), and calls granted here reach the provider with the jitter of threads and
+sockets, which a bucket smaller than the provider's absorbs. A call is counted before it starts as
+its prompt plus its max tokens, as providers count it against their limit; one that used more (a
+provider counting differently) takes the difference after.
 A 429 sets a hold on the model for its `retry-after`: every consumer waits it out, not only the one
 that was refused. Redis away: calls go ahead unlimited (the provider's own 429s, retried with
 backoff, are the backstop), and the failure is logged.
