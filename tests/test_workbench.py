@@ -1,7 +1,8 @@
 """The workbench page in a real headless Chromium (the fixtures and helpers of test_browser.py):
 the jobs dashboard following jobs live, failed jobs with their reason and a retry, bulk cancel;
 the outline review; regenerating, editing, diffing and restoring a section; HTML from a model or
-a person shown as text and never run; a phone-sized screen and the keyboard.
+a person shown as text and never run; a phone-sized screen and the keyboard; why a job waits
+(its place in line, the provider's limits).
 
 Set RTQCC_SCREENSHOTS=docs to also save docs/dashboard.png and docs/job-view.png."""
 
@@ -17,9 +18,13 @@ from test_browser import (LIVE_TEXT, RENDERED, SECTION_TEXT, TOKENS_PER_S, WAIT_
                           enter_key, norm, page, section_text, stack, wait_js, wait_status)
 from test_hardening import BrokenProvider
 
+pytest_plugins = ["openai_fixtures"]  # the local OpenAI-compatible server, enforcing limits
+
 ROW = "document.querySelector(`li.job[data-id='${a[0]}']`)"
 ROW_STATUS = f"(a) => {ROW}?.dataset.status === a[1]"
 SHORT = {"max_tokens_per_section": 60}  # a few seconds a section at the test provider's pace
+WAIT_SAYS = "(text) => document.getElementById('job-wait').textContent === text"
+WAIT_SAYS_NOTHING = "() => document.getElementById('job-wait').textContent === ''"
 
 
 def api(gateway, method: str, path: str, body: dict | None = None, **headers: str) -> httpx.Response:
@@ -383,6 +388,51 @@ def test_a_phone_sized_screen_scrolls_only_down_and_the_keyboard_drives_the_page
 
 STATUS_COMPLETED = "() => document.getElementById('job-status').textContent === 'completed'"
 
+
+def test_a_queued_job_shows_its_place_in_line_until_it_runs(start_gateway, make_services, start_consumer, page):
+    gateway = start_gateway(services_override=make_services(max_running_per_tenant=1))
+    consumer = start_consumer(fake_tokens_per_s=TOKENS_PER_S, budget_s=100, consumer_idle_exit_ms=0,
+                              max_running_per_tenant=1)
+    try:
+        first = start_job(gateway, "Holds The Slot", ["Long"], {"max_tokens_per_section": 4000})
+        wait_job(gateway, first, "running")
+        second = start_job(gateway, "Waits Its Turn", ["Short"], SHORT)
+        page.goto(gateway.base_url)
+        enter_key(page)
+        open_job(page, second)
+        wait_js(page, WAIT_SAYS, "Next to start: 1 of your jobs running, at most 1 at once.",
+                what="the job's place in line")
+        assert page.text_content("#job-status") == "queued"
+
+        api(gateway, "POST", f"/jobs/{first}/cancel")  # its slot frees, and the second job takes it
+        wait_status(page, "completed")
+        wait_js(page, WAIT_SAYS_NOTHING, what="no wait shown once it ran")
+        assert page.js_errors == []
+    finally:
+        consumer.consumer.shut_down()
+        consumer.join(30)
+
+
+def test_a_running_job_shows_the_call_held_back_by_the_providers_limits(start_gateway, make_openai_services,
+                                                                         start_consumer, page):
+    gateway = start_gateway()
+    external_id = start_job(gateway, "Held Back", ["First part", "Second part"], {"max_tokens_per_section": 20})
+    page.goto(gateway.base_url)
+    enter_key(page)
+    open_job(page, external_id)
+    # 10 requests a minute: the first call goes at once, the second waits 6 s for its turn.
+    limited = make_openai_services(RTQCC_PROVIDER_LIMITS="gpt-4o-mini=10/")
+    consumer = start_consumer(name="limited", budget_s=60, services=limited)
+    try:
+        wait_js(page, "() => /^“Second part” waits about \\d+ s: the provider's requests per minute are spent "
+                      "for now \\(gpt-4o-mini\\)\\.$/.test(document.getElementById('job-wait').textContent)",
+                what="the held-back call and why")
+        wait_status(page, "completed")
+        wait_js(page, WAIT_SAYS_NOTHING, what="no wait shown once the job completed")
+        assert page.js_errors == []
+    finally:
+        consumer.consumer.shut_down()
+        consumer.join(30)
 
 def test_the_page_says_when_the_stack_is_away_and_when_its_stream_reconnects(services, start_consumer, page):
     from rtqcc_emulator.gateway import GatewayConfig, build_gateway

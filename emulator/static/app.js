@@ -11,11 +11,12 @@ const AT_REST = ["completed", "paused", "failed", "cancelled"];  // where sectio
 const JOBS_POLL_MS = 2000;     // the dashboard's refresh while it is shown
 const READY_POLL_MS = 2000;    // how often the page looks for the stack once it is away
 const QUIET_RECONNECT_MS = 1500;  // a stream back within this is not worth a banner
+const WAIT_POLL_MS = 2000;     // how often a queued or running job's view asks why it waits
 const JOBS_PAGE = 25;           // jobs shown at first, and more each time older ones are asked for
 const API_PAGE_MAX = 100;       // the most GET /jobs answers at once
 const state = {
   id: null, source: null, lastEventId: null, sections: new Map(), raw: new Map(), status: null,
-  statusChanges: 0, outlineDirty: false,
+  statusChanges: 0, outlineDirty: false, waitTimer: null,
 };
 
 // Thrown when there is no key or the server refused it; the key form already says so.
@@ -360,12 +361,15 @@ function drawJobMeta(job) {
   $("job-title").textContent = job.title;
   setUsage(job.usage);
   $("job-reason").textContent = jobReason(job);
+  drawWait(job);
   for (const s of job.sections) drawSectionMeta(sectionEl(s.index, s.title), s);
 }
 
 function setStatus(status) {
   const entering = status !== state.status;
   state.status = status;
+  if (entering) say($("job-wait"), "");  // a queued job's place in line says nothing once it runs
+  followWaits();
   state.statusChanges += 1;
   $("job-status").textContent = status;
   $("job-status").className = `status ${status}`;
@@ -392,6 +396,52 @@ function setUsage(usage) {
   if (!usage) return;
   $("job-usage").textContent = `${usage.total_tokens} tokens (${usage.prompt_tokens} prompt, ${usage.completion_tokens} completion)` +
     (usage.estimated ? ", partly estimated" : "") + (usage.cost_usd !== undefined ? ` · ${money(usage.cost_usd)}` : "");
+}
+
+// ---- why a queued or running job does not move: GET /jobs/{id} says, its stream does not ------
+
+const WAITING = ["queued", "running"];
+const WAIT_REASONS = {
+  requests_per_min: "the provider's requests per minute are spent for now",
+  tokens_per_min: "the provider's tokens per minute are spent for now",
+  rate_limited: "the provider asked to slow down (429)",
+  provider_error: "a failed call is tried again",
+};
+
+function waitText(job) {
+  const queue = job.queue;
+  if (queue?.waiting_for === "tenant_cap") {
+    const place = queue.position === 1 ? "Next to start" : `Number ${queue.position} in line to start`;
+    return `${place}: ${queue.running} of your jobs running, at most ${queue.cap} at once.`;
+  }
+  if (queue?.waiting_for === "consumer") return "Queued: waiting for a free worker.";
+  return (job.provider_waits || []).map((wait) => {
+    const what = wait.section === null ? "The outline" : `“${job.sections[wait.section]?.title ?? `Section ${wait.section + 1}`}”`;
+    return `${what} waits about ${Math.ceil(wait.remaining_s)} s: ${WAIT_REASONS[wait.reason] || wait.reason} (${wait.model}).`;
+  }).join(" ");
+}
+
+function drawWait(job) {
+  say($("job-wait"), WAITING.includes(job.status) ? waitText(job) : "");
+}
+
+// One timer at most, armed while the job shown is queued or running; a hidden tab does not ask.
+function followWaits() {
+  if (state.waitTimer || !WAITING.includes(state.status) || !showingJob()) return;
+  const id = state.id;
+  state.waitTimer = setTimeout(async () => {
+    state.waitTimer = null;
+    if (state.id === id && showingJob() && !document.hidden && WAITING.includes(state.status)) {
+      try {
+        const job = await api("GET", `/jobs/${id}`);
+        if (state.id === id && WAITING.includes(state.status)) drawWait(job);  // not once the stream moved on
+      } catch (err) {
+        if (err instanceof KeyNeeded) return;
+        showError(err);
+      }
+    }
+    followWaits();
+  }, WAIT_POLL_MS);
 }
 
 // Figures the events do not carry (cost, reasons, versions): read again when the job settles.
