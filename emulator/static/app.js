@@ -416,7 +416,8 @@ function waitText(job) {
   }
   if (queue?.waiting_for === "consumer") return "Queued: waiting for a free worker.";
   return (job.provider_waits || []).map((wait) => {
-    const what = wait.section === null ? "The outline" : `“${job.sections[wait.section]?.title ?? `Section ${wait.section + 1}`}”`;
+    const title = job.sections.find((s) => s.index === wait.section)?.title;
+    const what = wait.section === null ? "The outline" : title ? `“${title}”` : `Section ${wait.section + 1}`;
     return `${what} waits about ${Math.ceil(wait.remaining_s)} s: ${WAIT_REASONS[wait.reason] || wait.reason} (${wait.model}).`;
   }).join(" ");
 }
