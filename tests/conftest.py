@@ -35,6 +35,26 @@ STREAM_TOKEN_SECRET = secrets.token_urlsafe(32)
 METRICS_TOKEN = secrets.token_urlsafe(32)
 EVENTS_DIR = Path(__file__).parent / "events"
 
+MAX_WORKERS = 4  # each worker starts its own S3 server and OpenAI-compatible server, and holds a Redis database
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): a worker a core, at most MAX_WORKERS."""
+    return max(1, min(MAX_WORKERS, getattr(os, "process_cpu_count", os.cpu_count)() or 1))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """What tests noted for the end of the run (their "summary" property: the random kills' seed
+    and their oracle's tally); a worker's own output is not shown."""
+    lines = [value for reports in terminalreporter.stats.values() for report in reports
+             if getattr(report, "when", None) == "call"
+             for name, value in getattr(report, "user_properties", ()) if name == "summary"]
+    if lines:
+        terminalreporter.write_sep("-", "noted by the tests")
+        for line in lines:
+            terminalreporter.write_line(line)
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory) -> Iterator[str]:

@@ -235,14 +235,13 @@ def kill_while_it_holds_a_job(victim: subprocess.Popen, db, external_ids, *, rep
 
 
 def test_consumers_killed_at_random_moments_lose_nothing(api, settings, s3_endpoint, database, redis_client,
-                                                          start_consumer, oracle, capsys, request):
+                                                          start_consumer, oracle, request):
     """Three consumers in a row, each running every job at once, are SIGKILLed while they hold a
     job, each after a random number of the jobs' events (RTQCC_FAULT_SEED replays the choices);
     then a healthy consumer alone (no sweeper) finishes the work from the last checkpoints. One
     job writes three sections at once."""
     replay = f" (random kills with RTQCC_FAULT_SEED={SEED})"
-    with capsys.disabled():
-        print(f"\nrandom kills: RTQCC_FAULT_SEED={SEED}")
+    request.node.user_properties.append(("summary", f"random kills: RTQCC_FAULT_SEED={SEED}"))
     request.node.add_report_section("call", "seed", f"RTQCC_FAULT_SEED={SEED} replays these random kills")
     rng = random.Random(SEED)
     ids = [*create_jobs(api), api.create(title="Written at once", outline=[{"title": f"Part {n}"} for n in range(4)],
@@ -265,9 +264,8 @@ def test_consumers_killed_at_random_moments_lose_nothing(api, settings, s3_endpo
     finish_with_a_healthy_consumer(start_consumer, database, ids)
     assert statuses(database, ids) == {e: "completed" for e in ids}, replay
     verdicts = oracle(ids, replay=replay)
-    with capsys.disabled():
-        print(f"random kills: {len(killed_holding)} consumers killed holding a job; the oracle: "
-              f"{Tally.of(verdicts).line()}")
+    request.node.user_properties.append(("summary", f"random kills: {len(killed_holding)} consumers killed holding"
+                                                    f" a job; the oracle: {Tally.of(verdicts).line()}"))
 
 
 def _keys(blobs, external_id: str) -> set[str]:
