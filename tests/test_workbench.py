@@ -434,6 +434,7 @@ def test_a_running_job_shows_the_call_held_back_by_the_providers_limits(start_ga
         consumer.consumer.shut_down()
         consumer.join(30)
 
+
 def test_the_page_says_when_the_stack_is_away_and_when_its_stream_reconnects(services, start_consumer, page):
     from rtqcc_emulator.gateway import GatewayConfig, build_gateway
     from rtqcc_emulator.server import ServerThread, build_http_app
