@@ -99,6 +99,37 @@ def test_a_tenants_waiting_jobs_take_its_slot_by_priority_then_age(make_api, sta
     assert sorted(starts, key=starts.get) == [first, *later["high"], *later["normal"], *later["low"]]
 
 
+
+def test_a_waiting_job_cancelled_or_paused_leaves_the_line_and_the_freed_slot_goes_to_the_next(
+        make_api, start_consumer, database, redis_client):
+    # The longest lease: a consumer puts waiting jobs back on its own only every half lease, so
+    # here only the promotion at the end of a run can start the last job.
+    capped = {"max_running_per_tenant": 1, "max_in_flight": 4, "lease_ttl_s": 100.0}
+    api, _ = make_api(**capped)
+    holding = api.create(outline=[{"title": "Long"}], params={"max_tokens_per_section": 4000})
+    api.post(f"/jobs/{holding}/start")
+    consumer = start_consumer(budget_s=60, consumer_idle_exit_ms=0, fake_tokens_per_s=40.0, **capped)
+    try:
+        wait_for(lambda: running_of(database, "tenant-a") == 1, what="the first job to run")
+        cancelled, paused, last = (api.create(**SMALL) for _ in range(3))
+        for external_id in (cancelled, paused, last):
+            api.post(f"/jobs/{external_id}/start")
+        wait_for(lambda: redis_client.zcard(waiting_key("tenant-a")) == 3, what="the three to wait aside")
+        assert api.get(f"/jobs/{last}").json_body["queue"]["position"] == 3
+
+        assert api.post(f"/jobs/{cancelled}/cancel").json_body["status"] == "cancelled"
+        assert api.post(f"/jobs/{paused}/pause").json_body["status"] == "paused"
+        assert redis_client.zrange(waiting_key("tenant-a"), 0, -1) == [last]
+        assert api.get(f"/jobs/{last}").json_body["queue"]["position"] == 1
+
+        api.post(f"/jobs/{holding}/cancel")  # its run ends, and its slot goes to the last job
+        wait_for(lambda: all_completed(database, [last]), timeout_s=30, interval_s=0.05,
+                 what="the last job to take the freed slot and complete")
+    finally:
+        consumer.consumer.shut_down()
+    consumer.join()
+    assert redis_client.exists(waiting_key("tenant-a"), "jobs:waiting") == 0
+
 def test_consumers_racing_for_a_tenants_last_slots_take_exactly_its_cap(api, services):
     """Eight consumers take eight jobs of one tenant at the same moment, under a cap of 2: two
     leases are taken, the six others are told the tenant is at capacity (each with its job),

@@ -210,10 +210,21 @@ def control(call: ApiCall, external_id: str, verb: str, *, along=None) -> Respon
         if outcome.previous == JobStatus.RUNNING and verb in STOP_COMMANDS:
             # The consumer's lease keeper aborts the provider stream on this, within milliseconds.
             send_control(s.redis, external_id, STOP_COMMANDS[verb])
+        if outcome.previous == JobStatus.QUEUED and job.status != JobStatus.QUEUED:
+            _withdraw_waiting(s, job)
     if verb in QUEUEING_VERBS and job.status == JobStatus.QUEUED:
         # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
         s.queue.enqueue(external_id)
     return Response(body=job_document(s.jobs, job), status_code=202)
+
+
+def _withdraw_waiting(s, job) -> None:
+    """A job no longer queued leaves its tenant's waiting jobs, if it was there. Its move is
+    committed already: without Redis it stays there until promoted, and its consumer skips it."""
+    try:
+        s.queue.withdraw(job.tenant, job.external_id)
+    except RedisError as exc:
+        log.warning("job %s left queued but is still among its tenant's waiting jobs: %s", job.external_id, exc)
 
 
 def _starts_in_review(s, owner: str, external_id: str) -> bool:

@@ -37,6 +37,13 @@ end
 return #popped / 2
 """
 
+# Take one job out of its tenant's waiting jobs; the tenant leaves the waiting tenants with its last.
+_WITHDRAW = """
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) end
+return removed
+"""
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -128,6 +135,12 @@ class WorkQueue:
         return int(self.redis.eval(_PROMOTE, 3, waiting_key(tenant), self.stream, WAITING_TENANTS,
                                    count, tenant, now_ms))
 
+    def withdraw(self, tenant: str, external_id: str) -> bool:
+        """Take a job that stopped being queued (cancelled, paused) out of its tenant's waiting
+        jobs, so that it neither counts in the places of the jobs behind it nor takes the next
+        free slot's promotion from them. Whether it was waiting."""
+        return bool(self.redis.eval(_WITHDRAW, 2, waiting_key(tenant), WAITING_TENANTS, external_id, tenant))
+
     def waiting_tenants(self) -> list[str]:
         """Tenants with jobs set aside, the longest unserved first."""
         return self.redis.zrange(WAITING_TENANTS, 0, -1)
@@ -141,7 +154,7 @@ class WorkQueue:
         """Take a deleted job off every queue: its place waiting aside, and the entries naming it on
         the stream and among the dead letters (both capped, so the scan is bounded). A pending entry
         deleted here is acknowledged by whoever claims it (claim_stale). How many were removed."""
-        removed = int(self.redis.zrem(waiting_key(tenant), external_id))
+        removed = int(self.withdraw(tenant, external_id))
         for stream in (self.stream, DEAD_LETTERS):
             start = "-"
             while True:
