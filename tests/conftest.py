@@ -343,6 +343,14 @@ class BackgroundConsumer:
         except BaseException as exc:  # surfaced by join()
             self.error = exc
 
+    def __enter__(self) -> "BackgroundConsumer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Shut it down (its runs are handed back) and wait for it, surfacing its error."""
+        self.consumer.shut_down()
+        self.join()
+
     def join(self, timeout_s: float = 30.0) -> DrainResult:
         self._thread.join(timeout_s)
         assert not self._thread.is_alive(), "consumer did not finish in time"

@@ -9,7 +9,7 @@ import threading
 import pytest
 from conftest import API_KEY, OTHER_KEY, wait_for
 
-from rtqcc.bus.work_queue import GROUP, STREAM, waiting_key
+from rtqcc.bus.work_queue import GROUP, STREAM, WAITING_TENANTS, waiting_key
 from rtqcc.store.leases import TenantAtCapacity
 
 SMALL = {"outline": [{"title": "One"}, {"title": "Two"}], "params": {"max_tokens_per_section": 40}}
@@ -99,7 +99,6 @@ def test_a_tenants_waiting_jobs_take_its_slot_by_priority_then_age(make_api, sta
     assert sorted(starts, key=starts.get) == [first, *later["high"], *later["normal"], *later["low"]]
 
 
-
 def test_a_waiting_job_cancelled_or_paused_leaves_the_line_and_the_freed_slot_goes_to_the_next(
         make_api, start_consumer, database, redis_client):
     # The longest lease: a consumer puts waiting jobs back on its own only every half lease, so
@@ -108,8 +107,7 @@ def test_a_waiting_job_cancelled_or_paused_leaves_the_line_and_the_freed_slot_go
     api, _ = make_api(**capped)
     holding = api.create(outline=[{"title": "Long"}], params={"max_tokens_per_section": 4000})
     api.post(f"/jobs/{holding}/start")
-    consumer = start_consumer(budget_s=60, consumer_idle_exit_ms=0, fake_tokens_per_s=40.0, **capped)
-    try:
+    with start_consumer(budget_s=60, consumer_idle_exit_ms=0, fake_tokens_per_s=40.0, **capped):
         wait_for(lambda: running_of(database, "tenant-a") == 1, what="the first job to run")
         cancelled, paused, last = (api.create(**SMALL) for _ in range(3))
         for external_id in (cancelled, paused, last):
@@ -125,10 +123,8 @@ def test_a_waiting_job_cancelled_or_paused_leaves_the_line_and_the_freed_slot_go
         api.post(f"/jobs/{holding}/cancel")  # its run ends, and its slot goes to the last job
         wait_for(lambda: all_completed(database, [last]), timeout_s=30, interval_s=0.05,
                  what="the last job to take the freed slot and complete")
-    finally:
-        consumer.consumer.shut_down()
-    consumer.join()
-    assert redis_client.exists(waiting_key("tenant-a"), "jobs:waiting") == 0
+    assert redis_client.exists(waiting_key("tenant-a"), WAITING_TENANTS) == 0
+
 
 def test_consumers_racing_for_a_tenants_last_slots_take_exactly_its_cap(api, services):
     """Eight consumers take eight jobs of one tenant at the same moment, under a cap of 2: two

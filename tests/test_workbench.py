@@ -391,9 +391,8 @@ STATUS_COMPLETED = "() => document.getElementById('job-status').textContent === 
 
 def test_a_queued_job_shows_its_place_in_line_until_it_runs(start_gateway, make_services, start_consumer, page):
     gateway = start_gateway(services_override=make_services(max_running_per_tenant=1))
-    consumer = start_consumer(fake_tokens_per_s=TOKENS_PER_S, budget_s=100, consumer_idle_exit_ms=0,
-                              max_running_per_tenant=1)
-    try:
+    with start_consumer(fake_tokens_per_s=TOKENS_PER_S, budget_s=100, consumer_idle_exit_ms=0,
+                        max_running_per_tenant=1):
         first = start_job(gateway, "Holds The Slot", ["Long"], {"max_tokens_per_section": 4000})
         wait_job(gateway, first, "running")
         second = start_job(gateway, "Waits Its Turn", ["Short"], SHORT)
@@ -408,9 +407,6 @@ def test_a_queued_job_shows_its_place_in_line_until_it_runs(start_gateway, make_
         wait_status(page, "completed")
         wait_js(page, WAIT_SAYS_NOTHING, what="no wait shown once it ran")
         assert page.js_errors == []
-    finally:
-        consumer.consumer.shut_down()
-        consumer.join(30)
 
 
 def test_a_running_job_shows_the_call_held_back_by_the_providers_limits(start_gateway, make_openai_services,
@@ -422,17 +418,13 @@ def test_a_running_job_shows_the_call_held_back_by_the_providers_limits(start_ga
     open_job(page, external_id)
     # 10 requests a minute: the first call goes at once, the second waits 6 s for its turn.
     limited = make_openai_services(RTQCC_PROVIDER_LIMITS="gpt-4o-mini=10/")
-    consumer = start_consumer(name="limited", budget_s=60, services=limited)
-    try:
+    with start_consumer(name="limited", budget_s=60, services=limited):
         wait_js(page, "() => /^“Second part” waits about \\d+ s: the provider's requests per minute are spent "
                       "for now \\(gpt-4o-mini\\)\\.$/.test(document.getElementById('job-wait').textContent)",
                 what="the held-back call and why")
         wait_status(page, "completed")
         wait_js(page, WAIT_SAYS_NOTHING, what="no wait shown once the job completed")
         assert page.js_errors == []
-    finally:
-        consumer.consumer.shut_down()
-        consumer.join(30)
 
 
 def test_the_page_says_when_the_stack_is_away_and_when_its_stream_reconnects(services, start_consumer, page):
