@@ -167,9 +167,9 @@ class Artefacts:
                                                 bytecode_python=self.runtime_python),
             "source": build_layer.build_layer(folder / "layer-source", python_version=self.python_version,
                                               bytecode=False),
-            "api": package.chalice_package(folder / "chalice", stage="prod", pkg_format="cloudformation")
-            / "deployment.zip",
-            "stream": package.build_stream_zip(folder / "stream"),
+            "api": package.chalice_package(folder / "chalice", stage="prod", pkg_format="cloudformation",
+                                           bytecode_python=self.runtime_python) / "deployment.zip",
+            "stream": package.build_stream_zip(folder / "stream", bytecode_python=self.runtime_python),
         }
         self.sizes_kib = {name: path.stat().st_size // 1024 for name, path in zips.items()}
         self.unpacked: dict[str, Path] = {}

@@ -37,9 +37,11 @@ LAYER_ZIP_NAME = "rtqcc-layer.zip"
 LAMBDA_RUNTIME = "python3.13"
 LAMBDA_PYTHON_VERSION = LAMBDA_RUNTIME.removeprefix("python")
 LAMBDA_PLATFORM = "manylinux2014_x86_64"
-# Lambda layers are unpacked under /opt; python/ is on the runtime's sys.path.
+# Lambda layers are unpacked under /opt; python/ is on the runtime's sys.path. A function's own
+# code is unpacked in its task root.
 LAYER_PATH_ON_LAMBDA = "/opt/python"
-_FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+TASK_ROOT_ON_LAMBDA = "/var/task"
+FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 _SKIPPED_DIRS = {"__pycache__", "bin"}
 
 
@@ -128,13 +130,13 @@ def find_runtime_python(python_version: str = LAMBDA_PYTHON_VERSION) -> str | No
     return None
 
 
-def compile_bytecode(python_dir: Path, interpreter: str) -> None:
+def compile_bytecode(python_dir: Path, interpreter: str, path_on_lambda: str = LAYER_PATH_ON_LAMBDA) -> None:
     """Compile every module of python_dir with `interpreter` (the runtime's version). Unchecked
     hash-based files: a layer never changes under its bytecode, and a timestamp check would fail
-    against the zip's fixed times. Each file records /opt/python/... (where Lambda unpacks it) as
-    its source, so the bytes do not depend on the build folder."""
+    against the zip's fixed times. Each file records `path_on_lambda`/... (where Lambda unpacks it)
+    as its source, so the bytes do not depend on the build folder."""
     subprocess.run([interpreter, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
-                    "-s", str(python_dir), "-p", LAYER_PATH_ON_LAMBDA, str(python_dir)], check=True)
+                    "-s", str(python_dir), "-p", path_on_lambda, str(python_dir)], check=True)
 
 
 def zip_layer(layer_dir: Path, zip_path: Path, *, python_version: str = LAMBDA_PYTHON_VERSION) -> Path:
@@ -150,7 +152,7 @@ def zip_layer(layer_dir: Path, zip_path: Path, *, python_version: str = LAMBDA_P
     tmp_path = zip_path.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(files, key=lambda p: p.relative_to(layer_dir).as_posix()):
-            info = zipfile.ZipInfo(path.relative_to(layer_dir).as_posix(), date_time=_FIXED_TIME)
+            info = zipfile.ZipInfo(path.relative_to(layer_dir).as_posix(), date_time=FIXED_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = (0o755 if os.access(path, os.X_OK) else 0o644) << 16
             archive.writestr(info, path.read_bytes())

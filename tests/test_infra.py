@@ -215,6 +215,29 @@ def _lint(template_path: Path) -> list[str]:
     return [f"{m.rule.id} {m.message} ({m.linenumber})" for m in matches]
 
 
+def test_function_zips_carry_the_runtimes_bytecode_of_every_module(packaged):
+    """/var/task is read-only too: each module of the functions' own zips (Chalice's runtime in
+    deployment.zip among them) ships unchecked hash-based bytecode of the runtime's Python."""
+    runtime_magic = subprocess.run(
+        [build_layer.find_runtime_python(), "-c", "import importlib.util; print(importlib.util.MAGIC_NUMBER.hex())"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    tag = build_layer.bytecode_tag()
+    for zip_path in (packaged / "cloudformation" / "deployment.zip", packaged / "terraform" / "deployment.zip",
+                     packaged / "stream.zip"):
+        with zipfile.ZipFile(zip_path) as archive:
+            names = set(archive.namelist())
+            sources = {name for name in names if name.endswith(".py")}
+            assert sources, zip_path
+            for source in sources:
+                compiled = _bytecode_of(source, tag).removeprefix("/")
+                assert compiled in names, f"{zip_path.name}: {source} has no {tag} bytecode"
+                header = archive.read(compiled)[:8]
+                assert header[:4].hex() == runtime_magic and int.from_bytes(header[4:8], "little") == 0b01, \
+                    f"{zip_path.name}: {compiled} is not unchecked hash-based bytecode of the runtime's Python"
+    with zipfile.ZipFile(packaged / "cloudformation" / "deployment.zip") as archive:
+        assert {"chalice/app.py", "app.py"} <= set(archive.namelist())
+
+
 def test_cloudformation_template_passes_cfn_lint(packaged):
     assert _lint(packaged / "cloudformation" / "sam.json") == []
 
