@@ -8,7 +8,8 @@
 The layer is what `pip install --target python/ <the project>` makes (no extras), for the Lambda
 runtime rather than for this machine: compiled dependencies (pydantic-core, ...) come as manylinux
 wheels for LAMBDA_PYTHON_VERSION. Dependencies published only as source (pure Python) are built
-into wheels here first, so the cross-platform install can take them. The zip is deterministic
+into wheels here first, so the cross-platform install can take them; Chalice's command-line
+tools are taken out again (CHALICE_CLI_ONLY), since no function imports them. The zip is deterministic
 (sorted entries, fixed timestamps), so an unchanged layer uploads as an unchanged object.
 
 The layer ships its bytecode, compiled by an interpreter of the Lambda runtime's version (this
@@ -20,8 +21,10 @@ rest again (bench/cold_start.py measures both).
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +46,11 @@ LAYER_PATH_ON_LAMBDA = "/opt/python"
 TASK_ROOT_ON_LAMBDA = "/var/task"
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 _SKIPPED_DIRS = {"__pycache__", "bin"}
+# Chalice's command line (`chalice package`, `chalice deploy`) needs these; a function imports
+# only Chalice's runtime, `chalice/app.py`, which needs none of them. Taken out of the layer (about
+# 30 MB of Lambda's 250), each by its own record of the files it installed.
+CHALICE_CLI_ONLY = ("click", "editor", "inquirer", "blessed", "jinxed", "pip", "pyyaml", "readchar", "runs",
+                    "setuptools", "wcwidth", "wheel", "xmod")
 
 
 class NoRuntimePython(SystemExit):
@@ -96,6 +104,33 @@ def install(target: Path, *, deps: bool = True, python_version: str = LAMBDA_PYT
             _pip("install", "--no-compile", "--no-deps", "--target", str(target), *cross, str(wheel))
     for skipped in _SKIPPED_DIRS:
         shutil.rmtree(target / skipped, ignore_errors=True)
+    for name in CHALICE_CLI_ONLY:
+        uninstall(target, name)
+
+
+def distribution_name(name: str) -> str:
+    """A distribution's name as pip compares them (PyYAML, pyyaml), from the name or its
+    `<name>-<version>.dist-info` folder."""
+    return re.sub(r"[-_.]+", "-", name.removesuffix(".dist-info").split("-")[0]).lower()
+
+
+def uninstall(target: Path, name: str) -> None:
+    """Remove distribution `name` from a `pip install --target` folder: the files its RECORD
+    lists, then the folders that leaves empty (pip cannot uninstall from a target folder)."""
+    root = target.resolve()
+    for dist_info in root.glob("*.dist-info"):
+        if distribution_name(dist_info.name) != distribution_name(name):
+            continue
+        with open(dist_info / "RECORD", newline="") as record:
+            files = [(root / row[0]).resolve() for row in csv.reader(record) if row]
+        folders = set()
+        for path in files:
+            if path.is_relative_to(root) and path.is_file():  # not a script pip put in ../bin
+                path.unlink()
+                folders.update(folder for folder in path.parents if folder.is_relative_to(root) and folder != root)
+        for folder in sorted(folders, key=lambda folder: len(folder.parts), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def bytecode_tag(python_version: str = LAMBDA_PYTHON_VERSION) -> str:
