@@ -11,6 +11,8 @@ from conftest import job_events
 from rtqcc.run.consumer import Consumer, TimeBudget
 from rtqcc.errors import LeaseLost
 from rtqcc.bus.work_queue import GROUP, STREAM
+from rtqcc.writing import tokens
+from rtqcc.writing.providers.fake import FakeProvider
 
 
 def _sections(database, external_id):
@@ -179,3 +181,23 @@ def test_runs_waiting_on_their_streams_give_their_turn_so_more_run_than_there_ar
     assert result.completed == 4
     times = database.rows("SELECT started_at, finished_at FROM jobs WHERE external_id = ANY(CAST(:e AS text[]))", e=ids)
     assert max(row["started_at"] for row in times) < min(row["finished_at"] for row in times)
+
+
+def test_the_models_token_tables_are_built_before_the_first_run_not_in_the_middle_of_one(
+        api, run_consumer, make_services, settings):
+    # Building them holds the GIL for about a fifth of a second: mid-run, every stream of the process
+    # and the pause or cancel of any of its jobs would wait behind it.
+    external_id = api.create(section_count=1, params={"max_tokens_per_section": 30})
+    api.post(f"/jobs/{external_id}/start")
+    assert tokens.tokenizer_for(settings.default_model).exact, "the default model must have shipped tables"
+    tokens._build_encoding.cache_clear()
+    tokens.tokenizer_for.cache_clear()  # as in a process that has counted nothing yet
+    built_when_streaming = []
+
+    class Observing(FakeProvider):
+        def stream(self, request, abort, on_delta, on_wait=None):
+            built_when_streaming.append(tokens._build_encoding.cache_info().currsize)
+            return super().stream(request, abort, on_delta, on_wait)
+
+    assert run_consumer(services=make_services(provider=Observing())).completed == 1
+    assert built_when_streaming[0] == 1  # the outline's call, the first of the run

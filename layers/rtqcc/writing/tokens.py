@@ -13,7 +13,7 @@ marked as not exact (`Tokenizer.exact`)."""
 
 from __future__ import annotations
 
-import base64
+import binascii
 import gzip
 import hashlib
 import re
@@ -133,7 +133,8 @@ def _build_encoding(name: str):
     data = gzip.decompress((resources.files("rtqcc.writing") / "encodings" / filename).read_bytes())
     if hashlib.sha256(data).hexdigest() != sha256:
         raise RuntimeError(f"the shipped BPE file {filename} is damaged: its SHA-256 is not {sha256}")
-    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+    fields = data.split()  # "<token in base64> <rank>" a line
+    ranks = dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2])))
     return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
 
 
