@@ -9,8 +9,9 @@ The layer is what `pip install --target python/ <the project>` makes (no extras)
 runtime rather than for this machine: compiled dependencies (pydantic-core, ...) come as manylinux
 wheels for LAMBDA_PYTHON_VERSION. Dependencies published only as source (pure Python) are built
 into wheels here first, so the cross-platform install can take them; Chalice's command-line
-tools are taken out again (CHALICE_CLI_ONLY), since no function imports them. The zip is deterministic
-(sorted entries, fixed timestamps), so an unchanged layer uploads as an unchanged object.
+tools are taken out again (CHALICE_CLI_ONLY), since no function imports them. The zip is
+deterministic (sorted entries, fixed timestamps), so an unchanged layer uploads as an unchanged
+object.
 
 The layer ships its bytecode, compiled by an interpreter of the Lambda runtime's version (this
 one, `python3.13` on PATH, or one pyenv installed): Lambda's /opt is read-only, so CPython cannot

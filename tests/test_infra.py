@@ -135,7 +135,8 @@ def test_layer_holds_the_project_and_its_dependencies_built_for_the_lambda_runti
     assert "bin" not in top
     cli_only = {entry for entry in top if entry.endswith(".dist-info")
                 and build_layer.distribution_name(entry) in build_layer.CHALICE_CLI_ONLY}
-    assert not cli_only and not {"pip", "setuptools", "yaml", "click"} & top, "Chalice's command-line tools are in the layer"
+    assert not cli_only and not {"pip", "setuptools", "yaml", "click"} & top, \
+        "Chalice's command-line tools are in the layer"
     # Bytecode of the runtime's Python beside every module (nothing can cache it under /opt), no other.
     tag = build_layer.bytecode_tag()
     sources = {name for name in names if name.endswith(".py")}
@@ -150,8 +151,8 @@ def test_layer_holds_the_project_and_its_dependencies_built_for_the_lambda_runti
     probe = ("import sys; sys.path[:0] = sys.argv[1:]; import app, stream_function, rtqcc.run.consumer;"
              " from rtqcc.delivery.exports import render; from rtqcc.delivery.formats import FORMATS;"
              " print([len(render(FORMATS[f], '# A\\n\\nSome *text*.', 'T')) > 0 for f in ('html', 'docx', 'pdf')])")
-    out = subprocess.run([build_layer.find_runtime_python(), "-B", "-S", "-E", "-c", probe, str(ROOT / "functions" / "api"),
-                          str(ROOT / "functions" / "stream"), str(tmp_path / "layer" / "python")],
+    code = [ROOT / "functions" / "api", ROOT / "functions" / "stream", tmp_path / "layer" / "python"]
+    out = subprocess.run([build_layer.find_runtime_python(), "-B", "-S", "-E", "-c", probe, *map(str, code)],
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[True, True, True]"
