@@ -42,7 +42,7 @@ from rtqcc.services import Services
 from rtqcc.settings import Settings
 
 from .gateway import GatewayConfig, build_gateway
-from .server import GatewayServer, build_http_app
+from .server import GatewayServer, build_http_app, freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,11 @@ def _worker(environ: dict[str, str], options: ServeOptions, port: int, ready) ->
     sock = _shared_port_socket(options.host, port, listen=True)
     config = uvicorn.Config(app, host=options.host, port=port, timeout_graceful_shutdown=options.grace_s,
                             **UVICORN_OPTIONS)
-    server = GatewayServer(config, on_started=lambda: ready.send(os.getpid()))
+    def on_started() -> None:
+        freeze_startup_heap()
+        ready.send(os.getpid())
+
+    server = GatewayServer(config, on_started=on_started)
     server.run(sockets=[sock])
 
 

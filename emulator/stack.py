@@ -20,7 +20,7 @@ from .embedded import PRIVATE_UMASK, LocalServices
 from .gateway import Gateway, GatewayConfig, build_gateway
 from .local_secrets import private_folder
 from .scheduler import ConsumerScheduler
-from .server import ServerThread, build_http_app
+from .server import ServerThread, build_http_app, freeze_startup_heap
 from .supervisor import RestartPolicy, ServiceSupervisor
 from .sweeps import SweepSchedule
 
@@ -82,6 +82,7 @@ class LocalStack:
         try:
             private_folder(Path(self.options.data_dir))
             self._start()
+            freeze_startup_heap()
         except BaseException:
             self.stop()
             raise
