@@ -139,6 +139,7 @@ def _worker(environ: dict[str, str], options: ServeOptions, port: int, ready) ->
     sock = _shared_port_socket(options.host, port, listen=True)
     config = uvicorn.Config(app, host=options.host, port=port, timeout_graceful_shutdown=options.grace_s,
                             **UVICORN_OPTIONS)
+
     def on_started() -> None:
         freeze_startup_heap()
         ready.send(os.getpid())
