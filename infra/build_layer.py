@@ -45,7 +45,7 @@ LAMBDA_PLATFORM = "manylinux2014_x86_64"
 # code is unpacked in its task root.
 LAYER_PATH_ON_LAMBDA = "/opt/python"
 TASK_ROOT_ON_LAMBDA = "/var/task"
-FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+_FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 _SKIPPED_DIRS = {"__pycache__", "bin"}
 # Chalice's command line (`chalice package`, `chalice deploy`) needs these; a function imports
 # only Chalice's runtime, `chalice/app.py`, which needs none of them. Taken out of the layer (about
@@ -175,6 +175,14 @@ def compile_bytecode(python_dir: Path, interpreter: str, path_on_lambda: str = L
                     "-s", str(python_dir), "-p", path_on_lambda, str(python_dir)], check=True)
 
 
+def zip_entry(name: str, *, executable: bool = False) -> zipfile.ZipInfo:
+    """A deflated zip entry with a fixed time, so the same files always make the same zip."""
+    info = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = (0o755 if executable else 0o644) << 16
+    return info
+
+
 def zip_layer(layer_dir: Path, zip_path: Path, *, python_version: str = LAMBDA_PYTHON_VERSION) -> Path:
     """Zip `layer_dir` (which holds python/) deterministically, with the bytecode of the runtime's
     version (any other an import on this machine left behind stays out)."""
@@ -188,10 +196,8 @@ def zip_layer(layer_dir: Path, zip_path: Path, *, python_version: str = LAMBDA_P
     tmp_path = zip_path.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(files, key=lambda p: p.relative_to(layer_dir).as_posix()):
-            info = zipfile.ZipInfo(path.relative_to(layer_dir).as_posix(), date_time=FIXED_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = (0o755 if os.access(path, os.X_OK) else 0o644) << 16
-            archive.writestr(info, path.read_bytes())
+            archive.writestr(zip_entry(path.relative_to(layer_dir).as_posix(), executable=os.access(path, os.X_OK)),
+                             path.read_bytes())
     tmp_path.replace(zip_path)
     return zip_path
 

@@ -30,8 +30,8 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_layer import (BUILD_DIR, FIXED_TIME, LAMBDA_RUNTIME, LAYER_ZIP_NAME, ROOT, TASK_ROOT_ON_LAMBDA,  # noqa: E402
-                         build_layer, compile_bytecode, runtime_python_or_exit)
+from build_layer import (BUILD_DIR, LAMBDA_RUNTIME, LAYER_ZIP_NAME, ROOT, TASK_ROOT_ON_LAMBDA,  # noqa: E402
+                         build_layer, compile_bytecode, runtime_python_or_exit, zip_entry)
 
 API_DIR = ROOT / "functions" / "api"
 STREAM_FILES = {
@@ -49,36 +49,23 @@ def add_bytecode(zip_path: Path, interpreter: str) -> None:
     """Add to a function's zip the bytecode of its modules, compiled by `interpreter` (the
     runtime's version): /var/task is read-only, so without it every cold start compiles them
     again (Chalice's own runtime, chalice/app.py, ships in deployment.zip as source: about 25 ms)."""
-    with tempfile.TemporaryDirectory(prefix="rtqcc-bytecode-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="rtqcc-bytecode-") as tmp, zipfile.ZipFile(zip_path, "a") as archive:
         code = Path(tmp)
-        with zipfile.ZipFile(zip_path) as archive:
-            entries = [(info, archive.read(info)) for info in archive.infolist()]
-            archive.extractall(code)
+        archive.extractall(code)
         compile_bytecode(code, interpreter, TASK_ROOT_ON_LAMBDA)
-        shipped = {info.filename for info, _ in entries}
-        compiled = sorted(path.relative_to(code).as_posix() for path in code.rglob("*.pyc"))
-        partial = zip_path.with_suffix(".zip.tmp")
-        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for info, data in entries:
-                archive.writestr(info, data)
-            for name in compiled:
-                if name not in shipped:
-                    info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = 0o644 << 16
-                    archive.writestr(info, (code / name).read_bytes())
-        partial.replace(zip_path)
+        shipped = set(archive.namelist())
+        for path in sorted(code.rglob("*.pyc")):
+            name = path.relative_to(code).as_posix()
+            if name not in shipped:
+                archive.writestr(zip_entry(name), path.read_bytes())
 
 
 def build_stream_zip(out_dir: Path, *, bytecode_python: str) -> Path:
     path = out_dir / STREAM_ZIP_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(path, "w") as archive:
         for name, source in sorted(STREAM_FILES.items()):
-            info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = (0o755 if name.endswith(".sh") else 0o644) << 16
-            archive.writestr(info, source.read_bytes())
+            archive.writestr(zip_entry(name, executable=name.endswith(".sh")), source.read_bytes())
     add_bytecode(path, bytecode_python)
     return path
 

@@ -109,7 +109,6 @@ class Consumer:
         self._shutting_down = threading.Event()
         self._keeper: LeaseKeeper | None = None
         self._webhooks: SenderThread | None = None
-        self._counting_ready = False
         self.metrics = services.metrics
         self.busy = BusyRuns(self.settings.consumer_busy_runs)
         self.orchestrator = ManuscriptOrchestrator(
@@ -196,12 +195,11 @@ class Consumer:
                     return
 
         def start(batch: list[Delivery]) -> None:
-            if batch and not self._counting_ready:
-                # The first count of a process builds its model's BPE tables: about 0.4 s, 0.2 s of
-                # it in one call that holds the GIL. Before any run starts it stalls no stream and no
-                # pause or cancel of this process, as it would in the middle of them.
+            if batch:
+                # The first count of a process builds its model's BPE tables (then cached): about
+                # 0.4 s, 0.2 s of it in one call that holds the GIL. Before any run starts it stalls
+                # no stream and no pause or cancel of this process, as it would in the middle of them.
                 tokenizer_for(settings.default_model)
-                self._counting_ready = True
             for delivery in batch:
                 if self.clock() >= deadline or self._shutting_down.is_set():
                     # Untouched: hand it straight back rather than strand it in our pending list.
