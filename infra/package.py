@@ -95,6 +95,10 @@ def chalice_package(out: Path, *, stage: str, pkg_format: str, bytecode_python: 
     return out
 
 
+# The functions that queue jobs, and so may ask for a consumer invocation (bus/consumer_wakeup.py).
+QUEUEING_FUNCTIONS = ("api_handler", "sweeper")
+
+
 def terraform_override(chalice_tf: dict) -> dict:
     """Give each of Chalice's functions the runtime, layer, VPC and environment of rtqcc.tf.json,
     keeping the variables Chalice's config.json sets (an override replaces a whole block)."""
@@ -102,10 +106,11 @@ def terraform_override(chalice_tf: dict) -> dict:
     for name, function in chalice_tf["resource"]["aws_lambda_function"].items():
         own = function.get("environment", {}).get("variables", {})
         literal = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in sorted(own.items()))
+        shared = "local.rtqcc_environment" + (", local.consumer_wakeup_environment" if name in QUEUEING_FUNCTIONS else "")
         functions[name] = {
             "runtime": "${local.lambda_runtime}",
             "layers": ["${aws_lambda_layer_version.rtqcc.arn}"],
-            "environment": {"variables": "${merge(local.rtqcc_environment, {%s})}" % literal},
+            "environment": {"variables": "${merge(%s, {%s})}" % (shared, literal)},
             "vpc_config": {"subnet_ids": "${var.subnet_ids}", "security_group_ids": "${var.security_group_ids}"},
         }
     return {"resource": {"aws_lambda_function": functions}}

@@ -309,6 +309,24 @@ def test_template_schedules_the_consumer_sweeper_and_pruner_with_timeout_and_res
     assert event == {"Type": "Schedule", "Properties": {"Schedule": schedule}}
 
 
+def test_the_functions_that_queue_jobs_may_invoke_the_consumer_once_without_retries(sam):
+    """A job queued while no consumer runs asks for an invocation (bus/consumer_wakeup.py)."""
+    for name in ("APIHandler", "Sweeper"):
+        assert effective(sam, name)["Environment"]["Variables"]["RTQCC_CONSUMER_FUNCTION"] == {"Ref": "Consumer"}
+    assert "RTQCC_CONSUMER_FUNCTION" not in effective(sam, "Consumer")["Environment"]["Variables"]
+    # Chalice's own literal settings of the API function survive the merge beside it.
+    assert effective(sam, "APIHandler")["Environment"]["Variables"]["RTQCC_SSE_LONG_POLL_S"] == "25"
+    policy = sam["Resources"]["ConsumerInvokePolicy"]["Properties"]
+    assert policy["Roles"] == [{"Ref": "ApiHandlerRole"}, {"Ref": "SweeperRole"}]
+    [statement] = policy["PolicyDocument"]["Statement"]
+    assert statement == {"Effect": "Allow", "Action": "lambda:InvokeFunction",
+                         "Resource": {"Fn::GetAtt": ["Consumer", "Arn"]}}
+    invoke_config = sam["Resources"]["ConsumerInvokeConfig"]["Properties"]
+    assert invoke_config["FunctionName"] == {"Ref": "Consumer"}
+    # A throttled or failed asynchronous invocation is not retried for hours: the schedule comes.
+    assert invoke_config["MaximumRetryAttempts"] == 0 and invoke_config["MaximumEventAgeInSeconds"] == 60
+
+
 def test_template_has_the_streaming_function_url_under_the_web_adapter(sam, packaged):
     props = effective(sam, "StreamFunction")
     assert props["FunctionUrlConfig"]["InvokeMode"] == "RESPONSE_STREAM"
@@ -426,6 +444,14 @@ def test_terraform_output_is_complete_and_consistent(packaged):
     assert url["invoke_mode"] == "RESPONSE_STREAM"
     assert extra["locals"]["lambda_runtime"] == build_layer.LAMBDA_RUNTIME
     assert set(extra["locals"]["rtqcc_environment"]) <= SETTINGS_READS
+    assert set(extra["locals"]["consumer_wakeup_environment"]) == {"RTQCC_CONSUMER_FUNCTION"} <= SETTINGS_READS
+    for name, function in override["resource"]["aws_lambda_function"].items():
+        wakes = "local.consumer_wakeup_environment" in function["environment"]["variables"]
+        assert wakes == (name in ("api_handler", "sweeper")), name
+    attached = extra["resource"]["aws_iam_role_policy_attachment"]
+    assert {attached[k]["role"] for k in attached if attached[k]["policy_arn"] == "${aws_iam_policy.consumer_invoke.arn}"} \
+        == {"${aws_iam_role.api_handler_role.name}", "${aws_iam_role.sweeper_role.name}"}
+    assert extra["resource"]["aws_lambda_function_event_invoke_config"]["consumer"]["maximum_retry_attempts"] == 0
     assert {"rtqcc-layer.zip", "stream.zip", "deployment.zip"} <= {p.name for p in folder.iterdir()}
     defined = {f"{kind}.{name}" for f in (chalice, extra) for kind, items in f.get("resource", {}).items() for name in items}
     defined |= {f"data.{kind}.{name}" for f in (chalice, extra) for kind, items in f.get("data", {}).items() for name in items}

@@ -11,6 +11,7 @@ from .store.api_keys import ApiKeyStore
 from .store.blobs import BlobStore, S3BlobStore
 from .store.db import Database
 from .errors import ConfigError
+from .bus.consumer_wakeup import ConsumerWakeup, lambda_invoker
 from .bus.events import EventLog
 from .store.jobs import JobStore
 from .writing.providers.base import Provider
@@ -149,6 +150,11 @@ class Services:
     @cached_property
     def queue(self) -> WorkQueue:
         return WorkQueue(self.redis)
+
+    @cached_property
+    def consumer_wakeup(self) -> ConsumerWakeup:
+        function = self.settings.consumer_function
+        return ConsumerWakeup(self.redis, lambda_invoker(function, self.settings.s3_region) if function else None)
 
     @cached_property
     def provider_waits(self) -> "ProviderWaitBoard":

@@ -261,6 +261,9 @@ class Settings:
     max_running_per_tenant: int | None = 32
     consumer_idle_exit_ms: int = 1000
     consumer_safety_margin_ms: int = 2000
+    # The consumer's Lambda function, where consumers run on a schedule: the API asks for an
+    # invocation when it queues a job and no consumer is reading (bus/consumer_wakeup.py).
+    consumer_function: str | None = None
     consumer_max_deliveries: int = 5
     # the local stack (`rtqcc up`): how often it sweeps, and how many deaths of one embedded
     # service within a window it restarts before it stops with a message naming the service
@@ -369,6 +372,7 @@ class Settings:
             max_running_per_tenant=_int(env, "RTQCC_MAX_RUNNING_PER_TENANT", 32) or None,
             consumer_idle_exit_ms=_int(env, "RTQCC_CONSUMER_IDLE_EXIT_MS", 1000),
             consumer_safety_margin_ms=_int(env, "RTQCC_CONSUMER_SAFETY_MARGIN_MS", 2000),
+            consumer_function=(env.get("RTQCC_CONSUMER_FUNCTION") or "").strip() or None,
             consumer_max_deliveries=_int(env, "RTQCC_CONSUMER_MAX_DELIVERIES", 5, minimum=1),
             sweep_interval_s=_float(env, "RTQCC_SWEEP_INTERVAL_S", 300.0, minimum=1.0),
             service_max_restarts=_int(env, "RTQCC_SERVICE_MAX_RESTARTS", 5, minimum=1),

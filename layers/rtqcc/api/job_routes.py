@@ -215,6 +215,7 @@ def control(call: ApiCall, external_id: str, verb: str, *, along=None) -> Respon
     if verb in QUEUEING_VERBS and job.status == JobStatus.QUEUED:
         # Also on a repeated start of a queued job: a lost enqueue is healed by retrying.
         s.queue.enqueue(external_id)
+        s.consumer_wakeup.job_queued()
     return Response(body=job_document(s.jobs, job), status_code=202)
 
 

@@ -234,6 +234,7 @@ class Consumer:
                 if in_flight:  # runs ending meanwhile free slots this read does not ask for
                     wait_ms = min(wait_ms, IN_FLIGHT_READ_BLOCK_MS)
                 block_ms = max(1, min(wait_ms, settings.consumer_idle_exit_ms or wait_ms))
+                self.services.consumer_wakeup.listening(self.name, block_ms)
                 batch = queue.read(self.name, count=min(free, settings.consumer_read_batch), block_ms=block_ms)
                 # Unhandled entries of a batch cut short stay pending, and are reclaimed.
                 start(batch)
@@ -248,9 +249,31 @@ class Consumer:
             if batch or in_flight:
                 idle_since = self.clock()
             elif settings.consumer_idle_exit_ms and (self.clock() - idle_since) * 1000 >= settings.consumer_idle_exit_ms:
-                break
+                if not self._last_look(start):
+                    break
+                idle_since = self.clock()
+        self._stop_listening()
         while in_flight:
             settle_finished(None)
+
+    def _last_look(self, start: Callable[[list[Delivery]], None]) -> bool:
+        """Before an idle exit: stop listening, then take what was queued since the last read (its
+        API call saw us listening and asked for no invocation). Whether anything was."""
+        try:
+            self.services.consumer_wakeup.stopped_listening(self.name)
+            batch = self.services.queue.read(self.name, block_ms=0,  # no run in flight: every slot is free
+                                             count=min(self.settings.max_in_flight, self.settings.consumer_read_batch))
+        except TRANSIENT_ERRORS as exc:  # the mark lapses by itself; the schedule takes what came
+            log.warning("could not look at the queue once more before stopping: %s", exc)
+            return False
+        start(batch)
+        return bool(batch)
+
+    def _stop_listening(self) -> None:
+        try:
+            self.services.consumer_wakeup.stopped_listening(self.name)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("could not say this consumer stopped reading the queue (the mark lapses): %s", exc)
 
     def handle(self, delivery: Delivery, keeper: LeaseKeeper) -> DrainResult:
         """Take one message to an end; what happened, as counts."""

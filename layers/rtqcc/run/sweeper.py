@@ -33,5 +33,7 @@ def sweep(services: Services, *, queued_stale_after_s: float = 600.0) -> SweepRe
     for external_id in requeued:
         queue.enqueue(external_id, pipeline=pipe)
     pipe.execute()
+    if requeued:
+        services.consumer_wakeup.job_queued()
     IdempotencyStore(services.db).forget_older_than(IDEMPOTENCY_KEEP_S)
     return SweepResult(requeued=requeued, queue_was_lost=lost)
