@@ -162,16 +162,19 @@ def test_a_queued_job_not_held_by_a_cap_says_it_waits_for_a_consumer(api):
 
 
 @pytest.mark.parametrize("cap", [1, None])
-def test_a_job_left_waiting_aside_is_put_back_by_the_next_consumer(cap, api, services, run_consumer, make_services):
+def test_a_job_left_waiting_aside_is_put_back_by_the_next_consumer(cap, api, services, run_consumer, make_services,
+                                                                   redis_client):
     """Its promotion was lost (the consumer that ran the tenant's last job died before putting the
     next one back): the next consumer finds the tenant has a free slot and puts it back first.
-    With the cap lifted since, every waiting job goes back."""
+    With the cap lifted since, every waiting job goes back. Redis restarted meanwhile, and lost
+    the scripts that promote: they are loaded again."""
     external_id = api.create(**SMALL)
     api.post(f"/jobs/{external_id}/start")
     queue = services.queue
     queue.ensure_group()
     [delivery] = queue.read("consumer-that-died", count=1, block_ms=100)
     queue.park_then_ack("tenant-a", external_id, delivery.message_id, rank=1, created_ms=0, now_ms=0)
+    redis_client.script_flush()
 
     result = run_consumer(services=make_services(max_running_per_tenant=cap))
     assert result.completed == 1

@@ -9,7 +9,6 @@ a subscriber can switch to the stream (XREAD after that id) without a gap or a d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 # Each event: XADD to its job's stream, then PUBLISH with the id XADD chose, so the two never
 # disagree; every event of a call in the order given, atomically. KEYS: each event's stream;
@@ -69,7 +68,9 @@ class EventLog:
     def __init__(self, redis: Redis, *, maxlen: int = 10_000):
         self.redis = redis
         self.maxlen = maxlen
-        self._sha = hashlib.sha1(_APPEND_AND_PUBLISH.encode()).hexdigest()
+        # Sent by its hash (EVALSHA), loaded again only when Redis answers it has not got it (a new or
+        # restarted Redis): a script runs whole or not at all, so sending it again repeats nothing.
+        self._append_and_publish = redis.register_script(_APPEND_AND_PUBLISH)
 
     def publish(self, external_id: str, type_: str, data: dict[str, Any]) -> str:
         return self.publish_many(external_id, [(type_, data)])[0]
@@ -80,19 +81,12 @@ class EventLog:
 
     def publish_across(self, events: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
         """Append and publish `(external_id, type, data)` events of any jobs in one round trip
-        (one script call, however many events), each job's in the order given; their stream ids.
-        (A redis-py script object would ask SCRIPT EXISTS first, a second round trip every time:
-        EVALSHA goes as it is, and the script is loaded only when Redis answers that it lacks it;
-        a script runs whole or not at all, so sending it again repeats nothing.)"""
+        (one script call, however many events), each job's in the order given; their stream ids."""
         keys = [events_key(external_id) for external_id, _, _ in events]
         args: list[Any] = [self.maxlen, EVENTS_TTL_S]
         for _, type_, data in events:
             args += (type_, json.dumps(data, separators=(",", ":")))
-        try:
-            return list(self.redis.evalsha(self._sha, len(keys), *keys, *args))
-        except NoScriptError:  # a new or restarted Redis: load it, then send it again
-            self.redis.script_load(_APPEND_AND_PUBLISH)
-            return list(self.redis.evalsha(self._sha, len(keys), *keys, *args))
+        return list(self._append_and_publish(keys, args))
 
     def read_after(self, external_id: str, after_id: str, *, block_ms: int | None = None,
                    count: int = 500) -> list[Event]:

@@ -59,6 +59,8 @@ class WorkQueue:
         self.redis = redis
         self.stream = stream
         self.group = group
+        self._promote = redis.register_script(_PROMOTE)
+        self._withdraw = redis.register_script(_WITHDRAW)
 
     def ensure_group(self) -> None:
         try:
@@ -132,14 +134,13 @@ class WorkQueue:
         """Put up to `count` of the tenant's waiting jobs back on the stream; how many moved."""
         if count <= 0:
             return 0
-        return int(self.redis.eval(_PROMOTE, 3, waiting_key(tenant), self.stream, WAITING_TENANTS,
-                                   count, tenant, now_ms))
+        return int(self._promote([waiting_key(tenant), self.stream, WAITING_TENANTS], [count, tenant, now_ms]))
 
     def withdraw(self, tenant: str, external_id: str) -> bool:
         """Take a job that stopped being queued (cancelled, paused) out of its tenant's waiting
         jobs, so that it neither counts in the places of the jobs behind it nor takes the next
         free slot's promotion from them. Whether it was waiting."""
-        return bool(self.redis.eval(_WITHDRAW, 2, waiting_key(tenant), WAITING_TENANTS, external_id, tenant))
+        return bool(self._withdraw([waiting_key(tenant), WAITING_TENANTS], [external_id, tenant]))
 
     def waiting_tenants(self) -> list[str]:
         """Tenants with jobs set aside, the longest unserved first."""
