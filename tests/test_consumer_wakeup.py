@@ -88,7 +88,8 @@ def test_no_invocation_is_asked_for_while_a_consumer_reads_the_queue(api, invoca
         assert api.post(f"/jobs/{job}/start").status_code == 202
 
         assert invocations == []
-        wait_for(lambda: api.get(f"/jobs/{job}").json_body["status"] == "completed", timeout_s=20, what="its run")
+        wait_for(lambda: api.get(f"/jobs/{job}").json_body["status"] == "completed", timeout_s=20, interval_s=0.2,
+                 what="its run")
 
 
 def test_a_consumer_that_stops_for_want_of_work_stops_listening_so_the_next_start_asks(
@@ -127,7 +128,8 @@ def test_a_job_started_with_no_consumer_running_is_run_by_the_invocation_it_aske
         services.consumer_wakeup = ConsumerWakeup(services.redis, invoker_for(lambda_api))
         job = api.create(section_count=2)
         assert api.post(f"/jobs/{job}/start").status_code == 202
-        wait_for(lambda: api.get(f"/jobs/{job}").json_body["status"] == "completed", timeout_s=30, what="its run")
+        wait_for(lambda: api.get(f"/jobs/{job}").json_body["status"] == "completed", timeout_s=30, interval_s=0.2,
+                 what="its run")
 
     assert len(lambda_api.requests) == 1
     wait_for(lambda: drains, what="the invocation's end")
@@ -177,3 +179,48 @@ def test_jobs_the_sweeper_puts_back_ask_for_an_invocation(api, services, invocat
 def test_the_api_asks_lambda_only_where_the_consumer_function_is_named(settings):
     assert Settings.from_env({"RTQCC_CONSUMER_FUNCTION": ""}).consumer_function is None
     assert Settings.from_env({"RTQCC_CONSUMER_FUNCTION": " rtqcc-prod-consumer "}).consumer_function == "rtqcc-prod-consumer"
+
+
+@pytest.mark.parametrize("jobs, asked", [(2, ["consumer"]), (1, [])])
+def test_a_consumer_with_every_slot_busy_asks_for_another_invocation_only_while_jobs_wait_unread(
+        jobs, asked, make_api, start_consumer, database):
+    api, services = make_api(max_in_flight=1, fake_tokens_per_s=30.0)
+    started = [api.create(section_count=1, params={"max_tokens_per_section": 60}) for _ in range(jobs)]
+    for job in started:
+        api.post(f"/jobs/{job}/start")
+    invocations: list[str] = []
+    services.consumer_wakeup = ConsumerWakeup(services.redis, lambda: invocations.append("consumer"))
+
+    with start_consumer(services=services, budget_s=60, consumer_idle_exit_ms=200) as consumer:
+        wait_for(lambda: database.row("SELECT COUNT(*)::int AS n FROM jobs WHERE status = 'completed'")["n"] == jobs,
+                 timeout_s=40, interval_s=0.05, what="every job run, one at a time")
+    assert consumer.result.completed == jobs
+    assert invocations == asked  # with two jobs, the second waited unread behind the first
+
+
+def test_the_queue_counts_as_unread_only_what_no_consumer_has_read(services):
+    queue = services.queue
+    assert not queue.has_unread()  # no stream yet
+    first, second = "RTQCC-01J00000000000000000000001", "RTQCC-01J00000000000000000000002"
+    queue.enqueue(first)
+    assert queue.has_unread()  # no group yet: consumers make it at the start, so all of it is unread
+    queue.ensure_group()
+    queue.enqueue(second)
+    queue.read("consumer-1", count=1, block_ms=10)
+    assert queue.has_unread()
+    queue.forget("tenant-a", second)  # a deleted job's entry leaves the stream
+    assert not queue.has_unread()  # though Redis 7.0's own count of the group's lag still says 1
+
+
+def test_on_lambda_the_consumer_asks_for_invocations_of_its_own_function(make_services):
+    from types import SimpleNamespace
+
+    from rtqcc.run.consumer import lambda_handler
+
+    services = make_services()
+    assert services.consumer_wakeup.invoke is None  # RTQCC_CONSUMER_FUNCTION is not set
+    handler = lambda_handler(lambda: services)
+    context = SimpleNamespace(function_name="rtqcc-api-prod-consumer", aws_request_id="r-1",
+                              get_remaining_time_in_millis=lambda: 3_000)
+    handler({}, context)
+    assert services.consumer_wakeup.invoke is not None

@@ -309,7 +309,7 @@ def test_template_schedules_the_consumer_sweeper_and_pruner_with_timeout_and_res
     assert event == {"Type": "Schedule", "Properties": {"Schedule": schedule}}
 
 
-def test_the_functions_that_queue_jobs_may_invoke_the_consumer_once_without_retries(sam):
+def test_the_functions_that_queue_jobs_and_the_consumer_may_invoke_the_consumer_without_retries(sam):
     """A job queued while no consumer runs asks for an invocation (bus/consumer_wakeup.py)."""
     for name in ("APIHandler", "Sweeper"):
         assert effective(sam, name)["Environment"]["Variables"]["RTQCC_CONSUMER_FUNCTION"] == {"Ref": "Consumer"}
@@ -317,7 +317,8 @@ def test_the_functions_that_queue_jobs_may_invoke_the_consumer_once_without_retr
     # Chalice's own literal settings of the API function survive the merge beside it.
     assert effective(sam, "APIHandler")["Environment"]["Variables"]["RTQCC_SSE_LONG_POLL_S"] == "25"
     policy = sam["Resources"]["ConsumerInvokePolicy"]["Properties"]
-    assert policy["Roles"] == [{"Ref": "ApiHandlerRole"}, {"Ref": "SweeperRole"}]
+    # The consumer invokes its own function: another invocation while its slots are full and jobs wait.
+    assert policy["Roles"] == [{"Ref": "ApiHandlerRole"}, {"Ref": "SweeperRole"}, {"Ref": "ConsumerRole"}]
     [statement] = policy["PolicyDocument"]["Statement"]
     assert statement == {"Effect": "Allow", "Action": "lambda:InvokeFunction",
                          "Resource": {"Fn::GetAtt": ["Consumer", "Arn"]}}
@@ -450,7 +451,7 @@ def test_terraform_output_is_complete_and_consistent(packaged):
         assert wakes == (name in ("api_handler", "sweeper")), name
     attached = extra["resource"]["aws_iam_role_policy_attachment"]
     assert {attached[k]["role"] for k in attached if attached[k]["policy_arn"] == "${aws_iam_policy.consumer_invoke.arn}"} \
-        == {"${aws_iam_role.api_handler_role.name}", "${aws_iam_role.sweeper_role.name}"}
+        == {"${aws_iam_role.api_handler_role.name}", "${aws_iam_role.sweeper_role.name}", "${aws_iam_role.consumer_role.name}"}
     assert extra["resource"]["aws_lambda_function_event_invoke_config"]["consumer"]["maximum_retry_attempts"] == 0
     assert {"rtqcc-layer.zip", "stream.zip", "deployment.zip"} <= {p.name for p in folder.iterdir()}
     defined = {f"{kind}.{name}" for f in (chalice, extra) for kind, items in f.get("resource", {}).items() for name in items}

@@ -5,8 +5,10 @@ the queue runs dry), a job started while none runs would wait for the next one: 
 before its first token. So a consumer about to read the queue with a slot free says so in Redis
 (`listening`, a mark that lapses soon after its read would end, removed when it stops), and the
 API, having queued a job, finds no such mark and asks for one invocation (`job_queued`), at most
-once per KICK_INTERVAL_MS however many jobs are started meanwhile. Where consumers are always
-running (`rtqcc up`, Kubernetes, compose) no invoker is configured and nothing is asked for.
+once per KICK_INTERVAL_MS however many jobs are started meanwhile. A consumer whose slots are all
+busy asks the same way for another invocation of its own function while messages wait unread
+(`slots_full`). Where consumers are always running (`rtqcc up`, Kubernetes, compose) no invoker
+is configured and nothing is asked for.
 
 A failed request for an invocation loses nothing: the job is queued, and the next scheduled
 invocation takes it."""
@@ -52,6 +54,7 @@ class ConsumerWakeup:
         self.invoke = invoke  # asks for one consumer invocation; None: consumers are always running
         self.clock = clock
         self._listening_until: dict[str, float] = {}  # by consumer, on `clock`
+        self._full_looked_at = float("-inf")
 
     def listening(self, consumer: str, read_ms: int) -> None:
         """`consumer` is about to read the queue for up to `read_ms` with a slot free. Cheap before
@@ -73,9 +76,29 @@ class ConsumerWakeup:
     def job_queued(self) -> bool:
         """After a job went on the queue: ask for a consumer invocation if none is reading it and
         none was asked for within the interval. Whether one was asked for; never raises."""
+        return self._ask(lambda: True)
+
+    def slots_full(self, consumer: str, has_unread: Callable[[], bool]) -> bool:
+        """`consumer` has every slot busy, so it no longer reads the queue; if messages wait that no
+        consumer reads (`has_unread()`), ask for another invocation, as for a job queued, looking
+        at most once per interval. Whether one was asked for; never raises. So a burst of jobs
+        brings up an invocation every interval, not one a minute."""
+        try:
+            self.stopped_listening(consumer)
+        except RedisError as exc:
+            log.warning("could not say a consumer with every slot busy stopped reading (the mark lapses): %s", exc)
+        now = self.clock()
+        if self.invoke is None or now - self._full_looked_at < KICK_INTERVAL_MS / 1000:
+            return False
+        self._full_looked_at = now
+        return self._ask(has_unread)
+
+    def _ask(self, needed: Callable[[], bool]) -> bool:
         if self.invoke is None:
             return False
         try:
+            if not needed():
+                return False
             pipe = self.redis.pipeline(transaction=False)
             pipe.zremrangebyscore(LISTENING_KEY, "-inf", _now_ms())
             pipe.zcard(LISTENING_KEY)
@@ -88,7 +111,7 @@ class ConsumerWakeup:
         return True
 
 
-def scheduled_event(source: str = "rtqcc.api") -> dict:
+def scheduled_event(source: str = "rtqcc.wakeup") -> dict:
     """The payload of an asked-for invocation: shaped as EventBridge's scheduled event, which the
     consumer's handler (a Chalice schedule) expects."""
     return {"version": "0", "id": f"rtqcc-kick-{time.time_ns()}", "detail-type": "Scheduled Event",

@@ -20,6 +20,7 @@ from ..errors import LeaseLost, ProviderError, StreamCut
 from .failures import OUTAGE_ERRORS, describe_failure, gave_up
 from .failpoints import Failpoints
 from ..ids import is_external_id
+from ..bus.consumer_wakeup import KICK_INTERVAL_MS, ConsumerWakeup, lambda_invoker
 from ..bus.events import stream_id_tuple
 from ..store.checkpoints import ConsumerCheckpoints
 from .busy import BusyRuns
@@ -43,6 +44,8 @@ TRANSIENT_ERRORS = (*OUTAGE_ERRORS, OSError)
 # With runs in flight, a read of the queue blocks at most this long, so that slots runs free
 # meanwhile are asked for soon after (a read returns at once when messages are waiting).
 IN_FLIGHT_READ_BLOCK_MS = 200
+# With every slot busy, how often a consumer looks whether jobs wait unread (bus/consumer_wakeup.py).
+FULL_RECHECK_S = KICK_INTERVAL_MS / 1000
 
 
 @dataclass
@@ -214,7 +217,9 @@ class Consumer:
             settle_finished()
             free = settings.max_in_flight - len(in_flight)
             if free == 0:  # every slot busy: wait for a run to end (the keeper ends them by the deadline)
-                settle_finished(max(0.0, deadline - self.clock()))
+                # Meanwhile, jobs waiting unread ask for another consumer invocation (where there are such).
+                self.services.consumer_wakeup.slots_full(self.name, queue.has_unread)
+                settle_finished(max(0.0, min(deadline - self.clock(), FULL_RECHECK_S)))
                 continue
             batch: list[Delivery] = []
             try:
@@ -443,14 +448,21 @@ class Consumer:
 
 
 def lambda_handler(services_factory: Callable[[], Services]) -> Callable[[dict, object], dict]:
-    """Build a Lambda entry point whose consumer (and clients) live as long as the container."""
+    """Build a Lambda entry point whose consumer (and clients) live as long as the container.
+    With every slot busy and jobs waiting, the consumer asks for another invocation of its own
+    function (the context names it)."""
     consumer: Consumer | None = None
 
     def handler(event: dict, context: object) -> dict:
         nonlocal consumer
         if consumer is None:
             configure_logging()
-            consumer = Consumer(services_factory())
+            services = services_factory()
+            function = getattr(context, "function_name", None)
+            if function:
+                services.consumer_wakeup = ConsumerWakeup(services.redis,
+                                                          lambda_invoker(function, services.settings.s3_region))
+            consumer = Consumer(services)
             tracing.configure(consumer.settings.tracing)
         started = time.monotonic()
         with log_context(requestId=getattr(context, "aws_request_id", None)):
