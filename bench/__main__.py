@@ -10,15 +10,15 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import (abort_latency, capacity, cold_start, control_latency, peers, rate_limits, scale, sse_delivery, throughput,
-               token_latency)
+from . import (abort_latency, capacity, cold_start, control_latency, lambda_burst, peers, rate_limits, scale, sse_delivery,
+               throughput, token_latency)
 from .record import describe_machine, python_loop_ms, record, results_path
 from .stack import bench_settings
 
 BENCHES = {"throughput": throughput.run, "control": control_latency.run,
            "sse": sse_delivery.run, "abort": abort_latency.run,
            "cold_start": cold_start.run, "peers": peers.run, "scale": scale.run, "capacity": capacity.run,
-           "rate_limits": rate_limits.run, "token_latency": token_latency.run}
+           "rate_limits": rate_limits.run, "token_latency": token_latency.run, "lambda_burst": lambda_burst.run}
 
 
 def main() -> None:

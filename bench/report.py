@@ -242,11 +242,29 @@ def token_latency_rows(f: dict) -> list[Row]:
     return rows
 
 
+def lambda_burst_rows(f: dict) -> list[Row]:
+    def spread(runs: list[dict], key: str, digits: int = 1) -> str:
+        values = sorted(run[key] for run in runs)
+        low, high = _n(values[0], digits), _n(values[-1], digits)
+        return low if low == high else f"{low}–{high}"
+
+    ours, base = f["ours"], f["baseline"]
+    last_invoked = [max(run["invoked_after_s"]) for run in ours]
+    return [(f"a burst of {f['jobs']} {f['sections_per_job']}-section jobs started together with no consumer running,"
+             f" consumers as scheduled invocations ({f['slots_per_invocation']} slots each, reserved concurrency"
+             f" {f['reserved_concurrency']}; Lambda's Invoke API played on 127.0.0.1)",
+             f"{spread(ours, 'seconds')} s: {spread(ours, 'invocations', 0)} invocations, the last"
+             f" {_n(min(last_invoked))}–{_n(max(last_invoked))} s after the start; at most"
+             f" {spread(ours, 'peak_running', 0)} running at once",
+             f"the schedule's one invocation, at the burst's moment: {spread(base, 'seconds')} s, at most"
+             f" {spread(base, 'peak_running', 0)} running (the next a minute later)", f"{f['ratio']:.2f}", "")]
+
+
 NOTES: dict[str, Callable[[dict], list[str]]] = {"cold_start": cold_start_notes}
 ROWS: dict[str, Callable[[dict], list[Row]]] = {
     "throughput": throughput_rows, "sse": sse_rows, "control": control_rows, "abort": abort_rows,
     "cold_start": cold_start_rows, "peers": peers_rows, "scale": scale_rows, "capacity": capacity_rows,
-    "rate_limits": rate_limits_rows, "token_latency": token_latency_rows,
+    "rate_limits": rate_limits_rows, "token_latency": token_latency_rows, "lambda_burst": lambda_burst_rows,
 }
 
 

@@ -200,16 +200,44 @@ def test_a_consumer_with_every_slot_busy_asks_for_another_invocation_only_while_
 
 def test_the_queue_counts_as_unread_only_what_no_consumer_has_read(services):
     queue = services.queue
-    assert not queue.has_unread()  # no stream yet
+    assert queue.unread(10) == 0  # no stream yet
     first, second = "RTQCC-01J00000000000000000000001", "RTQCC-01J00000000000000000000002"
     queue.enqueue(first)
-    assert queue.has_unread()  # no group yet: consumers make it at the start, so all of it is unread
+    assert queue.unread(10) == 1  # no group yet: consumers make it at the start, so all of it is unread
     queue.ensure_group()
     queue.enqueue(second)
     queue.read("consumer-1", count=1, block_ms=10)
-    assert queue.has_unread()
+    assert queue.unread(10) == 1
     queue.forget("tenant-a", second)  # a deleted job's entry leaves the stream
-    assert not queue.has_unread()  # though Redis 7.0's own count of the group's lag still says 1
+    assert queue.unread(10) == 0  # though Redis 7.0's own count of the group's lag still says 1
+    for n in range(5):
+        queue.enqueue(f"RTQCC-01J0000000000000000000010{n}")
+    assert queue.unread(3) == 3  # counted up to the limit
+
+
+@pytest.mark.parametrize("waiting, asked", [(25, 4), (200, 10), (0, 0)])
+def test_a_full_consumer_asks_for_as_many_invocations_as_would_take_the_waiting_jobs(services, waiting, asked):
+    queue, invoked = services.queue, []
+    queue.ensure_group()
+    for n in range(waiting):
+        queue.enqueue(f"RTQCC-01J{n:021d}")
+    wakeup = ConsumerWakeup(services.redis, lambda: invoked.append("consumer"))
+    wakeup.listening("consumer-1", 100)
+
+    assert wakeup.slots_full("consumer-1", 8, queue.unread) == asked  # 8 slots each, at most 10 at once
+    assert len(invoked) == asked
+    assert services.redis.zcard(LISTENING_KEY) == 0  # a full consumer no longer reads
+    assert wakeup.slots_full("consumer-1", 8, queue.unread) == 0  # looked a moment ago
+
+
+def test_a_full_consumer_asks_for_nothing_while_another_reads_the_queue(services):
+    queue, invoked = services.queue, []
+    queue.ensure_group()
+    queue.enqueue("RTQCC-01J00000000000000000000001")
+    ConsumerWakeup(services.redis, None).listening("consumer-2", 100)  # another process, with a free slot
+
+    wakeup = ConsumerWakeup(services.redis, lambda: invoked.append("consumer"))
+    assert wakeup.slots_full("consumer-1", 8, queue.unread) == 0 and invoked == []
 
 
 def test_on_lambda_the_consumer_asks_for_invocations_of_its_own_function(make_services):

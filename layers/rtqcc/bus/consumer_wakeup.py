@@ -6,8 +6,8 @@ before its first token. So a consumer about to read the queue with a slot free s
 (`listening`, a mark that lapses soon after its read would end, removed when it stops), and the
 API, having queued a job, finds no such mark and asks for one invocation (`job_queued`), at most
 once per KICK_INTERVAL_MS however many jobs are started meanwhile. A consumer whose slots are all
-busy asks the same way for another invocation of its own function while messages wait unread
-(`slots_full`). Where consumers are always running (`rtqcc up`, Kubernetes, compose) no invoker
+busy asks the same way for invocations of its own function, as many as would take the messages
+waiting unread (`slots_full`). Where consumers are always running (`rtqcc up`, Kubernetes, compose) no invoker
 is configured and nothing is asked for.
 
 A failed request for an invocation loses nothing: the job is queued, and the next scheduled
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -30,13 +31,20 @@ log = logging.getLogger(__name__)
 # it does not say so again; it leaves when it stops reading. Lapsed entries (a consumer that died)
 # are dropped by whoever counts them.
 LISTENING_KEY = "consumers:listening"
+# Set for an interval by a request for invocations: one for jobs queued (by the API, the sweeper),
+# one for consumers with every slot busy, so that a burst's first request does not hold back the
+# consumers' ask for more once they know how many jobs wait.
 KICK_KEY = "consumers:kicked"
+FULL_ASK_KEY = "consumers:asked"
 # How long past its current read a consumer counts as listening: room for the clocks of two hosts
 # and for the loop between reads. It says so again before a read that would outlast it.
 LISTENING_SLACK_MS = 3_000
 # One request for an invocation per interval: a kicked consumer starts within it (a cold start is
 # about a second) and is then listening.
 KICK_INTERVAL_MS = 5_000
+# A consumer with every slot busy asks for at most this many invocations at a time; Lambda holds
+# back those past the function's reserved concurrency (and drops them after a minute).
+MAX_ASKED_AT_ONCE = 10
 
 
 def _now_ms() -> int:
@@ -76,39 +84,44 @@ class ConsumerWakeup:
     def job_queued(self) -> bool:
         """After a job went on the queue: ask for a consumer invocation if none is reading it and
         none was asked for within the interval. Whether one was asked for; never raises."""
-        return self._ask(lambda: True)
+        return self._ask(KICK_KEY, lambda: 1) == 1
 
-    def slots_full(self, consumer: str, has_unread: Callable[[], bool]) -> bool:
-        """`consumer` has every slot busy, so it no longer reads the queue; if messages wait that no
-        consumer reads (`has_unread()`), ask for another invocation, as for a job queued, looking
-        at most once per interval. Whether one was asked for; never raises. So a burst of jobs
-        brings up an invocation every interval, not one a minute."""
+    def slots_full(self, consumer: str, slots: int, unread: Callable[[int], int]) -> int:
+        """`consumer` has every one of its `slots` busy, so it no longer reads the queue. If messages
+        wait that no consumer reads (`unread(limit)` counts them), ask for as many invocations as
+        would take them (up to MAX_ASKED_AT_ONCE), looking at most once per interval. How many were
+        asked for; never raises. So a burst of jobs brings up its consumers in seconds, where the
+        schedule adds one a minute."""
         try:
             self.stopped_listening(consumer)
         except RedisError as exc:
             log.warning("could not say a consumer with every slot busy stopped reading (the mark lapses): %s", exc)
         now = self.clock()
         if self.invoke is None or now - self._full_looked_at < KICK_INTERVAL_MS / 1000:
-            return False
+            return 0
         self._full_looked_at = now
-        return self._ask(has_unread)
+        return self._ask(FULL_ASK_KEY, lambda: math.ceil(unread(MAX_ASKED_AT_ONCE * slots) / slots))
 
-    def _ask(self, needed: Callable[[], bool]) -> bool:
+    def _ask(self, key: str, wanted: Callable[[], int]) -> int:
+        """Ask for `wanted()` invocations, unless a consumer is reading the queue or `key` says
+        some were asked for within the interval; how many were."""
         if self.invoke is None:
-            return False
+            return 0
         try:
-            if not needed():
-                return False
+            count = wanted()
+            if count <= 0:
+                return 0
             pipe = self.redis.pipeline(transaction=False)
             pipe.zremrangebyscore(LISTENING_KEY, "-inf", _now_ms())
             pipe.zcard(LISTENING_KEY)
-            if pipe.execute()[1] or not self.redis.set(KICK_KEY, "1", nx=True, px=KICK_INTERVAL_MS):
-                return False
-            self.invoke()
+            if pipe.execute()[1] or not self.redis.set(key, "1", nx=True, px=KICK_INTERVAL_MS):
+                return 0
+            for _ in range(count):
+                self.invoke()
         except (RedisError, OSError, InvocationFailed) as exc:
             log.warning("could not ask for a consumer invocation; the next scheduled one takes the job: %s", exc)
-            return False
-        return True
+            return 0
+        return count
 
 
 def scheduled_event(source: str = "rtqcc.wakeup") -> dict:

@@ -103,16 +103,16 @@ class WorkQueue:
             deliveries.append(_delivery(entry_id, fields, reclaimed=True))
         return deliveries
 
-    def has_unread(self) -> bool:
-        """Whether a message waits that no consumer has read yet. (Not from the group's `lag`:
-        Redis 7.0 keeps counting an entry deleted from the stream, a job's, as unread for ever.)"""
+    def unread(self, limit: int) -> int:
+        """How many messages no consumer has read yet, counted up to `limit`. (Not the group's
+        `lag`: Redis 7.0 keeps counting an entry deleted from the stream, a job's, for ever.)"""
         try:
             group = next((g for g in self.redis.xinfo_groups(self.stream) if g["name"] == self.group), None)
         except ResponseError:  # no stream yet
-            return False
+            return 0
         # Without the group, consumers create it at the stream's start: all of it is unread.
         after = "-" if group is None else "(" + group["last-delivered-id"]
-        return bool(self.redis.xrange(self.stream, min=after, max="+", count=1))
+        return len(self.redis.xrange(self.stream, min=after, max="+", count=limit))
 
     def touch(self, consumer: str, message_ids: list[str]) -> None:
         """Reset the idle time of messages being worked on, so a healthy long job is not claimed

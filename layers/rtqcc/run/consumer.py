@@ -218,7 +218,7 @@ class Consumer:
             free = settings.max_in_flight - len(in_flight)
             if free == 0:  # every slot busy: wait for a run to end (the keeper ends them by the deadline)
                 # Meanwhile, jobs waiting unread ask for another consumer invocation (where there are such).
-                self.services.consumer_wakeup.slots_full(self.name, queue.has_unread)
+                self.services.consumer_wakeup.slots_full(self.name, settings.max_in_flight, queue.unread)
                 settle_finished(max(0.0, min(deadline - self.clock(), FULL_RECHECK_S)))
                 continue
             batch: list[Delivery] = []
