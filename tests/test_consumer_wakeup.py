@@ -1,7 +1,8 @@
 """Where consumers are invocations on a schedule (Lambda), a job started while none runs asks for
-one at once instead of waiting for the next schedule, once however many jobs are started; and
-not at all while a consumer is reading the queue. Lambda itself cannot run here: its Invoke API
-is played by a local HTTP server, which the real boto3 client calls."""
+one at once instead of waiting for the next schedule, once however many jobs are started; not at
+all while a consumer is reading the queue; and a consumer with every slot busy asks for as many
+as the jobs waiting would fill. Lambda itself cannot run here: its Invoke API is played by a
+local HTTP server, which the real boto3 client calls."""
 
 from __future__ import annotations
 
@@ -178,7 +179,8 @@ def test_jobs_the_sweeper_puts_back_ask_for_an_invocation(api, services, invocat
 
 def test_the_api_asks_lambda_only_where_the_consumer_function_is_named(settings):
     assert Settings.from_env({"RTQCC_CONSUMER_FUNCTION": ""}).consumer_function is None
-    assert Settings.from_env({"RTQCC_CONSUMER_FUNCTION": " rtqcc-prod-consumer "}).consumer_function == "rtqcc-prod-consumer"
+    named = Settings.from_env({"RTQCC_CONSUMER_FUNCTION": " rtqcc-prod-consumer "})
+    assert named.consumer_function == "rtqcc-prod-consumer"
 
 
 @pytest.mark.parametrize("jobs, asked", [(2, ["consumer"]), (1, [])])

@@ -7,8 +7,8 @@ before its first token. So a consumer about to read the queue with a slot free s
 API, having queued a job, finds no such mark and asks for one invocation (`job_queued`), at most
 once per KICK_INTERVAL_MS however many jobs are started meanwhile. A consumer whose slots are all
 busy asks the same way for invocations of its own function, as many as would take the messages
-waiting unread (`slots_full`). Where consumers are always running (`rtqcc up`, Kubernetes, compose) no invoker
-is configured and nothing is asked for.
+waiting unread (`slots_full`). Where consumers are always running (`rtqcc up`, Kubernetes,
+compose) no invoker is configured and nothing is asked for.
 
 A failed request for an invocation loses nothing: the job is queued, and the next scheduled
 invocation takes it."""
@@ -118,6 +118,8 @@ class ConsumerWakeup:
                 return 0
             for _ in range(count):
                 self.invoke()
+            why = "a job was queued with no consumer reading" if key == KICK_KEY else "jobs wait behind full consumers"
+            log.info("asked for %d consumer invocation(s): %s", count, why)
         except (RedisError, OSError, InvocationFailed) as exc:
             log.warning("could not ask for a consumer invocation; the next scheduled one takes the job: %s", exc)
             return 0
