@@ -77,6 +77,20 @@ def test_metrics_follow_a_job_while_it_runs(api, start_consumer):
     assert ("rtqcc_jobs_in_flight", (("consumer", "consumer-metrics"),)) not in after
 
 
+def test_the_queue_lag_counts_what_waits_unread_and_forgets_a_deleted_queued_job(api, run_consumer):
+    """Redis 7.0's own lag of the group would keep counting the deleted job's entry for ever."""
+    kept, deleted = api.create(section_count=1), api.create(section_count=1)
+    for external_id in (kept, deleted):
+        api.post(f"/jobs/{external_id}/start")
+    lag = ("rtqcc_queue_lag", (("group", "orchestrators"),))
+    assert _scrape(api)[lag] == 2
+    assert api.delete(f"/jobs/{deleted}").json_body["status"] == "deleted"
+    assert _scrape(api)[lag] == 1
+
+    assert run_consumer().completed == 1
+    assert _scrape(api)[lag] == 0
+
+
 def test_recording_a_metric_leaves_the_exposition_library_unloaded(redis_client):
     # In a fresh interpreter: a cold API function records its first request's time, and only
     # /metrics needs prometheus_client (its import is a cold start's worth of tens of ms).

@@ -43,6 +43,7 @@ HISTOGRAMS = {
                             ("method", "status")),
 }
 _KEY = "metrics:hist:{}"
+LAG_COUNTED_UP_TO = 10_000
 
 
 class MetricsRecorder:
@@ -213,13 +214,15 @@ class _Collector:
         queue = s.queue
         yield GaugeMetricFamily("rtqcc_queue_length", "Entries in jobs:pending", value=s.redis.xlen(queue.stream))
         pending = GaugeMetricFamily("rtqcc_queue_pending", "Delivered but unacknowledged entries", labels=["group"])
-        lag = GaugeMetricFamily("rtqcc_queue_lag", "Entries not yet delivered to the group", labels=["group"])
         if s.redis.exists(queue.stream):
             for group in s.redis.xinfo_groups(queue.stream):
                 pending.add_metric([group["name"]], group["pending"])
-                if group.get("lag") is not None:
-                    lag.add_metric([group["name"]], group["lag"])
         yield pending
+        # Counted, not Redis's own `lag` of the group: Redis 7.0 keeps counting a deleted queued
+        # job's entry as unread for ever, which would hold the lag alert up after enough deletions.
+        lag = GaugeMetricFamily("rtqcc_queue_lag", f"Entries no consumer has read yet (counted up to"
+                                f" {LAG_COUNTED_UP_TO:,})", labels=["group"])
+        lag.add_metric([queue.group], queue.unread(LAG_COUNTED_UP_TO))
         yield lag
         yield GaugeMetricFamily("rtqcc_dead_letters", "Entries in jobs:dead: jobs parked after too many failed runs",
                                 value=s.redis.xlen(DEAD_LETTERS))
