@@ -87,24 +87,22 @@ class ConsumerWakeup:
         return self._ask(KICK_KEY, lambda: 1) == 1
 
     def slots_full(self, consumer: str, slots: int, unread: Callable[[int], int]) -> int:
-        """`consumer` has every one of its `slots` busy, so it no longer reads the queue. If messages
-        wait that no consumer reads (`unread(limit)` counts them), ask for as many invocations as
-        would take them (up to MAX_ASKED_AT_ONCE), looking at most once per interval. How many were
-        asked for; never raises. So a burst of jobs brings up its consumers in seconds, where the
-        schedule adds one a minute."""
-        try:
-            self.stopped_listening(consumer)
-        except RedisError as exc:
-            log.warning("could not say a consumer with every slot busy stopped reading (the mark lapses): %s", exc)
+        """`consumer` has every one of its `slots` busy. If messages wait that no other consumer
+        reads (`unread(limit)` counts them), ask for as many invocations as would take them (up to
+        MAX_ASKED_AT_ONCE), looking at most once per interval. How many were asked for; never
+        raises. So a burst of jobs brings up its consumers in seconds, where the schedule adds one
+        a minute. (Its own mark is left to lapse, not removed: a consumer at its limit fills up and
+        frees a slot at every run's end, and two writes a run cost more than the few seconds a job
+        started meanwhile may wait for this consumer's next look.)"""
         now = self.clock()
         if self.invoke is None or now - self._full_looked_at < KICK_INTERVAL_MS / 1000:
             return 0
         self._full_looked_at = now
-        return self._ask(FULL_ASK_KEY, lambda: math.ceil(unread(MAX_ASKED_AT_ONCE * slots) / slots))
+        return self._ask(FULL_ASK_KEY, lambda: math.ceil(unread(MAX_ASKED_AT_ONCE * slots) / slots), ignoring=consumer)
 
-    def _ask(self, key: str, wanted: Callable[[], int]) -> int:
-        """Ask for `wanted()` invocations, unless a consumer is reading the queue or `key` says
-        some were asked for within the interval; how many were."""
+    def _ask(self, key: str, wanted: Callable[[], int], ignoring: str | None = None) -> int:
+        """Ask for `wanted()` invocations, unless a consumer (other than `ignoring`) is reading the
+        queue or `key` says some were asked for within the interval; how many were."""
         if self.invoke is None:
             return 0
         try:
@@ -114,7 +112,9 @@ class ConsumerWakeup:
             pipe = self.redis.pipeline(transaction=False)
             pipe.zremrangebyscore(LISTENING_KEY, "-inf", _now_ms())
             pipe.zcard(LISTENING_KEY)
-            if pipe.execute()[1] or not self.redis.set(key, "1", nx=True, px=KICK_INTERVAL_MS):
+            pipe.zscore(LISTENING_KEY, ignoring or "")
+            _, listening, own = pipe.execute()
+            if listening - (own is not None) or not self.redis.set(key, "1", nx=True, px=KICK_INTERVAL_MS):
                 return 0
             for _ in range(count):
                 self.invoke()
