@@ -122,7 +122,6 @@ class Consumer:
             failpoints=self.failpoints,
             prices=self.settings.prices,
             quotas=QuotaStore(services.db, self.settings),
-            webhooks=services.webhooks,
             busy=self.busy,
             waits=services.provider_waits,
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
@@ -32,7 +31,6 @@ from .failpoints import DISABLED, Failpoints
 from ..store.attempts import billed_total
 from ..store.db import Row
 from ..store.jobs import DEFAULT_SECTION_COUNT, Attempt, Job, JobStore, Lease, Section
-from ..store.webhooks import WebhookStore
 from ..writing.pricing import DEFAULT_PRICES, Price, cost_usd, price_for
 from ..writing.prompts import (continuation_request, outline_request, parallel_width, parse_outline, section_request,
                                summary_request, words_in)
@@ -48,7 +46,6 @@ from ..store.usage import money, public_job_usage, public_usage
 
 # How often a run asks again whether any webhook hears its sections (an endpoint registered
 # mid-run hears them from then on); a tenant without one adds nothing to a section's statement.
-SECTION_SUBSCRIBERS_RECHECK_S = 30.0
 MAX_CONTINUATIONS = 3  # calls after the first, for a section that ends well short of its target_words
 CONTINUE_BELOW = 0.8    # "well short": under this share of the target
 PARAGRAPH = "\n\n"
@@ -67,12 +64,11 @@ class ManuscriptOrchestrator:
     def __init__(self, *, jobs: JobStore, blobs: BlobStore, events: EventLog, provider: Provider,
                  delta_flush_ms: int = 50, failpoints: Failpoints = DISABLED,
                  prices: Mapping[str, Price] = DEFAULT_PRICES, quotas: QuotaStore | None = None,
-                 webhooks: WebhookStore | None = None, busy: BusyRuns = UNLIMITED,
+                 busy: BusyRuns = UNLIMITED,
                  waits: ProviderWaitBoard | None = None):
         self.jobs = jobs
         self.waits = waits  # where calls held back before they go out are shown (None: nowhere)
         self.busy = busy  # a run gives its turn back while it waits on a stream
-        self.webhooks = webhooks  # None: every section is announced to webhooks, without asking
         self.quotas = quotas  # the tenant's daily quotas, enforced live (None: none)
         self.blobs = blobs
         self.events = events
@@ -374,8 +370,7 @@ class ManuscriptOrchestrator:
         usage = self.jobs.complete_section(
             run.lease, section.idx, version=version, key=key, sha256=hashlib.sha256(body).hexdigest(),
             chars=len(text), attempts=written.attempts, made_with=written.made_with(),
-            start_next=[following.section.idx] if following is not None else [],
-            announce=self._sections_heard(run))
+            start_next=[following.section.idx] if following is not None else [])
         self.failpoints.hit("after_commit")
         with run.lock:  # sections written at once complete on threads of their own
             run.usage[section.idx] = usage
@@ -389,17 +384,6 @@ class ManuscriptOrchestrator:
         if following is not None:
             events.append(following.started_event())
         self.events.publish_many(ext, events)
-
-    def _sections_heard(self, run: "JobRun") -> bool:
-        """Whether a webhook listens for this job's section.completed: asked of Postgres once per
-        SECTION_SUBSCRIBERS_RECHECK_S of a run, not once per section."""
-        if self.webhooks is None:
-            return True
-        with run.lock:
-            if time.monotonic() >= run.subscribers_known_until:
-                run.sections_heard = self.webhooks.subscribed(run.job.tenant, run.job.id, "section.completed")
-                run.subscribers_known_until = time.monotonic() + SECTION_SUBSCRIBERS_RECHECK_S
-            return run.sections_heard
 
     def _meter(self, run: "JobRun", request: GenerationRequest, unrecorded: list[Attempt] = ()) -> BudgetMeter | None:
         """The job's budget and its tenant's daily quota for this call (None without either).
@@ -546,8 +530,6 @@ class JobRun:
     written: int = 0
     opening: list[tuple[str, dict]] = field(default_factory=list)  # events the run opens with, until published
     summaries: dict[int, str] = field(default_factory=dict)  # the running summary through each section
-    sections_heard: bool = False       # a webhook listens for section.completed (asked now and then)
-    subscribers_known_until: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:

@@ -175,8 +175,7 @@ class LeaseWrites:
         self._fenced_section_update(lease, idx, "status = 'pending', partial_text = :text", text=text)
 
     def complete_section(self, lease: Lease, idx: int, *, version: int, key: str, sha256: str, chars: int,
-                         attempts: list[Attempt], start_next: list[int], made_with: dict[str, Any],
-                         announce: bool = True) -> Row:
+                         attempts: list[Attempt], start_next: list[int], made_with: dict[str, Any]) -> Row:
         """Everything a finished section writes to Postgres, in one statement: its calls (recorded
         whoever holds the lease: they were paid for), its new version (called only after the S3
         write succeeded) made current on the fenced row, with what made it and what it cost, and
@@ -184,7 +183,8 @@ class LeaseWrites:
         (usage_by_section's row). Raises LeaseLost, after recording the calls, if the lease is no
         longer ours; SectionWithdrawn, after recording the calls, if the section is done already
         (a cancelled revision put it back): it stays as it is.
-        With `announce`, its section.completed webhook deliveries are written by the statement too."""
+        Its section.completed webhook deliveries are written by the statement too (a tenant with no
+        endpoint pays an index probe: 0.02 ms a section, where asking first took 0.12 ms a run)."""
         row = self.db.row(
             "WITH fence AS (SELECT id, tenant, external_id FROM jobs WHERE id = :j AND lease_version = :v"
             f" AND lease_owner = :owner FOR SHARE), added AS ({INSERT_ATTEMPTS} RETURNING {ATTEMPT_COLUMNS}),"
@@ -202,7 +202,7 @@ class LeaseWrites:
             f" CAST(:made AS jsonb), paid.prompt_tokens, paid.completion_tokens, paid.cost_usd"
             f" FROM done, ({VERSION_COST} FROM calls WHERE section_version = :version AND purpose <> 'summary') AS paid RETURNING 1)"
             # section.completed for the tenant's endpoints, only when this statement marked it done
-            + (f", announced AS ({outbox_insert(_SECTION_DONE, _SECTION_EVENT, _SECTION_EVENT_DATA)})" if announce else "") +
+            f", announced AS ({outbox_insert(_SECTION_DONE, _SECTION_EVENT, _SECTION_EVENT_DATA)})"
             f" SELECT (SELECT COUNT(*) FROM fence)::int AS held, (SELECT COUNT(*) FROM done)::int AS marked,"
             f" {USAGE_COLUMNS} FROM calls",
             j=lease.job_id, v=lease.version, owner=lease.owner, i=idx, key=key, sha=sha256, chars=chars,

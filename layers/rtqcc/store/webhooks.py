@@ -152,12 +152,6 @@ class WebhookStore:
             raise _not_found(public_id)
         return Endpoint.from_row(row)
 
-    def subscribed(self, tenant: str, job_id: int, event: str) -> bool:
-        """Whether any endpoint hears `event` of this job (the tenant's, or the job's own)."""
-        return bool(self.db.row(
-            "SELECT EXISTS (SELECT 1 FROM webhook_endpoints WHERE tenant = :t AND :event = ANY(events)"
-            " AND (job_id IS NULL OR job_id = :j)) AS yes", t=tenant, event=event, j=job_id)["yes"])
-
     # ---- the delivery log ---------------------------------------------------------------------
 
     def deliveries(self, tenant: str, public_id: str, *, before: str | None, limit: int) -> list[Row]:
