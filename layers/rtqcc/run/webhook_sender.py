@@ -20,6 +20,11 @@ from .failures import OUTAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
+# Woken by a run's end, the sender waits this long before it looks, so that the runs ending
+# meanwhile are served by the same look: a consumer ending 25 runs a second otherwise made a
+# statement of each (about one in twelve of a job's), whether or not it wrote any delivery.
+WAKE_GATHER_S = 0.2
+
 
 class WebhookSender:
     def __init__(self, store: WebhookStore, settings: Settings, *, resolver: Resolver = resolve,
@@ -84,7 +89,8 @@ class WebhookSender:
                     continue
                 if finishing.is_set():
                     return attempted
-                self._wake.wait(min(s.webhook_poll_s, max(0.0, deadline - self.clock())))
+                if self._wake.wait(min(s.webhook_poll_s, max(0.0, deadline - self.clock()))):
+                    finishing.wait(WAKE_GATHER_S)  # cut short when the drain ends
         return attempted
 
 
