@@ -19,7 +19,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from redis import Redis
+
 from rtqcc.bus.consumer_wakeup import ConsumerWakeup, lambda_invoker
+from rtqcc.bus.events import events_key
 from rtqcc.services import Services
 from rtqcc.settings import Settings
 from rtqcc.store.jobs import NewJob, OutlineItem
@@ -108,31 +111,47 @@ def _burst(settings: Settings, *, asking: bool) -> dict:
             FUNCTION, settings.s3_region, endpoint_url=lambda_api.url))
     try:
         ids = _queue_burst(services)
-        went = time.monotonic()
+        went, went_wall = time.monotonic(), time.time()
         for external_id in ids:  # as the API's start does for each
             services.queue.enqueue(external_id)
             services.consumer_wakeup.job_queued()
         if not asking:
             lambda_api.invoke()  # the schedule's
-        peak, first_running = 0, None
-        while True:
-            row = services.db.row("SELECT COUNT(*) FILTER (WHERE status = 'running')::int AS running,"
-                                  " COUNT(*) FILTER (WHERE status = 'completed')::int AS completed FROM jobs")
-            peak = max(peak, row["running"])
-            if first_running is None and row["running"] + row["completed"]:
-                first_running = time.monotonic() - went
-            if row["completed"] == JOBS:
-                break
-            if time.monotonic() - went > BUDGET_S:
-                raise RuntimeError(f"the burst did not finish within {BUDGET_S} s: {row}")
-            time.sleep(0.1)
+        _wait_until_done(services.redis, ids, deadline=went + BUDGET_S)
         seconds = time.monotonic() - went
+        peak, first_running = _running_at_once(services, since=went_wall)
     finally:
         lambda_api.stop()
         services.close()
     return {"seconds": round(seconds, 2), "peak_running": peak, "invocations": len(lambda_api.started_at),
             "invoked_after_s": [round(at - went, 2) for at in lambda_api.started_at], "dropped": lambda_api.dropped,
             "first_running_after_s": round(first_running, 2)}
+
+
+def _wait_until_done(redis: Redis, ids: list[str], *, deadline: float) -> None:
+    """Block on the jobs' event streams (one XREAD over all of them) until each has said `done`."""
+    after = {events_key(external_id): "0-0" for external_id in ids}
+    done: set[str] = set()
+    while len(done) < len(ids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the burst did not finish within {BUDGET_S} s: {len(done)} of {len(ids)} done")
+        for key, entries in redis.xread(after, block=1000) or []:
+            for entry_id, fields in entries:
+                after[key] = entry_id
+                if fields.get("type") == "done":
+                    done.add(key)
+
+
+def _running_at_once(services: Services, *, since: float) -> tuple[int, float]:
+    """From the jobs' rows: the most running at once, and when the first started (s after `since`)."""
+    rows = services.db.rows("SELECT EXTRACT(EPOCH FROM started_at)::float AS started,"
+                            " EXTRACT(EPOCH FROM finished_at)::float AS finished FROM jobs")
+    moves = sorted([(row["started"], 1) for row in rows] + [(row["finished"], -1) for row in rows])
+    running = peak = 0
+    for _, move in moves:
+        running += move
+        peak = max(peak, running)
+    return peak, min(row["started"] for row in rows) - since
 
 
 def run(settings: Settings) -> dict:

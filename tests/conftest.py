@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
@@ -373,6 +374,38 @@ def start_consumer(make_services) -> Callable[..., BackgroundConsumer]:
     yield start
     for background in started:
         background._thread.join(30)
+
+
+class LoopbackHTTPServer:
+    """A real HTTP server on 127.0.0.1 (a free port), serving on threads of its own: each POST is
+    handed to `answer(request, body)`, the request's handler and the body it read (`answer` may
+    leave it unanswered). Stopped with `stop()`."""
+
+    def __init__(self, answer: Callable[[BaseHTTPRequestHandler, bytes], None]):
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                answer(self, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def send_answer(request: BaseHTTPRequestHandler, status: int, body: bytes = b"", **headers: str) -> None:
+    request.send_response(status)
+    for name, value in headers.items():
+        request.send_header(name.replace("_", "-"), value)
+    request.send_header("Content-Length", str(len(body)))
+    request.end_headers()
+    request.wfile.write(body)
 
 
 def wait_for(predicate: Callable[[], object], *, timeout_s: float = 10.0, interval_s: float = 0.01, what: str = "condition"):

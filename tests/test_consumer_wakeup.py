@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from chalice.app import CloudWatchEvent
@@ -18,7 +18,7 @@ from rtqcc.bus.consumer_wakeup import KICK_KEY, LISTENING_KEY, ConsumerWakeup, l
 from rtqcc.run.sweeper import sweep
 from rtqcc.settings import Settings
 
-from conftest import wait_for
+from conftest import LoopbackHTTPServer, send_answer, wait_for
 
 
 class LambdaStandIn:
@@ -28,37 +28,24 @@ class LambdaStandIn:
         self.requests: list[dict] = []
         self.status = status
         self.on_invoke = on_invoke  # what the invoked function does, on its own thread
-        stand_in = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                stand_in.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                if stand_in.status == 202 and stand_in.on_invoke is not None:
-                    threading.Thread(target=stand_in.on_invoke, daemon=True).start()
-                answer = b"" if stand_in.status == 202 else json.dumps(
-                    {"Type": "User", "message": "Rate Exceeded."}).encode()
-                self.send_response(stand_in.status)
-                if stand_in.status != 202:
-                    self.send_header("x-amzn-ErrorType", "TooManyRequestsException")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def _answer(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        if self.status == 202:
+            if self.on_invoke is not None:
+                threading.Thread(target=self.on_invoke, daemon=True).start()
+            send_answer(request, 202)
+        else:
+            send_answer(request, self.status, json.dumps({"Type": "User", "message": "Rate Exceeded."}).encode(),
+                        x_amzn_ErrorType="TooManyRequestsException")
 
     def __enter__(self) -> "LambdaStandIn":
-        self._thread.start()
+        self._server = LoopbackHTTPServer(self._answer)
+        self.url = self._server.url
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.stop()
 
 
 def invoker_for(stand_in: LambdaStandIn, function: str = "rtqcc-prod-consumer"):

@@ -8,12 +8,12 @@ import ipaddress
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Iterator
 
 import pytest
 import urllib3.util.connection
-from conftest import OTHER_KEY, section_texts, wait_for
+from conftest import OTHER_KEY, LoopbackHTTPServer, section_texts, send_answer, wait_for
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -39,41 +39,25 @@ class Receiver:
         self.answers: list[int] = []
         self.hang = threading.Event()
         self.released = threading.Event()
-        receiver = self
+        self._server = LoopbackHTTPServer(self._answer)
+        self.url = self._server.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.requests.append({"path": self.path, "body": body.decode(),
-                                          "headers": {k.lower(): v for k, v in self.headers.items()}})
-                if receiver.hang.is_set():
-                    receiver.released.wait(30)
-                    return
-                status = receiver.answers.pop(0) if receiver.answers else 200
-                self.send_response(status)
-                if 300 <= status < 400:
-                    self.send_header("Location", f"{receiver.url}/elsewhere")
-                answer = b"thanks" if status < 300 else b"not now"
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
+    def _answer(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        self.requests.append({"path": request.path, "body": body.decode(),
+                              "headers": {k.lower(): v for k, v in request.headers.items()}})
+        if self.hang.is_set():
+            self.released.wait(30)
+            return
+        status = self.answers.pop(0) if self.answers else 200
+        redirect = {"Location": f"{self.url}/elsewhere"} if 300 <= status < 400 else {}
+        send_answer(request, status, b"thanks" if status < 300 else b"not now", **redirect)
 
     def events(self) -> list[dict]:
         return [json.loads(r["body"]) for r in self.requests]
 
     def stop(self) -> None:
         self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.stop()
 
 
 @pytest.fixture

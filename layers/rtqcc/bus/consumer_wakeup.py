@@ -126,11 +126,11 @@ class ConsumerWakeup:
         return count
 
 
-def scheduled_event(source: str = "rtqcc.wakeup") -> dict:
+def scheduled_event() -> dict:
     """The payload of an asked-for invocation: shaped as EventBridge's scheduled event, which the
     consumer's handler (a Chalice schedule) expects."""
     return {"version": "0", "id": f"rtqcc-kick-{time.time_ns()}", "detail-type": "Scheduled Event",
-            "source": source, "account": "", "region": "", "resources": [], "detail": {},
+            "source": "rtqcc.wakeup", "account": "", "region": "", "resources": [], "detail": {},
             "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 

@@ -263,11 +263,11 @@ class Consumer:
     def _last_look(self, start: Callable[[list[Delivery]], None]) -> bool:
         """Before an idle exit: stop listening, then take what was queued since the last read (its
         API call saw us listening and asked for no invocation). Whether anything was."""
+        self._stop_listening()
         try:
-            self.services.consumer_wakeup.stopped_listening(self.name)
             batch = self.services.queue.read(self.name, block_ms=0,  # no run in flight: every slot is free
                                              count=min(self.settings.max_in_flight, self.settings.consumer_read_batch))
-        except TRANSIENT_ERRORS as exc:  # the mark lapses by itself; the schedule takes what came
+        except TRANSIENT_ERRORS as exc:  # the schedule takes what came
             log.warning("could not look at the queue once more before stopping: %s", exc)
             return False
         start(batch)
