@@ -25,11 +25,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="bench")
     parser.add_argument("names", nargs="*", choices=[*BENCHES, []], help="which to run (default: all)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="the results file (default: bench/results/<today, UTC>.json)")
+                        help="the results file (default: bench/results/<today, UTC>.json, or .2.json"
+                             " and on for another machine the same day)")
     args = parser.parse_args()
-    output = args.output or results_path()
     with bench_settings() as settings:
         machine = describe_machine(settings)
+        output = args.output or results_path(machine)
         for name in args.names or BENCHES:
             loop_ms = python_loop_ms()
             started, load_before = datetime.now(timezone.utc), os.getloadavg()[0]

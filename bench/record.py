@@ -1,6 +1,7 @@
 """The results of benchmark runs, kept in `bench/results/<YYYY-MM-DD>.json`: one file a day and
 machine, holding the machine's description and each benchmark's latest figures of that day (a
-run of some benchmarks replaces theirs and keeps the others)."""
+run of some benchmarks replaces theirs and keeps the others). A second machine the same day
+writes `<YYYY-MM-DD>.2.json`, a third `.3`, and so on: its figures are kept apart, the first's kept."""
 
 from __future__ import annotations
 
@@ -66,8 +67,21 @@ def describe_machine(settings: Settings) -> dict:
     }
 
 
-def results_path(day: str | None = None) -> Path:
-    return RESULTS_DIR / f"{day or datetime.now(timezone.utc).date().isoformat()}.json"
+def results_path(machine: dict, day: str | None = None, folder: Path = RESULTS_DIR) -> Path:
+    """The day's file of this machine: the first that holds it, or the first free one."""
+    day = day or datetime.now(timezone.utc).date().isoformat()
+    for n in range(1, 100):
+        path = folder / (f"{day}.json" if n == 1 else f"{day}.{n}.json")
+        if not path.exists() or comparable_machine(json.loads(path.read_text()).get("machine")) == \
+                comparable_machine(machine):
+            return path
+    raise SystemExit(f"99 machines' results in {folder} for {day}: pass --output")
+
+
+def results_order(path: Path) -> tuple[str, int]:
+    """Files in the order they were begun: by day, then a day's machines in turn."""
+    day, _, n = path.name.removesuffix(".json").partition(".")
+    return day, int(n or 1)
 
 
 def python_loop_ms(iterations: int = 2_000_000) -> float:
@@ -85,8 +99,8 @@ def record(path: Path, machine: dict, name: str, figures: dict, *, started: date
            loop_ms: float | None = None) -> None:
     """Put one benchmark's figures into the day's file (written whole each time, so a run stopped
     half way keeps what it measured). Figures from another machine (other cores, CPU, memory or
-    service versions) are not mixed in: its file starts afresh. A new boot of the same machine (its
-    kernel build or OS string changed) is the same machine."""
+    service versions) are not mixed in: a file given with `--output` that holds another's starts
+    afresh. A new boot of the same machine (its kernel build or OS string changed) is the same machine."""
     kept = json.loads(path.read_text()) if path.exists() else {}
     if comparable_machine(kept.get("machine")) != comparable_machine(machine):
         kept = {}
@@ -100,7 +114,7 @@ def record(path: Path, machine: dict, name: str, figures: dict, *, started: date
         "figures": figures,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = {"date": path.stem, "machine": machine, "benches": dict(sorted(benches.items()))}
+    content = {"date": results_order(path)[0], "machine": machine, "benches": dict(sorted(benches.items()))}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(content, indent=2) + "\n")
     tmp.replace(path)
@@ -112,7 +126,7 @@ def comparable_machine(machine: dict | None) -> dict | None:
 
 
 def latest_results(folder: Path = RESULTS_DIR) -> Path:
-    files = sorted(folder.glob("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9].json"))
+    files = sorted(folder.glob("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*.json"), key=results_order)
     if not files:
         raise SystemExit(f"no results in {folder}: run ./dev bench first")
     return files[-1]

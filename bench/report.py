@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .record import comparable_machine, latest_results
+from .record import comparable_machine, latest_results, results_order
 
 README = Path(__file__).with_name("README.md")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check that the README is up to date")
     args = parser.parse_args(argv)
     path = args.results or latest_results()
-    earlier = sorted((older for older in path.parent.glob("[0-9]*.json") if older.name < path.name), reverse=True)
+    earlier = sorted((older for older in path.parent.glob("[0-9]*.json") if results_order(older) < results_order(path)),
+                     key=results_order, reverse=True)
     readme = README.read_text()
     new = updated_readme(readme, render(json.loads(path.read_text()), _source(path),
                                         [(json.loads(older.read_text()), _source(older)) for older in earlier]))
