@@ -80,8 +80,9 @@ def results_path(machine: dict, day: str | None = None, folder: Path = RESULTS_D
 
 def results_order(path: Path) -> tuple[str, int]:
     """Files in the order they were begun: by day, then a day's machines in turn."""
-    day, _, n = path.name.removesuffix(".json").partition(".")
-    return day, int(n or 1)
+    stem = path.name.removesuffix(".json")
+    day, _, n = stem.partition(".")
+    return (day, int(n)) if n.isdigit() else (stem, 1)
 
 
 def python_loop_ms(iterations: int = 2_000_000) -> float:
