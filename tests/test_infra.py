@@ -903,6 +903,9 @@ def test_configmap_and_secret_hold_settings_the_code_reads_and_no_real_secret():
 # ------------------------------------------ Kubernetes, consumers scaled on their work (KEDA)
 
 AUTOSCALED_DIR = INFRA / "k8s-autoscaled"
+# A ScaledObject's spec as KEDA 2.10+ defines it (its CRD): a misspelt field would be dropped unseen.
+KEDA_SPEC_FIELDS = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod", "idleReplicaCount",
+                    "minReplicaCount", "maxReplicaCount", "fallback", "advanced", "triggers"}
 
 
 def _kustomize(directory: Path) -> list[dict]:
@@ -935,14 +938,15 @@ def test_the_consumer_scaler_counts_work_in_the_slots_a_consumer_has():
     autoscaled = _named(_kustomize(AUTOSCALED_DIR))
     scaler = autoscaled["ScaledObject", "rtqcc-consumer"]
     assert scaler["apiVersion"] == "keda.sh/v1alpha1"
+    assert set(scaler["spec"]) <= KEDA_SPEC_FIELDS
     consumer = autoscaled["Deployment", "rtqcc-consumer"]
     assert scaler["spec"]["scaleTargetRef"] == {"name": consumer["metadata"]["name"]}
     [container] = consumer["spec"]["template"]["spec"]["containers"]
-    slots = {**_by_kind("ConfigMap")["data"], **{e["name"]: e["value"] for e in container.get("env", [])}}
+    environment = {**_by_kind("ConfigMap")["data"], **{e["name"]: e["value"] for e in container.get("env", [])}}
     [trigger] = scaler["spec"]["triggers"]
     assert trigger["type"] == "prometheus"
     assert trigger["metricType"] == "AverageValue"  # replicas = ceil(query / threshold); fallback needs it
-    assert trigger["metadata"]["threshold"] == slots["RTQCC_MAX_IN_FLIGHT"]
+    assert trigger["metadata"]["threshold"] == environment["RTQCC_MAX_IN_FLIGHT"]
     assert all(isinstance(value, str) for value in trigger["metadata"].values())  # the CRD takes strings only
     assert trigger["metadata"]["ignoreNullValues"] == "false"  # no series: the fallback, not scaling to the minimum
     assert scaler["spec"]["fallback"]["replicas"] == _by_kind("Deployment", "rtqcc-consumer")["spec"]["replicas"]
