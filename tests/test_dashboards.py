@@ -75,6 +75,57 @@ def test_the_consumer_scalers_query_counts_each_running_job_once_and_the_unread_
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
+def _narrowed(expression: str, **matchers: str) -> str:
+    """`expression` with `matchers` added to each of its selectors."""
+    added = ",".join(f'{label}="{value}"' for label, value in matchers.items())
+
+    def narrowed(found: re.Match) -> str:
+        name, labels = found[1], found[2]
+        return f"{name}{{{added},{labels[1:]}" if labels else f"{name}{{{added}}}"
+    return re.sub(r"\b(rtqcc_[a-zA-Z0-9_]+)(\{[^}]*\})?", narrowed, expression)
+
+
+def test_each_panel_counts_what_two_scraped_api_pods_serve_once(tmp_path):
+    """Every API pod serves the same deployment-wide series (the gauges read Postgres and Redis, the
+    counters and histograms are summed in Redis). Scraped pod by pod, as a ServiceMonitor does, a
+    panel must show what the plain sums show over one pod's series, not twice as much. Each series
+    has two values of each label its panel groups by (and a histogram's own labels), so a panel
+    that collapses distinct series differs too."""
+    from rtqcc.metrics import HISTOGRAMS
+
+    queries = [query.replace("$__rate_interval", "5m") for query in _dashboard_queries()]  # Grafana's variable
+    series, checks = [], []
+    for n, query in enumerate(queries):
+        grouped = {label.strip() for clause in re.findall(r"\bby \(([^)]*)\)", query) for label in clause.split(",")}
+        grouped |= {label for name in SERIES.findall(query) for histogram, (_, labels) in HISTOGRAMS.items()
+                    if name.startswith(f"rtqcc_{histogram}_") for label in labels}
+        grouped = sorted(grouped - {"le"})
+        label_sets = [[]]
+        for label in grouped:
+            label_sets = [[*labels, f'{label}="{label}-{value}"'] for labels in label_sets for value in (1, 2)]
+        for name in sorted(set(SERIES.findall(query))):
+            for pod in ("api-1", "api-2"):
+                for labels in label_sets:
+                    own = ",".join([f'query="{n}"', f'instance="{pod}"', *labels])
+                    if name.endswith("_bucket"):
+                        series += [(f'{name}{{{own},le="{le}"}}', f"0+{rise}x20")
+                                   for le, rise in (("0.1", 3), ("+Inf", 10))]
+                    else:
+                        series.append((f"{name}{{{own}}}", "0+6x20" if name.endswith(("_total", "_count")) else "5x20"))
+        both = _narrowed(query, query=str(n))
+        reference = re.sub(r"\bmax\b", "sum", _narrowed(query, query=str(n), instance="api-1"))
+        checks += [{"expr": f"absent({reference})", "eval_time": "15m", "exp_samples": []},
+                   {"expr": f"({both}) != ({reference})", "eval_time": "15m", "exp_samples": []},
+                   {"expr": f"count({both}) != count({reference})", "eval_time": "15m", "exp_samples": []}]
+    tests = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": [{"series": name, "values": values} for name, values in series],
+        "promql_expr_test": checks}]}
+    (tmp_path / "panels.test.yml").write_text(yaml.safe_dump(tests))
+    tested = subprocess.run([_promtool(), "test", "rules", "panels.test.yml"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
 def test_promtool_refuses_a_broken_rule(tmp_path):
     broken = tmp_path / "broken.yml"
     broken.write_text(RULES.read_text().replace("max(rtqcc_queue_lag", "max(rtqcc_queue_lag{", 1))
