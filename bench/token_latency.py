@@ -13,7 +13,7 @@ included. One clock for all: every process is on this machine.
 The 200 are measured twice. Started together, as the goal asks: every job then ends a section at
 the same moment (every 2.4 s), and those moments, 200 stores, statements and events at once on
 two cores, hold the tail. Then started one after another over one section's length, the
-consumers already reading: the same 200 in flight, their sections' ends spread out, as jobs
+consumers already up: the same 200 in flight, their sections' ends spread out, as jobs
 started by people rather than in one batch would have them."""
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import httpx
 import redis.asyncio as aioredis
 from redis import Redis
 
-from rtqcc.bus.consumer_wakeup import LISTENING_KEY
 from rtqcc.bus.events import events_key
 from rtqcc.run.consumer import Consumer, TimeBudget
 from rtqcc.services import Services
@@ -55,6 +54,7 @@ CONSUMERS = 2  # processes, with slots enough between them for every job at once
 CLIENT_PROCESSES = 2
 GOAL_P99_MS = 100
 CONNECTED = "bench:latency:connected"  # a list: one entry per watcher (ours and the baseline's) following
+CONSUMERS_UP = "bench:latency:consumers"  # a list: one entry per consumer process with its connections open
 _PROMPT = re.compile(r"Document: (?P<title>[^\n]+).*?Write section (?P<section>\d+),", re.S)
 
 
@@ -84,6 +84,8 @@ def consumer(out: str) -> None:
     stamps: dict = {}
     services = Services(settings, provider=StampingProvider(stamps, tokens_per_s=settings.fake_tokens_per_s))
     try:
+        services.db.row("SELECT 1 AS one")  # connected before it says so
+        services.redis.rpush(CONSUMERS_UP, os.getpid())
         Consumer(services, name=f"latency-{os.getpid()}").drain(TimeBudget(600).get_remaining_time_in_millis)
     finally:
         services.close()
@@ -216,7 +218,7 @@ def _run(settings: Settings, jobs: int, started_over_s: float = 0.0) -> dict:
                         "params": {"max_tokens_per_section": TOKENS_PER_SECTION}}
                 title_of[http.post("/jobs", json=body).json()["externalId"]] = body["title"]
         job_ids = list(title_of)
-        redis.delete(CONNECTED)
+        redis.delete(CONNECTED, CONSUMERS_UP)
         env = service_env(settings, RTQCC_MAX_IN_FLIGHT=str(jobs // CONSUMERS + 10), RTQCC_MAX_RUNNING_PER_TENANT="0",
                           RTQCC_FAKE_TOKENS_PER_S=str(TOKENS_PER_S), RTQCC_CONSUMER_IDLE_EXIT_MS="3000",
                           RTQCC_API_KEYS=f"{BENCH_KEY}:bench")
@@ -226,17 +228,12 @@ def _run(settings: Settings, jobs: int, started_over_s: float = 0.0) -> dict:
             ours = [pool.submit(_watch, "ours", base_url, settings.redis_url, share) for share in shares]
             baseline = pool.submit(_watch, "baseline", base_url, settings.redis_url, job_ids)
             deadline = time.monotonic() + 120
-            for connected in range(2 * jobs):  # each watcher pushes once it follows its job
-                if not redis.blpop([CONNECTED], timeout=max(1, int(deadline - time.monotonic()))):
-                    raise RuntimeError(f"only {connected} of {2 * jobs} watchers connected")
+            _await_pushes(redis, CONNECTED, 2 * jobs, deadline, "watchers following their jobs")
             with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {BENCH_KEY}"}) as http:
                 if started_over_s:
-                    # The consumers reading first, then one start every started_over_s / jobs.
+                    # The consumers up first, then one start every started_over_s / jobs.
                     consumers = _start_consumers(outputs, env)
-                    while redis.zcard(LISTENING_KEY) < CONSUMERS:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("the consumers did not start reading the queue")
-                        time.sleep(0.05)
+                    _await_pushes(redis, CONSUMERS_UP, CONSUMERS, deadline, "consumers connected")
                     began = time.monotonic()
                     for n, external_id in enumerate(job_ids):
                         time.sleep(max(0.0, began + n * started_over_s / jobs - time.monotonic()))
@@ -278,6 +275,13 @@ def _run(settings: Settings, jobs: int, started_over_s: float = 0.0) -> dict:
                "baseline_reader": "one XREAD"}
     figures["ratio_p99"] = round(figures["ours"]["p99_ms"] / figures["baseline"]["p99_ms"], 2)
     return figures
+
+
+def _await_pushes(redis: Redis, key: str, count: int, deadline: float, what: str) -> None:
+    """Block until `count` entries were pushed on `key` (one by each process when it is ready)."""
+    for pushed in range(count):
+        if not redis.blpop([key], timeout=max(1, int(deadline - time.monotonic()))):
+            raise RuntimeError(f"only {pushed} of {count} {what}")
 
 
 def _start_consumers(outputs: list[Path], env: dict[str, str]) -> list[subprocess.Popen]:
