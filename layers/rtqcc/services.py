@@ -11,7 +11,7 @@ from .store.api_keys import ApiKeyStore
 from .store.blobs import BlobStore, S3BlobStore
 from .store.db import Database
 from .errors import ConfigError
-from .bus.consumer_wakeup import ConsumerWakeup, lambda_invoker
+from .bus.consumer_wakeup import ConsumerWakeup
 from .bus.events import EventLog
 from .store.jobs import JobStore
 from .writing.providers.base import Provider
@@ -153,8 +153,7 @@ class Services:
 
     @cached_property
     def consumer_wakeup(self) -> ConsumerWakeup:
-        function = self.settings.consumer_function
-        return ConsumerWakeup(self.redis, lambda_invoker(function, self.settings.s3_region) if function else None)
+        return ConsumerWakeup.for_function(self.redis, self.settings.consumer_function, self.settings.s3_region)
 
     @cached_property
     def provider_waits(self) -> "ProviderWaitBoard":

@@ -64,6 +64,11 @@ class ConsumerWakeup:
         self._listening_until: dict[str, float] = {}  # by consumer, on `clock`
         self._full_looked_at = float("-inf")
 
+    @classmethod
+    def for_function(cls, redis: Redis, function: str | None, region: str) -> "ConsumerWakeup":
+        """Asking Lambda for invocations of `function`; with none, asking for nothing."""
+        return cls(redis, lambda_invoker(function, region) if function else None)
+
     def listening(self, consumer: str, read_ms: int) -> None:
         """`consumer` is about to read the queue for up to `read_ms` with a slot free. Cheap before
         every read: it writes only when its mark would lapse before the read ends."""

@@ -20,7 +20,7 @@ from ..errors import LeaseLost, ProviderError, StreamCut
 from .failures import OUTAGE_ERRORS, describe_failure, gave_up
 from .failpoints import Failpoints
 from ..ids import is_external_id
-from ..bus.consumer_wakeup import KICK_INTERVAL_MS, ConsumerWakeup, lambda_invoker
+from ..bus.consumer_wakeup import KICK_INTERVAL_MS, ConsumerWakeup
 from ..bus.events import stream_id_tuple
 from ..store.checkpoints import ConsumerCheckpoints
 from .busy import BusyRuns
@@ -459,8 +459,8 @@ def lambda_handler(services_factory: Callable[[], Services]) -> Callable[[dict, 
             services = services_factory()
             function = getattr(context, "function_name", None)
             if function:
-                services.consumer_wakeup = ConsumerWakeup(services.redis,
-                                                          lambda_invoker(function, services.settings.s3_region))
+                services.consumer_wakeup = ConsumerWakeup.for_function(services.redis, function,
+                                                                       services.settings.s3_region)
             consumer = Consumer(services)
             tracing.configure(consumer.settings.tracing)
         started = time.monotonic()

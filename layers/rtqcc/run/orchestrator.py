@@ -44,8 +44,6 @@ from ..writing.tokens import count_chat_tokens, count_tokens
 from ..store.usage import money, public_job_usage, public_usage
 
 
-# How often a run asks again whether any webhook hears its sections (an endpoint registered
-# mid-run hears them from then on); a tenant without one adds nothing to a section's statement.
 MAX_CONTINUATIONS = 3  # calls after the first, for a section that ends well short of its target_words
 CONTINUE_BELOW = 0.8    # "well short": under this share of the target
 PARAGRAPH = "\n\n"
